@@ -1,0 +1,128 @@
+"""federation: a pooled, federated job executor.
+
+Define multi-site pipelines in Python, submit them to a pool of ready job
+executions (one worker process per site each), and get job handles that stream
+results back::
+
+    import federation as fed
+
+    pipeline = fed.Pipeline("mean")
+
+    @pipeline.step(sites=["clinic-a", "clinic-b"])
+    def local_stats(ctx, threshold): ...
+
+    @pipeline.step(site="hub")
+    def mean(local_stats): ...
+
+    pipeline.output(mean)
+
+    with fed.Federation(sites=["clinic-a", "clinic-b", "hub"]) as federation:
+        print(federation.submit(pipeline, threshold=0.5).result(timeout=30))
+
+Names are imported on first use: a worker process imports this package before
+its own module, and must not pay for pydantic and structlog at every start.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._config import FederationConfig, Site, SiteConfig
+    from ._exceptions import (
+        ConfigError,
+        FederationClosedError,
+        FederationError,
+        JobCancelledError,
+        JobError,
+        PipelineError,
+        QueueFullError,
+        RemoteTraceback,
+        SerializationError,
+        SiteStartError,
+        StepFailedError,
+        TokenRejectedError,
+        UnpicklableError,
+        WorkerDiedError,
+    )
+    from ._federation import Federation
+    from ._handle import Attempt, Job, JobStatus, Result
+    from ._pipeline import Input, Pipeline, Step, collect
+    from ._worker import StepContext
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attempt",
+    "ConfigError",
+    "Federation",
+    "FederationClosedError",
+    "FederationConfig",
+    "FederationError",
+    "Input",
+    "Job",
+    "JobCancelledError",
+    "JobError",
+    "JobStatus",
+    "Pipeline",
+    "PipelineError",
+    "QueueFullError",
+    "RemoteTraceback",
+    "Result",
+    "SerializationError",
+    "Site",
+    "SiteConfig",
+    "SiteStartError",
+    "Step",
+    "StepContext",
+    "StepFailedError",
+    "TokenRejectedError",
+    "UnpicklableError",
+    "WorkerDiedError",
+    "__version__",
+    "collect",
+]
+
+_LOCATIONS = {
+    "Attempt": "_handle",
+    "ConfigError": "_exceptions",
+    "Federation": "_federation",
+    "FederationClosedError": "_exceptions",
+    "FederationConfig": "_config",
+    "FederationError": "_exceptions",
+    "Input": "_pipeline",
+    "Job": "_handle",
+    "JobCancelledError": "_exceptions",
+    "JobError": "_exceptions",
+    "JobStatus": "_handle",
+    "Pipeline": "_pipeline",
+    "PipelineError": "_exceptions",
+    "QueueFullError": "_exceptions",
+    "RemoteTraceback": "_exceptions",
+    "Result": "_handle",
+    "SerializationError": "_exceptions",
+    "Site": "_config",
+    "SiteConfig": "_config",
+    "SiteStartError": "_exceptions",
+    "Step": "_pipeline",
+    "StepContext": "_worker",
+    "StepFailedError": "_exceptions",
+    "TokenRejectedError": "_exceptions",
+    "UnpicklableError": "_exceptions",
+    "WorkerDiedError": "_exceptions",
+    "collect": "_pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LOCATIONS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'federation' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

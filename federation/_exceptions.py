@@ -1,0 +1,241 @@
+"""The exception hierarchy of ``federation``.
+
+Every error the library raises on purpose derives from :class:`FederationError`,
+and says whose fault it is: the caller's (bad input), the user's code (a step
+raised), or the machine's (a worker died)::
+
+    FederationError
+    ├── ConfigError (ValueError)            invalid config; cause: pydantic's ValidationError
+    ├── PipelineError (ValueError)          unknown site, cycle, unbound input, ...
+    ├── SerializationError                  a function or payload that cannot be pickled
+    ├── FederationClosedError (RuntimeError)
+    ├── QueueFullError                      submit(block=False) on a full job queue
+    ├── SiteStartError                      a worker could not start; the child's traceback
+    ├── TokenRejectedError                  send_to_job to a job that is not running
+    └── JobError                            has .job_id
+        ├── StepFailedError                 .site, .step; cause: the original exception
+        ├── JobCancelledError               .reason
+        └── WorkerDiedError                 .site, .pid, .exitcode, .signal, .reason, .last_log
+
+``result(timeout=...)`` that runs out raises the built-in :class:`TimeoutError`;
+the job keeps running.
+
+This module is imported by workers: it must stay free of heavy imports.
+"""
+
+from __future__ import annotations
+
+import signal
+
+__all__ = [
+    "ConfigError",
+    "FederationClosedError",
+    "FederationError",
+    "JobCancelledError",
+    "JobError",
+    "PipelineError",
+    "QueueFullError",
+    "RemoteTraceback",
+    "SerializationError",
+    "SiteStartError",
+    "StepFailedError",
+    "TokenRejectedError",
+    "UnpicklableError",
+    "WorkerDiedError",
+    "describe_exitcode",
+]
+
+
+class FederationError(Exception):
+    """Base class of every error ``federation`` raises on purpose."""
+
+
+class ConfigError(FederationError, ValueError):
+    """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+class PipelineError(FederationError, ValueError):
+    """A pipeline is malformed, or does not fit the federation or inputs it is submitted with."""
+
+
+class SerializationError(FederationError):
+    """A function, input or value cannot be pickled (or unpickled) to cross a process boundary."""
+
+
+class FederationClosedError(FederationError, RuntimeError):
+    """The federation is closed, or closing, and accepts no new jobs."""
+
+
+class QueueFullError(FederationError):
+    """``submit(block=False)`` found the job queue at its ``max_queued`` bound."""
+
+
+class SiteStartError(FederationError):
+    """A worker of a site could not start: its setup raised, an import failed, or it exited.
+
+    Attributes:
+        site: the site whose worker failed.
+        remote_traceback: the traceback text from the child, when it got that far.
+    """
+
+    def __init__(self, message: str, *, site: str, remote_traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.site = site
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.remote_traceback:
+            text += "\n\n" + _indent_block(self.remote_traceback)
+        return text
+
+
+class TokenRejectedError(FederationError):
+    """A token addressed to another job was refused, and why.
+
+    Attributes:
+        job_id: the job the token was addressed to.
+        reason: why it was refused (the job ended, never existed, has no such input).
+    """
+
+    def __init__(self, job_id: int, reason: str) -> None:
+        super().__init__(f"token for job {job_id} rejected: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.job_id, self.reason))
+
+
+class JobError(FederationError):
+    """A job did not finish. ``job_id`` names it."""
+
+    def __init__(self, message: str, *, job_id: int) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class StepFailedError(JobError):
+    """A step raised. The original exception is ``__cause__``, carrying the worker's traceback.
+
+    Attributes:
+        site: the site the step ran at.
+        step: the step's name.
+    """
+
+    def __init__(self, message: str, *, job_id: int, site: str, step: str) -> None:
+        super().__init__(message, job_id=job_id)
+        self.site = site
+        self.step = step
+
+
+class JobCancelledError(JobError):
+    """The job was cancelled, timed out, or the federation closed under it. ``reason`` says which."""
+
+    def __init__(self, message: str, *, job_id: int, reason: str) -> None:
+        super().__init__(message, job_id=job_id)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_cancelled, (str(self), self.job_id, self.reason))
+
+
+def _rebuild_cancelled(message: str, job_id: int, reason: str) -> JobCancelledError:
+    return JobCancelledError(message, job_id=job_id, reason=reason)
+
+
+class WorkerDiedError(JobError):
+    """A worker process died under a job (segfault, ``os._exit``, a signal, a memory limit).
+
+    Attributes:
+        site: the site of the worker.
+        pid: its process id.
+        exitcode: its exit code; negative for a signal, as in ``multiprocessing``.
+        signal: the signal's name (``"SIGKILL"``), or ``None`` if it exited.
+        reason: a short cause (``"exited"``, ``"killed by signal"``, ``"memory limit"``, ...).
+        last_log: the last lines that worker logged or printed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        job_id: int,
+        site: str,
+        pid: int | None,
+        exitcode: int | None,
+        reason: str,
+        last_log: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message, job_id=job_id)
+        self.site = site
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = _signal_name(exitcode)
+        self.reason = reason
+        self.last_log = last_log
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.last_log:
+            text += "\nlast lines from the worker:\n" + "\n".join(
+                "    " + line for line in self.last_log
+            )
+        return text
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, attached as the ``__cause__`` of it."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class UnpicklableError(Exception):
+    """Stands in for an exception a step raised that could not be pickled home.
+
+    Attributes:
+        type_name: the qualified name of the original exception type.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message} (the original exception could not be pickled)")
+        self.type_name = type_name
+
+    def __reduce__(self) -> tuple[object, ...]:
+        text = str(self)
+        return (_rebuild_unpicklable, (self.type_name, text))
+
+
+def _rebuild_unpicklable(type_name: str, text: str) -> UnpicklableError:
+    error = UnpicklableError.__new__(UnpicklableError)
+    Exception.__init__(error, text)
+    error.type_name = type_name
+    return error
+
+
+def _signal_name(exitcode: int | None) -> str | None:
+    if exitcode is None or exitcode >= 0:
+        return None
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
+
+
+def describe_exitcode(exitcode: int | None) -> str:
+    """Name an exit code the way people read them: ``SIGKILL(-9)``, ``exit code 3``."""
+    if exitcode is None:
+        return "still running"
+    name = _signal_name(exitcode)
+    if name is not None:
+        return f"{name}({exitcode})"
+    return f"exit code {exitcode}"
+
+
+def _indent_block(text: str) -> str:
+    return "\n".join("    " + line for line in text.rstrip().splitlines())

@@ -1,0 +1,173 @@
+"""A job execution: one pool slot, with one worker per site and every pipe made up front.
+
+Pipes of a slot with sites ``a`` and ``b``::
+
+    client --control[a]--> worker a --events[a]--> client (router)
+    client --control[b]--> worker b --events[b]--> client (router)
+                           worker a --link[a,b]--> worker b
+                           worker b --link[b,a]--> worker a
+                           worker a,b --stdout/stderr--> client (router)
+
+Every pipe has one writer and one reader (see ``_channel``). All of them exist
+before the first job arrives, so a job only writes START (and, the first time a
+plan is seen, the plan). The slot is reused the instant all participating sites
+report DONE, because every message carries its job id (invariant 1).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import pickle
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from . import _messages as m
+from ._channel import ChannelClosedError, FrameReader, Outbox, make_pipe
+from ._serialization import dumps_function
+
+if TYPE_CHECKING:
+    from ._config import FederationConfig
+    from ._handle import Job
+    from .backends import Backend, WorkerHandle
+
+__all__ = ["JobExecution", "SlotState"]
+
+
+class SlotState(str, enum.Enum):
+    """Where a slot is in its life."""
+
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    BROKEN = "broken"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class JobExecution:
+    """One slot of the pool: a worker per site and their pipes."""
+
+    def __init__(self, index: int, generation: int, config: FederationConfig, backend: Backend, lifeline_fd: int, log_level: str) -> None:
+        self.index = index
+        self.generation = generation
+        self.state = SlotState.STARTING
+        self.started_at = time.monotonic()
+        self.sites = tuple(site.name for site in config.sites)
+        self.workers: dict[str, WorkerHandle] = {}
+        self.control: dict[str, Outbox] = {}
+        self.events: dict[str, FrameReader] = {}
+        self.ready: set[str] = set()
+        self.plans: dict[str, set[bytes]] = {site: set() for site in self.sites}
+        self.job: Job | None = None
+        self.pending_sites: set[str] = set()
+        self.jobs_run = 0
+        self.kill_deadline: float | None = None
+        self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=20) for site in self.sites}
+        self.partial_output: dict[str, bytes] = {}
+        self.death: tuple[str, int | None, int | None, str] | None = None
+        self._start(config, backend, lifeline_fd, log_level)
+
+    def _start(self, config: FederationConfig, backend: Backend, lifeline_fd: int, log_level: str) -> None:
+        sites = self.sites
+        child_fds: list[int] = []
+        try:
+            control = {site: make_pipe() for site in sites}
+            events = {site: make_pipe() for site in sites}
+            links = {(a, b): make_pipe() for a in sites for b in sites if a != b}
+            for read_fd, write_fd in [*control.values(), *events.values(), *links.values()]:
+                child_fds += [read_fd, write_fd]
+            for site in sites:
+                self.control[site] = Outbox(control[site][1])
+                self.events[site] = FrameReader(events[site][0])
+                child_fds.remove(control[site][1])
+                child_fds.remove(events[site][0])
+            for site_config in config.sites:
+                site = site_config.name
+                name = f"{site}/slot-{self.index}"
+                spec = m.WorkerSpec(
+                    site=site,
+                    name=name,
+                    setup=site_config.setup,
+                    env=dict(site_config.env),
+                    data_dir=str(site_config.data_dir) if site_config.data_dir else None,
+                    sys_path=tuple(p for p in __import__("sys").path if p),
+                    log_level=log_level,
+                    max_token_bytes=config.max_token_bytes,
+                )
+                self.control[site].send(pickle.dumps((m.INIT, dumps_function(spec, what=f"the setup of site {site!r}")), protocol=5))
+                self.workers[site] = backend.start(
+                    site=site,
+                    name=name,
+                    env=dict(site_config.env),
+                    control_fd=control[site][0],
+                    events_fd=events[site][1],
+                    siblings_in={a: links[(a, site)][0] for a in sites if a != site},
+                    siblings_out={b: links[(site, b)][1] for b in sites if b != site},
+                    lifeline_fd=lifeline_fd,
+                )
+        except BaseException:
+            self.kill()
+            self.close()
+            for fd in child_fds:
+                _close(fd)
+            raise
+        if backend.client_closes_child_fds:
+            for fd in child_fds:
+                _close(fd)
+
+    # -- talking to workers ----------------------------------------------------------------
+
+    def send(self, site: str, message: tuple[Any, ...]) -> bool:
+        """Queue a message to a worker; False if its pipe is closed (the worker is gone)."""
+        return self.send_bytes(site, pickle.dumps(message, protocol=5))
+
+    def send_bytes(self, site: str, data: bytes) -> bool:
+        try:
+            self.control[site].send(data)
+        except ChannelClosedError:
+            return False
+        return True
+
+    def has_pending(self) -> bool:
+        return any(outbox.has_pending for outbox in self.control.values())
+
+    # -- ending ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask every worker to stop after what it is doing."""
+        self.state = SlotState.STOPPING
+        data = pickle.dumps((m.STOP,), protocol=5)
+        for site in self.sites:
+            self.send_bytes(site, data)
+
+    def kill(self) -> None:
+        """Kill every worker of the slot (whole process trees), and cut its pipes."""
+        for worker in self.workers.values():
+            worker.kill()
+        for outbox in self.control.values():
+            outbox.close()  # a thread worker sees EOF and ends when it can
+
+    def alive(self) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if w.exitcode() is None]
+
+    def close(self) -> None:
+        """Release the client's ends of every pipe and the workers' sentinels."""
+        for outbox in self.control.values():
+            outbox.close()
+        for reader in self.events.values():
+            reader.close()
+        for worker in self.workers.values():
+            if worker.output is not None and worker.output != worker.sentinel:
+                _close(worker.output)
+                worker.output = None
+            worker.close()
+        self.state = SlotState.STOPPED
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

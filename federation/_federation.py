@@ -1,0 +1,232 @@
+"""The federation: the public face of a pool of job executions and its router."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ._config import FederationConfig, SiteConfig, validate_config
+from ._exceptions import FederationClosedError, PipelineError, SerializationError
+from ._handle import Job
+from ._log import get_logger
+from ._pipeline import Pipeline
+from ._router import Router
+from ._serialization import dumps
+
+__all__ = ["Federation"]
+
+_open: weakref.WeakSet[Federation] = weakref.WeakSet()
+_open_lock = threading.Lock()
+
+
+class Federation:
+    """A running federation: its sites, a pool of ready job executions, and a router thread.
+
+    Use it as a context manager::
+
+        with fed.Federation(sites=["a", "b", "hub"], pool_size=4) as federation:
+            job = federation.submit(pipeline, threshold=0.5)
+            print(job.result(timeout=30))
+
+    Args:
+        sites: site names or :class:`~federation.Site` objects.
+        backend: ``"process"`` (default) or ``"thread"``.
+        pool_size: how many job executions to keep ready (default: from the CPU count).
+        wait_ready: wait for every slot to be ready before returning (default). With
+            ``False``, return once the first slot is ready; the rest start meanwhile.
+        config: a whole :class:`~federation.FederationConfig` instead of keywords.
+        **options: any other :class:`~federation.FederationConfig` field.
+
+    Raises:
+        ConfigError: an invalid option, naming it and what is allowed.
+        SiteStartError: a worker could not start; nothing is left running.
+    """
+
+    def __init__(
+        self,
+        sites: Sequence[str | SiteConfig] | None = None,
+        *,
+        backend: str | None = None,
+        pool_size: int | None = None,
+        wait_ready: bool = True,
+        config: FederationConfig | None = None,
+        **options: Any,
+    ) -> None:
+        if config is None:
+            values: dict[str, Any] = dict(options)
+            values["sites"] = sites if sites is not None else []
+            if backend is not None:
+                values["backend"] = backend
+            if pool_size is not None:
+                values["pool_size"] = pool_size
+            config = validate_config(FederationConfig, values)
+        elif sites is not None or backend is not None or pool_size is not None or options:
+            raise TypeError("pass either config= or sites/backend/pool_size/options, not both")
+        self._config: FederationConfig = config
+        self._log = get_logger("federation")
+        self._egress = {site.name: site.egress for site in config.sites}
+        self._site_names = tuple(site.name for site in config.sites)
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._router = Router(config)
+        self._router.start(wait=wait_ready)
+        with _open_lock:
+            _open.add(self)
+        self._log.debug("federation started", sites=list(self._site_names), pool_size=config.pool_size, backend=config.backend)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Federation sites={list(self._site_names)} pool_size={self._config.pool_size} {state}>"
+
+    @property
+    def config(self) -> FederationConfig:
+        """The federation's configuration."""
+        return self._config
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The names of the federation's sites."""
+        return self._site_names
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has begun."""
+        return self._closed
+
+    def submit(
+        self,
+        pipeline: Pipeline,
+        /,
+        *,
+        inputs: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        block: bool = True,
+        queue_timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Job:
+        """Submit a run of ``pipeline`` and return its :class:`~federation.Job` at once.
+
+        Value inputs are given as keywords (or ``inputs=`` for names that clash
+        with the options here). The job waits in a FIFO queue while every slot is busy.
+
+        Args:
+            timeout: cancel the job if it runs longer than this many seconds.
+            retries: rerun the job on a fresh slot up to this many times when it
+                failed for a reason outside the user's code (its worker died).
+            block: when the queue is full, wait for room (default) or raise
+                :class:`~federation.QueueFullError`.
+            queue_timeout: the longest wait for room in the queue.
+
+        Raises:
+            PipelineError: the pipeline does not fit this federation or these inputs.
+            SerializationError: a step or an input cannot be pickled.
+            FederationClosedError: the federation is closed.
+        """
+        if self._closed:
+            raise FederationClosedError("the federation is closed and accepts no new jobs")
+        if not isinstance(pipeline, Pipeline):
+            raise PipelineError(f"submit() takes a fed.Pipeline, not {type(pipeline).__name__}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative integer, not {retries!r}")
+        values = dict(inputs or {})
+        overlap = set(values) & set(kwargs)
+        if overlap:
+            raise PipelineError(f"inputs {sorted(overlap)} are given twice (in inputs= and as keywords)")
+        values.update(kwargs)
+        compiled = pipeline.compile(self._site_names, self._egress)
+        for name in values:
+            if name in compiled.stream_inputs:
+                raise PipelineError(
+                    f"input {name!r} of pipeline {pipeline.name!r} is a stream; feed it with "
+                    f"job.send({name!r}, value) and end it with job.close({name!r})"
+                )
+            if name not in compiled.value_inputs:
+                raise PipelineError(
+                    f"pipeline {pipeline.name!r} has no input {name!r}; its value inputs are "
+                    f"{sorted(compiled.value_inputs)}"
+                )
+        missing = sorted(name for name, required in compiled.value_inputs.items() if required and name not in values)
+        if missing:
+            raise PipelineError(
+                f"pipeline {pipeline.name!r} needs input(s) {missing}; pass them to submit(), "
+                f"e.g. submit(pipeline, {missing[0]}=...)"
+            )
+        limit = self._config.max_token_bytes
+        payloads: dict[str, bytes] = {}
+        for name, value in values.items():
+            data = dumps(value, what=f"input {name!r}")
+            if len(data) > limit:
+                raise SerializationError(
+                    f"input {name!r} is {len(data):,} bytes pickled, over max_token_bytes={limit:,}"
+                )
+            payloads[name] = data
+        job = Job(self._router.next_job_id(), compiled, self, retries=retries, timeout=timeout)
+        self._router.submit(job, payloads, block, queue_timeout)
+        return job
+
+    # -- what a Job asks of its federation -------------------------------------------------
+
+    def cancel_job(self, job: Job, reason: str) -> bool:
+        return self._router.cancel_job(job, reason)
+
+    def send_input(self, job: Job, name: str, value: Any, close: bool) -> None:
+        payload = None
+        if not close:
+            payload = dumps(value, what=f"the value sent to input {name!r} of job {job.id}")
+            limit = self._config.max_token_bytes
+            if len(payload) > limit:
+                raise SerializationError(
+                    f"the value sent to input {name!r} of job {job.id} is {len(payload):,} bytes "
+                    f"pickled, over max_token_bytes={limit:,}"
+                )
+        reason = self._router.send_input(job, name, payload, close)
+        if reason is not None:
+            from ._exceptions import TokenRejectedError
+
+            if name not in job._compiled.stream_inputs:
+                raise PipelineError(reason)
+            raise TokenRejectedError(job.id, reason)
+
+    def suspend_job(self, job: Job, suspend: bool) -> None:
+        self._router.suspend_job(job, suspend)
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def close(self, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
+        """Shut down; idempotent.
+
+        Stops accepting jobs; lets running and queued jobs finish (up to
+        ``timeout``, then cancels them), or cancels them at once with
+        ``cancel_pending=True``; stops every worker, kills those that do not
+        stop within ``shutdown_timeout`` (whole process trees); closes every pipe
+        and joins the router thread.
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._router.shutdown(cancel_pending=cancel_pending, timeout=timeout)
+        with _open_lock:
+            _open.discard(self)
+        self._log.debug("federation closed")
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # On an error (Ctrl+C included) in the with-block, do not wait for jobs.
+        self.close(cancel_pending=exc_type is not None)
+
+
+@atexit.register
+def _close_all() -> None:
+    with _open_lock:
+        federations = list(_open)
+    for federation in federations:
+        federation.close(cancel_pending=True)

@@ -1,0 +1,335 @@
+"""The job handle: status, results as they stream in, and bridges to futures and asyncio.
+
+A :class:`Job` is updated by the federation's router thread and read by any
+user thread. One condition variable guards it; every wait takes a timeout.
+A job ends exactly once (invariant 3): :meth:`Job._end` is a no-op after the first call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+from ._exceptions import JobCancelledError
+
+if TYPE_CHECKING:
+    from ._pipeline import Compiled
+
+__all__ = ["Attempt", "Job", "JobStatus", "Result"]
+
+
+class JobStatus(str, enum.Enum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUSPENDED = "suspended"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        """Whether the job has ended (finished, failed or cancelled)."""
+        return self in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class Result(NamedTuple):
+    """One value an output produced: at which site, its position in that site's stream."""
+
+    output: str
+    site: str
+    seq: int
+    value: Any
+
+
+class Attempt(NamedTuple):
+    """One run of a job on a pool slot; a retried job has several."""
+
+    number: int
+    slot: int
+    started: float
+    ended: float | None
+    error: str | None
+
+
+class _Controller(Protocol):
+    def cancel_job(self, job: Job, reason: str) -> bool: ...
+    def send_input(self, job: Job, name: str, value: Any, close: bool) -> None: ...
+    def suspend_job(self, job: Job, suspend: bool) -> None: ...
+
+
+class Job:
+    """A handle on one submitted job.
+
+    Iterate over it to receive :class:`Result` records as they arrive; call
+    :meth:`result` for the assembled value. Every blocking call takes a timeout.
+    """
+
+    def __init__(self, job_id: int, compiled: Compiled, controller: _Controller, *, retries: int, timeout: float | None) -> None:
+        self.id = job_id
+        self.pipeline = compiled.pipeline
+        self._compiled = compiled
+        self._controller = controller
+        self.retries = retries
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._status = JobStatus.QUEUED
+        self._results: list[Result] = []
+        self._error: BaseException | None = None
+        self._callbacks: list[tuple[str | None, Callable[[Result], Any]]] = []
+        self._done_callbacks: list[Callable[[Job], Any]] = []
+        self._future: concurrent.futures.Future[Any] | None = None
+        self._attempts: list[Attempt] = []
+        self._events: list[tuple[float, str, dict[str, Any]]] = [(time.time(), "queued", {})]
+        self.submitted = time.time()
+        self.started: float | None = None
+        self.ended: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.pipeline!r} {self._status.value}>"
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def status(self) -> JobStatus:
+        """The job's status now."""
+        return self._status
+
+    @property
+    def attempts(self) -> tuple[Attempt, ...]:
+        """Every run of this job on a slot, in order."""
+        with self._cond:
+            return tuple(self._attempts)
+
+    def done(self) -> bool:
+        """Whether the job has ended."""
+        return self._status.ended
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the job ends; True if it has, False if ``timeout`` ran out."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._status.ended, timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The error the job ended with, or ``None`` if it finished.
+
+        Raises:
+            TimeoutError: the job has not ended within ``timeout``.
+        """
+        if not self.wait(timeout):
+            raise TimeoutError(f"job {self.id} has not ended within {timeout} s")
+        return self._error
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The job's result: a single output's value, or ``{output: value}``.
+
+        A fanned-out output gives ``{site: value}``; a stream gives a list in order.
+
+        Raises:
+            TimeoutError: the job has not ended within ``timeout`` (it keeps running).
+            StepFailedError, WorkerDiedError, JobCancelledError: how the job failed.
+        """
+        if not self.wait(timeout):
+            raise TimeoutError(f"job {self.id} has not ended within {timeout} s; it keeps running")
+        if self._error is not None:
+            raise self._error
+        return self._assemble()
+
+    def _assemble(self) -> Any:
+        outputs = self._compiled.outputs
+        if not outputs:
+            return None
+        shaped: dict[str, Any] = {}
+        for name, spec in outputs.items():
+            per_site: dict[str, list[Any]] = {site: [] for site in spec.sites}
+            for record in self._results:
+                if record.output == name:
+                    per_site.setdefault(record.site, []).append(record.value)
+            if spec.stream:
+                value: Any = per_site if spec.keyed else per_site[spec.sites[0]]
+            elif spec.keyed:
+                value = {site: values[-1] for site, values in per_site.items() if values}
+            else:
+                values = per_site[spec.sites[0]]
+                value = values[-1] if values else None
+            shaped[name] = value
+        if len(shaped) == 1:
+            return next(iter(shaped.values()))
+        return shaped
+
+    def results(self, timeout: float | None = None) -> Iterator[Result]:
+        """Iterate over results as they arrive, until the job ends.
+
+        Raises the job's error after the results that arrived before it.
+
+        Args:
+            timeout: the longest wait for the next result; :class:`TimeoutError` after it.
+        """
+        index = 0
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: len(self._results) > index or self._status.ended, timeout):
+                    raise TimeoutError(f"no result from job {self.id} within {timeout} s")
+                batch = self._results[index:]
+                ended = self._status.ended
+            index += len(batch)
+            yield from batch
+            if ended and index >= len(self._results):
+                if self._error is not None:
+                    raise self._error
+                return
+
+    def __iter__(self) -> Iterator[Result]:
+        return self.results()
+
+    # -- callbacks and bridges -------------------------------------------------------------
+
+    def on_result(self, callback: Callable[[Result], Any], output: str | None = None) -> None:
+        """Call ``callback(result)`` in the router thread for each result (of ``output``, if given).
+
+        Results that already arrived are passed at once, in the caller's thread.
+        """
+        if output is not None and output not in self._compiled.outputs:
+            raise ValueError(f"job {self.id} has no output {output!r}; outputs: {list(self._compiled.outputs)}")
+        with self._cond:
+            self._callbacks.append((output, callback))
+            earlier = [r for r in self._results if output is None or r.output == output]
+        for record in earlier:
+            _call_safely(callback, record)
+
+    def add_done_callback(self, callback: Callable[[Job], Any]) -> None:
+        """Call ``callback(job)`` once the job ends (at once if it has)."""
+        with self._cond:
+            if not self._status.ended:
+                self._done_callbacks.append(callback)
+                return
+        _call_safely(callback, self)
+
+    @property
+    def future(self) -> concurrent.futures.Future[Any]:
+        """A :class:`concurrent.futures.Future` resolved with the job's result or error."""
+        with self._cond:
+            if self._future is None:
+                future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+                future.set_running_or_notify_cancel()
+                self._future = future
+                if self._status.ended:
+                    self._settle(future)
+            return self._future
+
+    def _settle(self, future: concurrent.futures.Future[Any]) -> None:
+        if future.done():
+            return
+        if self._error is not None:
+            future.set_exception(self._error)
+        else:
+            future.set_result(self._assemble())
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return asyncio.wrap_future(self.future).__await__()
+
+    # -- control ---------------------------------------------------------------------------
+
+    def cancel(self, reason: str = "cancelled by the user") -> bool:
+        """Cancel the job: steps are asked to stop, then their slot is killed after a grace period.
+
+        Returns False if the job had already ended.
+        """
+        return self._controller.cancel_job(self, reason)
+
+    def send(self, name: str, value: Any) -> None:
+        """Feed ``value`` to the job's stream input ``name``.
+
+        Raises:
+            PipelineError: no such stream input. SerializationError: ``value`` cannot be pickled.
+            FederationError: the job has ended, or the input was closed.
+        """
+        self._controller.send_input(self, name, value, False)
+
+    def close(self, name: str) -> None:
+        """End the job's stream input ``name``: steps collecting it, or driven by it, complete."""
+        self._controller.send_input(self, name, None, True)
+
+    def suspend(self) -> None:
+        """Stop the job's worker processes (SIGSTOP) until :meth:`resume`."""
+        self._controller.suspend_job(self, True)
+
+    def resume(self) -> None:
+        """Continue a suspended job's workers (SIGCONT)."""
+        self._controller.suspend_job(self, False)
+
+    # -- updates from the router -----------------------------------------------------------
+
+    def _record(self, kind: str, **fields: Any) -> None:
+        self._events.append((time.time(), kind, fields))
+
+    def _set_status(self, status: JobStatus) -> None:
+        with self._cond:
+            if not self._status.ended:
+                self._status = status
+                self._cond.notify_all()
+
+    def _start_attempt(self, slot: int) -> None:
+        now = time.time()
+        with self._cond:
+            if self.started is None:
+                self.started = now
+            self._attempts.append(Attempt(len(self._attempts) + 1, slot, now, None, None))
+            if not self._status.ended:
+                self._status = JobStatus.RUNNING
+            self._cond.notify_all()
+        self._record("started", slot=slot, attempt=len(self._attempts))
+
+    def _end_attempt(self, error: str | None) -> None:
+        with self._cond:
+            if self._attempts and self._attempts[-1].ended is None:
+                self._attempts[-1] = self._attempts[-1]._replace(ended=time.time(), error=error)
+
+    def _add_results(self, site: str, records: list[tuple[str, int, Any]]) -> None:
+        new = [Result(output, site, seq, value) for output, seq, value in records]
+        with self._cond:
+            if self._status.ended:
+                return
+            self._results.extend(new)
+            callbacks = list(self._callbacks)
+            self._cond.notify_all()
+        for output, callback in callbacks:
+            for record in new:
+                if output is None or record.output == output:
+                    _call_safely(callback, record)
+
+    def _end(self, status: JobStatus, error: BaseException | None) -> bool:
+        with self._cond:
+            if self._status.ended:
+                return False
+            self._error = error
+            self._status = status
+            self.ended = time.time()
+            future = self._future
+            callbacks, self._done_callbacks = self._done_callbacks, []
+            self._cond.notify_all()
+        self._end_attempt(None if error is None else f"{type(error).__name__}: {error}")
+        self._record(status.value, error=None if error is None else repr(error))
+        if future is not None:
+            self._settle(future)
+        for callback in callbacks:
+            _call_safely(callback, self)
+        return True
+
+    def _cancelled_error(self, reason: str) -> JobCancelledError:
+        return JobCancelledError(f"job {self.id} ({self.pipeline!r}) was cancelled: {reason}", job_id=self.id, reason=reason)
+
+
+def _call_safely(callback: Callable[[Any], Any], argument: Any) -> None:
+    try:
+        callback(argument)
+    except Exception:  # noqa: BLE001 - a user's callback must not break the router
+        from ._log import get_logger
+
+        get_logger("job").exception("callback raised", callback=repr(callback))

@@ -1,0 +1,114 @@
+"""What crosses a pipe: message tags, tokens and compiled plans.
+
+Messages are plain tuples whose first element is a tag below; they are pickled
+once by the sender. Tuples pickle several times faster than models, and these
+are built per token. Plans are frozen dataclasses: built once per pipeline,
+pickled once (with cloudpickle, as they hold the user's functions), cached by
+digest in every worker.
+
+Every message about a job carries its job id (invariant 1): a worker drops, and
+counts, whatever is for a job it is not running, so a slot can be reused the
+instant its job ends.
+
+Workers import this module: standard library only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# client -> worker (control pipe)
+INIT = 0  # (INIT, worker_spec_bytes)
+PLAN = 1  # (PLAN, digest, plan_bytes)
+START = 2  # (START, job_id, digest, {input: payload}, options)
+TOKENS = 3  # (TOKENS, job_id, [token, ...])         also worker -> worker
+ABORT = 4  # (ABORT, job_id, reason)
+STOP = 5  # (STOP,)
+REPLY = 6  # (REPLY, request_id, error_or_None)      answer to SEND_TO_JOB
+
+# worker -> client (events pipe)
+READY = 10  # (READY, pid)
+START_FAILED = 11  # (START_FAILED, traceback_text)
+RESULTS = 12  # (RESULTS, job_id, [(output, seq, payload), ...])
+DONE = 13  # (DONE, job_id, ok, info)
+FAILED = 14  # (FAILED, job_id, step, exception_bytes, traceback_text)
+SEND_TO_JOB = 15  # (SEND_TO_JOB, request_id, from_job, to_job, input, payload, close)
+LOG = 16  # (LOG, [(level, event, fields), ...])
+
+# Token kinds: an item; the last item from its source; the end of a stream with no item.
+ITEM = 0
+LAST = 1
+END = 2
+
+#: The "site" a client-fed stream input comes from.
+CLIENT = ""
+
+# A token: (step, param, source_site, seq, payload, kind); the job id is on its message.
+Token = tuple[str, str, str, int, Any, int]
+
+# Parameter kinds.
+P_CTX = 0
+P_INPUT = 1
+P_UPSTREAM = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """How one parameter of a step gets its value at one site."""
+
+    name: str
+    kind: int
+    source: str = ""  # the input or upstream step it binds to
+    sources: tuple[str, ...] = ()  # the sites its tokens come from (CLIENT for inputs)
+    keyed: bool = False  # give ``{site: value}`` (the source is fanned out)
+    stream: bool = False  # the source is a stream
+    collect: bool = False  # gather the stream into a list instead of running per item
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a step's output goes: a parameter of a step at a site."""
+
+    site: str
+    step: str
+    param: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """One step as it runs at one site."""
+
+    name: str
+    fn: Callable[..., Any]
+    generator: bool
+    params: tuple[Param, ...]
+    driver: str | None  # the stream parameter that runs this step once per item
+    routes: tuple[Route, ...]
+    outputs: tuple[str, ...]  # output names the client receives this step's values under
+    stream: bool  # emits a stream (a generator, or driven per item)
+
+
+@dataclass(frozen=True, slots=True)
+class SitePlan:
+    """A pipeline compiled for one site: its steps in dependency order."""
+
+    pipeline: str
+    site: str
+    steps: tuple[StepPlan, ...]
+    value_inputs: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What a worker needs to start: its site, its setup, its links to the others."""
+
+    site: str
+    name: str
+    setup: Callable[[], Any] | None
+    env: dict[str, str]
+    data_dir: str | None
+    sys_path: tuple[str, ...]
+    log_level: str
+    max_token_bytes: int

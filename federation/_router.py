@@ -1,0 +1,801 @@
+"""The router: the one client thread that moves a federation forward.
+
+    user threads ── submit / send / cancel ──┐ (under the lock; never block on a pipe)
+                                             v
+    job queue (FIFO, bounded) ──> free slot ──> START to each participant
+                                             ^
+    router thread: poll() on                 │ slot freed when every site says DONE
+      events pipes      (results, done, failed, send_to_job, logs)
+      worker sentinels  (a worker died: fail or retry its job, replace the slot)
+      worker output     (stdout/stderr lines, kept for WorkerDiedError)
+      control pipes     (POLLOUT, only while bytes are pending)
+      a wake-up pipe    (new work, close)
+    with a timeout only for the nearest deadline (cancel grace, job timeout,
+    start timeout, memory watchdog), never to notice work.
+
+Ordering and races it relies on:
+
+* Every state change happens under ``self.lock``; pipes are written without
+  blocking (``_channel.Outbox``), so holding the lock never waits on a worker.
+* START for a job is written to every participant before anything else for
+  that job (stream inputs, aborts), on FIFO control pipes; a job that is still
+  queued keeps its stream inputs until dispatch.
+* A job ends exactly once (``Job._end``); its slot is freed only once every
+  participant reported DONE (or the slot was killed), so the next job on the
+  slot never shares a worker with a job still running there. Whatever arrives
+  for a job that is not the slot's current one is dropped and counted.
+* A dead worker's events pipe is drained before its death is reported, so the
+  error carries what it logged last.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from . import _messages as m
+from ._config import FederationConfig
+from ._exceptions import (
+    FederationClosedError,
+    FederationError,
+    JobError,
+    PipelineError,
+    SerializationError,
+    SiteStartError,
+    StepFailedError,
+    TokenRejectedError,
+    WorkerDiedError,
+    describe_exitcode,
+)
+from ._execution import JobExecution, SlotState
+from ._handle import Job, JobStatus
+from ._log import get_logger, log_worker_record, worker_log_level
+from ._serialization import load_exception
+from .backends import get_backend
+
+__all__ = ["Router"]
+
+_POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
+_EVENTS, _SENTINEL, _OUTPUT, _WAKE = range(4)
+
+
+class Router:
+    """The pool, the job queue and the router thread of one federation."""
+
+    def __init__(self, config: FederationConfig) -> None:
+        self.config = config
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.backend = get_backend(config.backend)
+        self.log = get_logger("router")
+        self.slots: list[JobExecution | None] = [None] * config.pool_size
+        self.free: deque[JobExecution] = deque()
+        self.queue: deque[Job] = deque()
+        self.running: dict[int, tuple[Job, JobExecution]] = {}
+        self.last_job_id = 0
+        self.closing = False
+        self.stopped = False
+        self.start_error: SiteStartError | None = None
+        self.started = False
+        self.dropped = 0
+        self.replaced = 0
+        self.restart_failures = 0
+        self.jobs_by_status: dict[str, int] = {}
+        self.links: dict[tuple[str, str], list[int]] = {}
+        self._generation = 0
+        self._lifeline_r, self._lifeline_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller = select.poll()
+        self._fds: dict[int, tuple[int, JobExecution | None, str]] = {}
+        self._register(self._wake_r, _WAKE, None, "")
+        self._log_level = worker_log_level()
+        self._pending_inputs: dict[int, list[tuple[str, bytes | None, bool]]] = {}
+        self._input_seq: dict[tuple[int, str], int] = {}
+        self._closed_inputs: dict[int, set[str]] = {}
+        self._deadlines: dict[int, float] = {}
+        self.thread = threading.Thread(target=self._run, name="federation-router", daemon=True)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, wait: bool) -> None:
+        """Start every slot and the router thread; with ``wait``, until all are ready.
+
+        Raises:
+            SiteStartError: a worker failed to start (everything started is stopped again).
+        """
+        try:
+            with self.lock:
+                for index in range(self.config.pool_size):
+                    self._start_slot(index)
+        except BaseException:
+            self._abandon()
+            raise
+        self.thread.start()
+        deadline = time.monotonic() + self.config.start_timeout + 1.0
+        with self.lock:
+            ok = self.changed.wait_for(
+                lambda: self.start_error is not None
+                or (len(self.free) == len(self.slots) if wait else bool(self.free)),
+                max(0.0, deadline - time.monotonic()),
+            )
+            error = self.start_error
+        if error is None and not ok:
+            error = SiteStartError(
+                f"the federation's workers were not ready within start_timeout={self.config.start_timeout} s",
+                site="?",
+            )
+        if error is not None:
+            self.shutdown(cancel_pending=True, timeout=0.0)
+            raise error
+        with self.lock:
+            self.started = True
+
+    def _start_slot(self, index: int) -> JobExecution:
+        self._generation += 1
+        slot = JobExecution(index, self._generation, self.config, self.backend, self._lifeline_r, self._log_level)
+        self.slots[index] = slot
+        for site, reader in slot.events.items():
+            self._register(reader.fileno(), _EVENTS, slot, site)
+        for site, worker in slot.workers.items():
+            self._register(worker.sentinel, _SENTINEL, slot, site)
+            if worker.output is not None and worker.output != worker.sentinel:
+                self._register(worker.output, _OUTPUT, slot, site)
+        self.log.debug("slot starting", slot=index, generation=slot.generation)
+        return slot
+
+    def _register(self, fd: int, kind: int, slot: JobExecution | None, site: str) -> None:
+        self._fds[fd] = (kind, slot, site)
+        self._poller.register(fd, _POLLIN)
+
+    def _unregister(self, fd: int) -> None:
+        if self._fds.pop(fd, None) is not None:
+            try:
+                self._poller.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    def wake(self) -> None:
+        """Make the router thread look at its state again."""
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closed
+
+    # -- submitting ------------------------------------------------------------------------
+
+    def next_job_id(self) -> int:
+        with self.lock:
+            self.last_job_id += 1
+            return self.last_job_id
+
+    def submit(self, job: Job, inputs: dict[str, bytes], block: bool, timeout: float | None) -> None:
+        """Queue ``job``, or start it at once on a free slot."""
+        job._inputs = inputs  # type: ignore[attr-defined]
+        with self.lock:
+            if not self.changed.wait_for(
+                lambda: self.closing or len(self.queue) < self.config.max_queued,
+                timeout if block else 0.0,
+            ):
+                from ._exceptions import QueueFullError
+
+                raise QueueFullError(
+                    f"the job queue is full (max_queued={self.config.max_queued}); "
+                    "wait for jobs to finish, or submit with block=True"
+                )
+            if self.closing:
+                raise FederationClosedError("the federation is closed and accepts no new jobs")
+            self._count(JobStatus.QUEUED)
+            if self.free and not self.queue:
+                self._dispatch(job, self.free.popleft())
+            else:
+                self.queue.append(job)
+
+    def _count(self, status: JobStatus, previous: JobStatus | None = None) -> None:
+        if previous is not None:
+            self.jobs_by_status[previous.value] -= 1
+        self.jobs_by_status[status.value] = self.jobs_by_status.get(status.value, 0) + 1
+
+    def _dispatch(self, job: Job, slot: JobExecution) -> None:
+        compiled = job._compiled
+        inputs: dict[str, bytes] = job._inputs  # type: ignore[attr-defined]
+        slot.state = SlotState.BUSY
+        slot.job = job
+        slot.pending_sites = set(compiled.participants)
+        slot.kill_deadline = None
+        self.running[job.id] = (job, slot)
+        self._count(JobStatus.RUNNING, JobStatus.QUEUED) if job.status is JobStatus.QUEUED else None
+        for site in compiled.participants:
+            digest, plan = compiled.plans[site]
+            if digest not in slot.plans[site]:
+                slot.send(site, (m.PLAN, digest, plan))
+                slot.plans[site].add(digest)
+            site_inputs = {name: inputs[name] for name in compiled.site_inputs.get(site, ()) if name in inputs}
+            slot.send(site, (m.START, job.id, digest, site_inputs))
+        job._start_attempt(slot.index)
+        if job.timeout is not None:
+            self._deadlines[job.id] = time.monotonic() + job.timeout
+        for name, payload, close in self._pending_inputs.pop(job.id, ()):
+            self._forward_input(job, slot, name, payload, close)
+        if slot.has_pending():
+            self.wake()
+
+    def _dispatch_queued(self) -> None:
+        while self.free and self.queue:
+            job = self.queue.popleft()
+            if job.done():
+                continue
+            self._dispatch(job, self.free.popleft())
+        self.changed.notify_all()
+
+    # -- stream inputs and inter-job tokens ------------------------------------------------
+
+    def send_input(self, job: Job, name: str, payload: bytes | None, close: bool) -> str | None:
+        """Feed (or close) stream input ``name`` of ``job``; the reason it was refused, or None."""
+        compiled = job._compiled
+        if name not in compiled.stream_inputs:
+            streams = sorted(compiled.stream_inputs)
+            kind = "a value input, given at submit" if name in compiled.value_inputs else "not an input of it"
+            return f"{name!r} is {kind}; the pipeline's stream inputs are {streams}"
+        with self.lock:
+            if job.done():
+                return f"job {job.id} has ended ({job.status.value})"
+            closed = self._closed_inputs.setdefault(job.id, set())
+            if name in closed:
+                return f"stream input {name!r} of job {job.id} was closed"
+            if close:
+                closed.add(name)
+            entry = self.running.get(job.id)
+            if entry is None:
+                self._pending_inputs.setdefault(job.id, []).append((name, payload, close))
+            else:
+                self._forward_input(job, entry[1], name, payload, close)
+        return None
+
+    def _forward_input(self, job: Job, slot: JobExecution, name: str, payload: bytes | None, close: bool) -> None:
+        key = (job.id, name)
+        seq = self._input_seq.get(key, 0)
+        per_site: dict[str, list[m.Token]] = {}
+        for route in job._compiled.stream_inputs[name]:
+            tokens = per_site.setdefault(route.site, [])
+            if payload is not None:
+                tokens.append((route.step, route.param, m.CLIENT, seq, payload, m.ITEM))
+            if close:
+                tokens.append((route.step, route.param, m.CLIENT, seq, None, m.END))
+        self._input_seq[key] = seq + 1
+        for site, tokens in per_site.items():
+            slot.send(site, (m.TOKENS, job.id, tokens))
+        if slot.has_pending():
+            self.wake()
+
+    def _send_to_job(self, slot: JobExecution, site: str, message: tuple[Any, ...]) -> None:
+        _, request, from_job, to_job, name, payload, close = message
+        target = self._find_job(to_job)
+        if target is None:
+            reason = f"job {to_job} has ended" if 0 < to_job <= self.last_job_id else f"job {to_job} does not exist"
+        else:
+            reason = self.send_input(target, name, payload, close)  # type: ignore[assignment]
+        slot.send(site, (m.REPLY, request, reason))
+
+    def _find_job(self, job_id: int) -> Job | None:
+        entry = self.running.get(job_id)
+        if entry is not None:
+            return entry[0]
+        for job in self.queue:
+            if job.id == job_id:
+                return job
+        return None
+
+    # -- cancelling, failing, ending -------------------------------------------------------
+
+    def cancel_job(self, job: Job, reason: str) -> bool:
+        with self.lock:
+            if job.done():
+                return False
+            self._end_job(job, JobStatus.CANCELLED, job._cancelled_error(reason))
+            return True
+
+    def suspend_job(self, job: Job, suspend: bool) -> None:
+        with self.lock:
+            entry = self.running.get(job.id)
+            if entry is None or job.done():
+                raise FederationError(f"job {job.id} is not running ({job.status.value}); only a running job can be suspended")
+            for worker in entry[1].workers.values():
+                worker.suspend(suspend)
+            job._set_status(JobStatus.SUSPENDED if suspend else JobStatus.RUNNING)
+
+    def _end_job(self, job: Job, status: JobStatus, error: BaseException | None) -> None:
+        """End ``job`` for its user now; abort its sites and free its slot once they stopped."""
+        previous = job.status
+        if not job._end(status, error):
+            return
+        self._count(status, JobStatus.RUNNING if previous is JobStatus.SUSPENDED else previous)
+        self._deadlines.pop(job.id, None)
+        self._pending_inputs.pop(job.id, None)
+        self._closed_inputs.pop(job.id, None)
+        for key in [k for k in self._input_seq if k[0] == job.id]:
+            del self._input_seq[key]
+        entry = self.running.get(job.id)
+        if entry is None:
+            try:
+                self.queue.remove(job)
+            except ValueError:
+                pass
+            self.changed.notify_all()
+            return
+        slot = entry[1]
+        if previous is JobStatus.SUSPENDED:
+            for worker in slot.workers.values():
+                worker.suspend(False)
+        if slot.pending_sites:
+            reason = "cancelled" if status is JobStatus.CANCELLED else "failed"
+            for site in slot.pending_sites:
+                slot.send(site, (m.ABORT, job.id, reason))
+            slot.kill_deadline = time.monotonic() + self.config.cancel_grace
+            self.wake()
+        else:
+            self._release(slot)
+        self.changed.notify_all()
+
+    def _release(self, slot: JobExecution) -> None:
+        job = slot.job
+        if job is not None:
+            self.running.pop(job.id, None)
+        slot.job = None
+        slot.pending_sites = set()
+        slot.kill_deadline = None
+        slot.jobs_run += 1
+        if slot.state is not SlotState.BUSY:
+            return
+        limit = self.config.max_jobs_per_worker
+        if limit is not None and slot.jobs_run >= limit:
+            self.log.debug("recycling slot", slot=slot.index, jobs=slot.jobs_run)
+            self._retire(slot, graceful=True)
+            return
+        slot.state = SlotState.IDLE
+        self.free.append(slot)
+        self._dispatch_queued()
+
+    def _retire(self, slot: JobExecution, graceful: bool) -> None:
+        """Take ``slot`` out of the pool for good; start its replacement unless closing."""
+        if slot in self.free:
+            self.free.remove(slot)
+        if graceful:
+            slot.stop()
+        else:
+            slot.state = SlotState.BROKEN
+            slot.kill()
+        if not self.closing and self.slots[slot.index] is slot:
+            self.slots[slot.index] = None
+            self.replaced += 1
+            try:
+                self._start_slot(slot.index)
+            except Exception as exc:  # noqa: BLE001
+                self.log.error("could not start a replacement slot", slot=slot.index, error=repr(exc))
+        self._retired.append(slot)
+        self._maybe_reap(slot)
+
+    @property
+    def _retired(self) -> list[JobExecution]:
+        retired: list[JobExecution] | None = self.__dict__.get("_retired_list")
+        if retired is None:
+            retired = self.__dict__["_retired_list"] = []
+        return retired
+
+    def _maybe_reap(self, slot: JobExecution) -> None:
+        """Close a retired slot once every one of its workers has ended."""
+        if slot.alive():
+            return
+        for site, worker in slot.workers.items():
+            self._drain_output(slot, site, final=True)
+            self._unregister(worker.sentinel)
+            if worker.output is not None:
+                self._unregister(worker.output)
+            worker.reap(1.0)
+        for reader in slot.events.values():
+            self._unregister(reader.fileno())
+        slot.close()
+        if slot in self._retired:
+            self._retired.remove(slot)
+        if self.slots[slot.index] is slot:
+            self.slots[slot.index] = None
+        self.changed.notify_all()
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    if self.stopped:
+                        return
+                    timeout = self._next_timeout()
+                    pending = [
+                        outbox
+                        for slot in self._all_slots()
+                        for outbox in slot.control.values()
+                        if outbox.has_pending and not outbox.closed
+                    ]
+                for outbox in pending:
+                    self._poller.register(outbox.fileno(), select.POLLOUT)
+                try:
+                    ready = self._poller.poll(timeout)
+                except InterruptedError:
+                    ready = []
+                for outbox in pending:
+                    fd = outbox.fileno()
+                    if fd >= 0 and fd not in self._fds:
+                        try:
+                            self._poller.unregister(fd)
+                        except (KeyError, ValueError):
+                            pass
+                with self.lock:
+                    for fd, _mask in ready:
+                        self._on_ready(fd)
+                    for outbox in pending:
+                        try:
+                            outbox.flush()
+                        except OSError:
+                            pass
+                    self._on_deadlines()
+        except BaseException as exc:  # pragma: no cover - a bug here must not hang users
+            self.log.critical("router thread crashed", error=repr(exc), exc_info=True)
+            with self.lock:
+                self.closing = True
+                for job in [*self.queue, *(entry[0] for entry in self.running.values())]:
+                    self._end_job(job, JobStatus.FAILED, FederationError(f"the federation's router crashed: {exc!r}"))
+                self.stopped = True
+                self.changed.notify_all()
+
+    def _all_slots(self) -> list[JobExecution]:
+        return [slot for slot in self.slots if slot is not None] + list(self._retired)
+
+    def _next_timeout(self) -> int | None:
+        deadlines = list(self._deadlines.values())
+        for slot in self._all_slots():
+            if slot.kill_deadline is not None:
+                deadlines.append(slot.kill_deadline)
+            if slot.state is SlotState.STARTING:
+                deadlines.append(slot.started_at + self.config.start_timeout)
+        if self.config.max_worker_memory is not None and self.running:
+            deadlines.append(time.monotonic() + 0.25)
+        if not deadlines:
+            return None
+        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+
+    def _on_ready(self, fd: int) -> None:
+        entry = self._fds.get(fd)
+        if entry is None:
+            return
+        kind, slot, site = entry
+        if kind == _WAKE:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+        elif kind == _EVENTS:
+            assert slot is not None
+            reader = slot.events[site]
+            for frame in reader.read():
+                self._on_event(slot, site, pickle.loads(frame))
+            if reader.eof:
+                self._unregister(fd)  # the sentinel reports the death
+        elif kind == _OUTPUT:
+            assert slot is not None
+            self._drain_output(slot, site, final=False)
+        elif kind == _SENTINEL:
+            assert slot is not None
+            self._on_worker_gone(slot, site)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _on_event(self, slot: JobExecution, site: str, message: tuple[Any, ...]) -> None:
+        tag = message[0]
+        if tag == m.RESULTS:
+            job = slot.job
+            if job is None or job.id != message[1] or job.done():
+                self.dropped += len(message[2])
+                return
+            try:
+                records = [(output, seq, pickle.loads(payload)) for output, seq, payload in message[2]]
+            except Exception as exc:  # noqa: BLE001 - e.g. a class the client cannot import
+                self._end_job(job, JobStatus.FAILED, SerializationError(f"a result of job {job.id} from site {site!r} cannot be unpickled here: {exc}"))
+                return
+            job._add_results(site, records)
+        elif tag == m.DONE:
+            self._on_done(slot, site, message[1], message[2], message[3])
+        elif tag == m.FAILED:
+            job = slot.job
+            if job is None or job.id != message[1]:
+                self.dropped += 1
+                return
+            _, job_id, step, data, tb = message
+            cause = load_exception(data, tb)
+            error = StepFailedError(
+                f"step {step!r} of job {job_id} ({job.pipeline!r}) failed at site {site!r}: "
+                f"{type(cause).__name__}: {cause}",
+                job_id=job_id,
+                site=site,
+                step=step,
+            )
+            error.__cause__ = cause
+            self._end_job(job, JobStatus.FAILED, error)
+        elif tag == m.SEND_TO_JOB:
+            self._send_to_job(slot, site, message)
+        elif tag == m.LOG:
+            for level, event, fields in message[1]:
+                fields.setdefault("worker", f"{site}/slot-{slot.index}")
+                slot.last_lines[site].append(f"[{level}] {event} " + " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("site", "pid", "worker")))
+                log_worker_record(site, level, event, fields)
+        elif tag == m.READY:
+            slot.ready.add(site)
+            if slot.ready == set(slot.sites) and slot.state is SlotState.STARTING:
+                slot.state = SlotState.IDLE
+                self.restart_failures = 0
+                self.free.append(slot)
+                self.log.debug("slot ready", slot=slot.index, seconds=round(time.monotonic() - slot.started_at, 3))
+                self._dispatch_queued()
+        elif tag == m.START_FAILED:
+            self._on_start_failed(slot, site, f"a worker of site {site!r} failed to start", message[1])
+
+    def _on_done(self, slot: JobExecution, site: str, job_id: int, ok: bool, info: dict[str, Any]) -> None:
+        job = slot.job
+        if job is None or job.id != job_id:
+            self.dropped += 1
+            return
+        slot.pending_sites.discard(site)
+        job._record("site_done", site=site, ok=ok, **info)
+        for target, (count, size) in info.get("links", {}).items():
+            totals = self.links.setdefault((site, target), [0, 0])
+            totals[0] += count
+            totals[1] += size
+        if slot.pending_sites:
+            return
+        if not job.done():
+            self._end_job(job, JobStatus.FINISHED, None)
+        if self.running.get(job_id, (None, None))[1] is slot:
+            self._release(slot)
+
+    def _on_start_failed(self, slot: JobExecution, site: str, message: str, tb: str | None) -> None:
+        error = SiteStartError(message, site=site, remote_traceback=tb)
+        if slot.state is not SlotState.STARTING:
+            return
+        slot.state = SlotState.BROKEN
+        self.restart_failures += 1
+        if not self.started:
+            # The federation must not come up half-started: its constructor raises this.
+            self.start_error = self.start_error or error
+        elif self.restart_failures > self.config.max_slot_restarts:
+            self.start_error = error
+            for job in list(self.queue):
+                self._end_job(job, JobStatus.FAILED, SiteStartError(f"job {job.id} could not run: {message}", site=site, remote_traceback=tb))
+        self.log.error("worker failed to start", site=site, slot=slot.index, traceback=tb)
+        if self.start_error is not None:
+            slot.kill()
+            self.slots[slot.index] = None
+            self._retired.append(slot)
+            self._maybe_reap(slot)
+        else:
+            self._retire(slot, graceful=False)
+        self.changed.notify_all()
+
+    # -- deaths ----------------------------------------------------------------------------
+
+    def _drain_output(self, slot: JobExecution, site: str, final: bool) -> None:
+        worker = slot.workers[site]
+        fd = worker.output
+        if fd is None:
+            return
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._unregister(fd)
+                break
+            data = slot.partial_output.pop(site, b"") + chunk
+            *lines, rest = data.split(b"\n")
+            if rest:
+                slot.partial_output[site] = rest
+            for raw in lines:
+                self._output_line(slot, site, raw)
+            if not final:
+                break
+        if final and slot.partial_output.get(site):
+            self._output_line(slot, site, slot.partial_output.pop(site))
+
+    def _output_line(self, slot: JobExecution, site: str, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        slot.last_lines[site].append(line)
+        if self.config.echo_worker_output:
+            import sys
+
+            try:
+                sys.stderr.write(f"[{site}/slot-{slot.index}] {line}\n")
+            except (OSError, ValueError):
+                pass
+
+    def _on_worker_gone(self, slot: JobExecution, site: str) -> None:
+        worker = slot.workers[site]
+        self._unregister(worker.sentinel)
+        reader = slot.events[site]
+        if reader.fileno() in self._fds:
+            # What the worker said before it died comes first: results, a FAILED, its last logs.
+            deadline = time.monotonic() + 1.0
+            while not reader.eof and time.monotonic() < deadline:
+                frames = reader.read()
+                for frame in frames:
+                    self._on_event(slot, site, pickle.loads(frame))
+                if not frames and not reader.eof:
+                    select.select([reader.fileno()], [], [], 0.05)
+            self._unregister(reader.fileno())
+        self._drain_output(slot, site, final=True)
+        exitcode = worker.reap(1.0)
+        if slot.state in (SlotState.STOPPING, SlotState.BROKEN, SlotState.STOPPED):
+            self._maybe_reap(slot)
+            return
+        reason = self._death_reason(slot, site, exitcode)
+        description = f"{describe_exitcode(exitcode)}" if exitcode is not None else "gone"
+        last = tuple(slot.last_lines[site])
+        if slot.state is SlotState.STARTING:
+            self._on_start_failed(slot, site, f"a worker of site {site!r} (pid {worker.pid}) exited during start: {description}", "\n".join(last) or None)
+            return
+        job = slot.job
+        self.log.warning("worker died", site=site, slot=slot.index, pid=worker.pid, exitcode=describe_exitcode(exitcode), reason=reason)
+        slot.state = SlotState.BROKEN
+        if job is not None and not job.done():
+            error = WorkerDiedError(
+                f"the worker of site {site!r} (pid {worker.pid}) running job {job.id} ({job.pipeline!r}) "
+                f"died: {description}" + (f" ({reason})" if reason not in ("exited", "killed by a signal") else ""),
+                job_id=job.id,
+                site=site,
+                pid=worker.pid,
+                exitcode=exitcode,
+                reason=reason,
+                last_log=last,
+            )
+            self._retry_or_fail(job, slot, error)
+        elif job is not None:
+            self.running.pop(job.id, None)
+        self._retire(slot, graceful=False)
+
+    def _death_reason(self, slot: JobExecution, site: str, exitcode: int | None) -> str:
+        if getattr(slot, "memory_killed", None) == site:
+            return "memory limit"
+        if exitcode is not None and exitcode < 0:
+            return "killed by a signal"
+        return "exited"
+
+    def _retry_or_fail(self, job: Job, slot: JobExecution, error: JobError) -> None:
+        self.running.pop(job.id, None)
+        slot.job = None
+        job._end_attempt(f"{type(error).__name__}: {error}")
+        if len(job.attempts) <= job.retries and not self.closing:
+            self.log.info("retrying job on a fresh slot", job_id=job.id, attempt=len(job.attempts) + 1)
+            job._record("retry", error=repr(error))
+            job._set_status(JobStatus.QUEUED)
+            self._count(JobStatus.QUEUED, JobStatus.RUNNING)
+            self._deadlines.pop(job.id, None)
+            self._input_seq = {k: v for k, v in self._input_seq.items() if k[0] != job.id}
+            self.queue.appendleft(job)
+            self._dispatch_queued()
+        else:
+            self._end_job(job, JobStatus.FAILED, error)
+
+    # -- deadlines -------------------------------------------------------------------------
+
+    def _on_deadlines(self) -> None:
+        now = time.monotonic()
+        for job_id, deadline in list(self._deadlines.items()):
+            if deadline <= now:
+                entry = self.running.get(job_id)
+                self._deadlines.pop(job_id, None)
+                if entry is not None:
+                    job = entry[0]
+                    self._end_job(job, JobStatus.CANCELLED, job._cancelled_error(f"timed out after {job.timeout} s"))
+        for slot in self._all_slots():
+            if slot.kill_deadline is not None and slot.kill_deadline <= now and slot.state is SlotState.BUSY:
+                self.log.warning("killing a slot whose job did not stop in time", slot=slot.index, grace=self.config.cancel_grace)
+                if slot.job is not None:
+                    self.running.pop(slot.job.id, None)
+                slot.job = None
+                self._retire(slot, graceful=False)
+            elif slot.state is SlotState.STARTING and slot.started_at + self.config.start_timeout <= now:
+                missing = sorted(set(slot.sites) - slot.ready)
+                self._on_start_failed(slot, missing[0] if missing else "?", f"workers of sites {missing} were not ready within start_timeout={self.config.start_timeout} s", None)
+            elif slot.state is SlotState.STOPPING and slot.kill_deadline is not None and slot.kill_deadline <= now:
+                slot.kill()
+                slot.kill_deadline = None
+        if self.config.max_worker_memory is not None:
+            self._check_memory()
+
+    def _check_memory(self) -> None:
+        limit = self.config.max_worker_memory
+        assert limit is not None
+        for _, slot in list(self.running.values()):
+            for site, worker in slot.workers.items():
+                rss = worker.memory()
+                if rss is not None and rss > limit:
+                    self.log.warning("worker over its memory limit", site=site, slot=slot.index, rss=rss, limit=limit)
+                    slot.memory_killed = site  # type: ignore[attr-defined]
+                    worker.kill()
+                    break
+
+    # -- shutting down ---------------------------------------------------------------------
+
+    def shutdown(self, cancel_pending: bool, timeout: float | None) -> None:
+        """Stop accepting jobs; finish or cancel the rest; stop, then kill, every worker."""
+        with self.lock:
+            self.closing = True
+            self.changed.notify_all()
+            if cancel_pending:
+                for job in [*self.queue, *(entry[0] for entry in self.running.values())]:
+                    self._end_job(job, JobStatus.CANCELLED, job._cancelled_error("the federation was closed"))
+            started = self.thread.is_alive()
+        if started:
+            with self.lock:
+                self.changed.wait_for(lambda: not self.queue and not self.running or self.stopped, timeout)
+                for job in [*self.queue, *(entry[0] for entry in self.running.values())]:
+                    self._end_job(job, JobStatus.CANCELLED, job._cancelled_error("the federation was closed before it finished"))
+                for slot in self._all_slots():
+                    if slot.state not in (SlotState.STOPPING, SlotState.STOPPED):
+                        slot.stop()
+                        slot.kill_deadline = time.monotonic() + self.config.shutdown_timeout
+                    self._retire_for_close(slot)
+                self.wake()
+                self.changed.wait_for(lambda: not self._all_slots() or self.stopped, self.config.shutdown_timeout + 2.0)
+                for slot in self._all_slots():
+                    slot.kill()
+                self.wake()
+                self.changed.wait_for(lambda: not self._all_slots() or self.stopped, 5.0)
+                self.stopped = True
+                self.wake()
+            self.thread.join(10.0)
+        self._abandon()
+
+    def _retire_for_close(self, slot: JobExecution) -> None:
+        if slot in self.free:
+            self.free.remove(slot)
+        if self.slots[slot.index] is slot:
+            self.slots[slot.index] = None
+            self._retired.append(slot)
+        self._maybe_reap(slot)
+
+    def _abandon(self) -> None:
+        """Kill and close whatever is left; close the router's own pipes. Idempotent."""
+        with self.lock:
+            self.stopped = True
+            for slot in self._all_slots():
+                slot.kill()
+                for worker in slot.workers.values():
+                    worker.reap(1.0)
+                slot.close()
+            self.slots = [None] * len(self.slots)
+            self._retired.clear()
+            self.free.clear()
+            for fd in (self._lifeline_w, self._lifeline_r, self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError as exc:
+                    if exc.errno != errno.EBADF:
+                        raise
+            self._lifeline_w = self._lifeline_r = self._wake_r = self._wake_w = -1
+            self.changed.notify_all()
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        with self.lock:
+            return fn()

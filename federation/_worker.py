@@ -1,0 +1,691 @@
+"""The worker: one site of one job execution, serving jobs from its inbox until told to stop.
+
+Data flow inside a worker (one per site per pool slot)::
+
+    control pipe (client) ─┐                 ┌─> sibling pipes (tokens to other sites)
+    sibling pipes (tokens) ├─> inbox deque ─> job run ─┤
+                           ┘   (pump)        └─> events pipe (results, done, failed, logs)
+
+The worker is single-threaded; it blocks in ``poll`` on its readers, and on its
+writers only when they have bytes pending. Ordering rules it relies on:
+
+* The control pipe is FIFO, and the client writes a job's START before any
+  ABORT, stream token or close for it; so a worker never sees those for a job
+  it was not started for. Tokens from a sibling can overtake START (the sibling
+  may start first): they are kept until START arrives, keyed by job id.
+* A site reports DONE only after every token and result it made is in its
+  outboxes, ahead of DONE on the same FIFO pipes, so "done" never overtakes data
+  (invariant 2). The client frees the slot once every site reported DONE.
+* Anything for a job other than the current one, or an earlier one, is dropped
+  and counted (invariant 1): late tokens of a cancelled job never reach the next.
+* While waiting for room in one pipe, the worker keeps draining all of its own
+  (the pump), so two workers can never wait on each other: no deadlock.
+
+A lifeline pipe whose write end only the client holds turns the client's death
+into EOF here; a watchdog thread then kills the worker's whole process group.
+
+This module must stay light: a spawned worker imports it before anything else,
+and every import here is paid at every worker start.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import _messages as m
+from ._channel import ChannelClosedError, FrameReader, Outbox
+from ._exceptions import JobCancelledError, SerializationError, TokenRejectedError
+from ._serialization import dump_exception
+
+__all__ = ["StepContext", "Worker", "main"]
+
+_BATCH = 64  # tokens per frame once a pipe is congested
+_HIGH_WATER = 8 << 20  # pump (wait for the reader) above this many pending bytes
+_LOW_WATER = 1 << 20
+_PLAN_CACHE = 64
+_POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
+
+
+class _Abort(BaseException):
+    """Unwinds a job run when the client aborted it (not an error of the step)."""
+
+
+class _StepFailure(BaseException):
+    """Unwinds a job run after a step raised; the failure is already reported."""
+
+
+class StepContext:
+    """What a step sees of where and how it runs; bind it with a parameter named ``ctx``.
+
+    Attributes:
+        site: the site's name.
+        job_id: the running job's id.
+        step: the running step's name.
+        state: the result of the site's ``setup`` in this worker (``None`` without one).
+        data_dir: the site's data directory, or ``None``.
+        env: the environment variables configured for this site.
+        source_site: for a step run per stream item, the site the item came from.
+    """
+
+    __slots__ = ("_worker", "site", "job_id", "step", "state", "data_dir", "env", "source_site", "_log")
+
+    def __init__(self, worker: Worker, job_id: int, step: str, source_site: str | None) -> None:
+        self._worker = worker
+        self.site = worker.site
+        self.job_id = job_id
+        self.step = step
+        self.state = worker.state
+        self.data_dir = worker.data_dir
+        self.env = worker.env
+        self.source_site = source_site
+        self._log: Any = None
+
+    @property
+    def log(self) -> Any:
+        """A structlog logger bound to job, site, step and pid; records go to the client."""
+        if self._log is None:
+            self._log = self._worker.structlog_logger().bind(job_id=self.job_id, step=self.step)
+        return self._log
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the job was cancelled (or failed elsewhere); long steps should check it."""
+        return self._worker.abort_requested(self.job_id) is not None
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`~federation.JobCancelledError` if the job was cancelled."""
+        reason = self._worker.abort_requested(self.job_id)
+        if reason is not None:
+            raise JobCancelledError(f"job {self.job_id} was cancelled: {reason}", job_id=self.job_id, reason=reason)
+
+    def send_to_job(self, job_id: int, name: str, value: Any, *, close: bool = False) -> None:
+        """Feed ``value`` to stream input ``name`` of another running job.
+
+        Blocks until the client's router accepted it. With ``close=True`` the
+        stream is closed after it (pass ``value=None`` to only close it).
+
+        Raises:
+            TokenRejectedError: the job has ended, never existed, or has no such stream input.
+        """
+        self._worker.send_to_job(self.job_id, job_id, name, value, close)
+
+
+class _Gather:
+    """Collects one parameter's value: a value, ``{site: value}``, or a whole stream."""
+
+    __slots__ = ("param", "pending", "values", "complete")
+
+    def __init__(self, param: m.Param) -> None:
+        self.param = param
+        self.pending = set(param.sources)
+        self.values: dict[str, Any] = {}
+        self.complete = not self.pending
+
+    def add(self, source: str, value: Any, kind: int) -> None:
+        param = self.param
+        if kind != m.END:
+            if param.stream:
+                self.values.setdefault(source, []).append(value)
+            else:
+                self.values[source] = value
+        elif param.stream:
+            self.values.setdefault(source, [])
+        if kind != m.ITEM:
+            self.pending.discard(source)
+            self.complete = not self.pending
+
+    def value(self) -> Any:
+        param = self.param
+        if param.keyed:
+            return {site: self.values[site] for site in param.sources if site in self.values}
+        if len(param.sources) == 1:
+            return self.values.get(param.sources[0], [] if param.stream else None)
+        merged: list[Any] = []  # a stream input fed from several places
+        for site in param.sources:
+            merged.extend(self.values.get(site, []))
+        return merged
+
+
+class _StepRun:
+    __slots__ = ("plan", "kwargs", "gathers", "driver", "queue", "driver_pending", "ran", "done", "seq", "ctx_param")
+
+    def __init__(self, plan: m.StepPlan) -> None:
+        self.plan = plan
+        self.kwargs: dict[str, Any] = {}
+        self.gathers: dict[str, _Gather] = {}
+        self.driver: str | None = plan.driver
+        self.queue: deque[tuple[str, Any]] = deque()
+        self.driver_pending: set[str] = set()
+        self.ran = False
+        self.done = False
+        self.seq = 0
+        self.ctx_param: str | None = None
+
+
+class _JobRun:
+    __slots__ = ("job_id", "plan", "steps", "remaining", "inputs", "timings", "started")
+
+    def __init__(self, job_id: int, plan: m.SitePlan, inputs: dict[str, bytes]) -> None:
+        self.job_id = job_id
+        self.plan = plan
+        self.steps: dict[str, _StepRun] = {}
+        self.remaining = len(plan.steps)
+        self.inputs = inputs
+        self.timings: list[tuple[str, float, float, int]] = []
+        self.started = time.time()
+
+
+class Worker:
+    """Serves jobs for one site; the same loop runs in a process or in a thread."""
+
+    def __init__(
+        self,
+        spec: m.WorkerSpec,
+        control: FrameReader,
+        events: Outbox,
+        siblings_in: dict[str, FrameReader],
+        siblings_out: dict[str, Outbox],
+    ) -> None:
+        self.site = spec.site
+        self.name = spec.name
+        self.spec = spec
+        self.env = dict(spec.env)
+        self.data_dir = spec.data_dir
+        self.state: Any = None
+        self.pid = os.getpid()
+        self._control = control
+        self._events = events
+        self._readers = [control, *siblings_in.values()]
+        self._siblings_out = siblings_out
+        self._inbox: deque[tuple[Any, ...]] = deque()
+        self._poller = select.poll()
+        for reader in self._readers:
+            self._poller.register(reader.fileno(), _POLLIN)
+        self._plans: dict[bytes, m.SitePlan] = {}
+        self._run: _JobRun | None = None
+        self._last_job = 0
+        self._aborted: dict[int, str] = {}
+        self._early: dict[int, list[tuple[Any, ...]]] = {}
+        self._batches: dict[str, list[m.Token]] = {site: [] for site in siblings_out}
+        self._results: list[tuple[str, int, bytes]] = []
+        self._links: dict[str, list[int]] = {}
+        self.dropped = 0
+        self._request = 0
+        self._replies: dict[int, Any] = {}
+        self._structlog: Any = None
+        self._stopping = False
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _send_event(self, message: tuple[Any, ...]) -> None:
+        try:
+            self._events.send(pickle.dumps(message, protocol=5))
+        except ChannelClosedError:
+            raise SystemExit(0) from None  # the client is gone; the lifeline will follow
+        if self._events.pending_bytes > _HIGH_WATER:
+            self._pump_until(lambda: self._events.pending_bytes < _LOW_WATER)
+
+    def _flush_batch(self, site: str) -> None:
+        batch = self._batches[site]
+        if not batch or self._run is None:
+            return
+        self._batches[site] = []
+        outbox = self._siblings_out[site]
+        data = pickle.dumps((m.TOKENS, self._run.job_id, batch), protocol=5)
+        link = self._links.setdefault(site, [0, 0])
+        link[0] += len(batch)
+        link[1] += len(data)
+        try:
+            outbox.send(data)
+        except ChannelClosedError:
+            return  # that worker died; the client fails the job from its sentinel
+        if outbox.pending_bytes > _HIGH_WATER:
+            self._pump_until(lambda: outbox.pending_bytes < _LOW_WATER)
+
+    def _flush_results(self) -> None:
+        if self._results and self._run is not None:
+            batch, self._results = self._results, []
+            self._send_event((m.RESULTS, self._run.job_id, batch))
+
+    def _flush_all(self) -> None:
+        for site in self._batches:
+            self._flush_batch(site)
+        self._flush_results()
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _read_ready(self, timeout_ms: int | None) -> None:
+        """Wait up to ``timeout_ms`` for any pipe; read what arrived into the inbox."""
+        pending = [o for o in (self._events, *self._siblings_out.values()) if o.has_pending]
+        for outbox in pending:
+            self._poller.register(outbox.fileno(), select.POLLOUT)
+        try:
+            ready = self._poller.poll(timeout_ms)
+        finally:
+            for outbox in pending:
+                try:
+                    self._poller.unregister(outbox.fileno())
+                except (KeyError, ValueError):
+                    pass
+        by_fd = {reader.fileno(): reader for reader in self._readers}
+        for fd, _mask in ready:
+            reader = by_fd.get(fd)
+            if reader is None:
+                continue
+            for frame in reader.read():
+                message = pickle.loads(frame)
+                if message[0] == m.ABORT:
+                    self._aborted[message[1]] = message[2]
+                elif message[0] == m.REPLY:
+                    self._replies[message[1]] = message[2]
+                    continue
+                self._inbox.append(message)
+            if reader.eof:
+                self._poller.unregister(fd)
+                self._readers.remove(reader)
+                if reader is self._control:
+                    raise SystemExit(0)  # the client closed our control pipe: it is gone
+        for outbox in pending:
+            try:
+                outbox.flush()
+            except ChannelClosedError:
+                pass
+
+    def _pump_until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            self._read_ready(1000)
+
+    def _next_message(self) -> tuple[Any, ...]:
+        while not self._inbox:
+            self._flush_all()
+            self._read_ready(None)
+        return self._inbox.popleft()
+
+    def abort_requested(self, job_id: int) -> str | None:
+        """The abort reason for ``job_id`` if the client asked to abort it (reads without waiting)."""
+        if job_id not in self._aborted:
+            self._read_ready(0)
+        return self._aborted.get(job_id)
+
+    def send_to_job(self, from_job: int, to_job: int, name: str, value: Any, close: bool) -> None:
+        self._request += 1
+        request = self._request
+        payload = self._dumps(value, f"value for job {to_job}'s input {name!r}") if value is not None or not close else None
+        self._send_event((m.SEND_TO_JOB, request, from_job, to_job, name, payload, close))
+        self._flush_all()
+        self._pump_until(lambda: request in self._replies)
+        error = self._replies.pop(request)
+        if error is not None:
+            raise TokenRejectedError(to_job, error)
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def log(self, level: str, event: str, **fields: Any) -> None:
+        """Send one log record to the client, tagged with this worker."""
+        fields.setdefault("site", self.site)
+        fields.setdefault("pid", self.pid)
+        try:
+            self._send_event((m.LOG, [(level, event, fields)]))
+        except SystemExit:
+            pass
+
+    def structlog_logger(self) -> Any:
+        """A structlog logger whose records travel to the client (structlog imported on first use)."""
+        if self._structlog is None:
+            import structlog
+
+            worker = self
+
+            def forward(_logger: Any, method: str, event_dict: dict[str, Any]) -> Any:
+                event = str(event_dict.pop("event", ""))
+                event_dict.pop("level", None)
+                fields = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in event_dict.items()}
+                worker.log(method, event, **fields)
+                raise structlog.DropEvent
+
+            level = self.spec.log_level.upper()
+            import logging
+
+            self._structlog = structlog.wrap_logger(
+                None,
+                processors=[forward],
+                wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level) if isinstance(logging.getLevelName(level), int) else logging.INFO),
+                context_class=dict,
+            ).bind(site=self.site, pid=self.pid)
+        return self._structlog
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Serve until STOP, or until the client is gone."""
+        while True:
+            message = self._next_message()
+            tag = message[0]
+            if tag == m.TOKENS:
+                self._on_tokens(message[1], message[2])
+            elif tag == m.START:
+                self._on_start(message[1], message[2], message[3])
+            elif tag == m.ABORT:
+                self._on_abort(message[1], message[2])
+            elif tag == m.PLAN:
+                self._on_plan(message[1], message[2])
+            elif tag == m.STOP:
+                self._flush_all()
+                self._pump_until(lambda: not self._events.has_pending)
+                return
+
+    def _on_plan(self, digest: bytes, data: bytes) -> None:
+        if len(self._plans) >= _PLAN_CACHE:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[digest] = pickle.loads(data)
+
+    def _on_start(self, job_id: int, digest: bytes, inputs: dict[str, bytes]) -> None:
+        plan = self._plans[digest]
+        self._last_job = job_id
+        run = _JobRun(job_id, plan, inputs)
+        self._run = run
+        self._links = {}
+        try:
+            for step_plan in plan.steps:
+                run.steps[step_plan.name] = self._prepare(run, step_plan)
+            for early in self._early.pop(job_id, ()):
+                self._deliver_remote(run, early)
+            for stale in [j for j in self._early if j < job_id]:
+                self.dropped += len(self._early.pop(stale))
+            if job_id in self._aborted:
+                raise _Abort
+            for step_run in list(run.steps.values()):
+                self._maybe_run(run, step_run)
+        except _Abort:
+            self._end(run, ok=False)
+        except _StepFailure:
+            self._end(run, ok=False)
+        else:
+            self._maybe_finish(run)
+
+    def _prepare(self, run: _JobRun, plan: m.StepPlan) -> _StepRun:
+        step_run = _StepRun(plan)
+        for param in plan.params:
+            if param.kind == m.P_CTX:
+                step_run.ctx_param = param.name
+            elif param.name == plan.driver:
+                step_run.driver_pending = set(param.sources)
+            elif param.kind == m.P_INPUT and not param.stream:
+                payload = run.inputs.get(param.source)
+                if payload is not None:
+                    step_run.kwargs[param.name] = pickle.loads(payload)
+            else:
+                step_run.gathers[param.name] = _Gather(param)
+        return step_run
+
+    def _on_tokens(self, job_id: int, tokens: list[m.Token]) -> None:
+        run = self._run
+        if run is None or job_id != run.job_id:
+            if job_id > self._last_job:
+                self._early.setdefault(job_id, []).append(tuple(tokens))
+            else:
+                self.dropped += len(tokens)
+            return
+        try:
+            self._deliver_remote(run, tokens)
+        except (_Abort, _StepFailure):
+            self._end(run, ok=False)
+        else:
+            self._maybe_finish(run)
+
+    def _deliver_remote(self, run: _JobRun, tokens: Any) -> None:
+        for step, param, source, _seq, payload, kind in tokens:
+            value = pickle.loads(payload) if payload is not None else None
+            self._deliver(run, step, param, source, value, kind)
+
+    def _on_abort(self, job_id: int, reason: str) -> None:
+        run = self._run
+        if run is not None and run.job_id == job_id:
+            self._end(run, ok=False)
+        # An abort for a job that already ended here needs no answer: DONE was sent.
+
+    # -- running steps ---------------------------------------------------------------------
+
+    def _deliver(self, run: _JobRun, step: str, param: str, source: str, value: Any, kind: int) -> None:
+        step_run = run.steps.get(step)
+        if step_run is None or step_run.done:
+            self.dropped += 1
+            return
+        if param == step_run.driver:
+            if kind != m.END:
+                step_run.queue.append((source, value))
+            if kind != m.ITEM:
+                step_run.driver_pending.discard(source)
+        else:
+            gather = step_run.gathers[param]
+            gather.add(source, value, kind)
+            if gather.complete and not gather.param.stream or gather.complete:
+                pass
+        self._maybe_run(run, step_run)
+
+    def _maybe_run(self, run: _JobRun, step_run: _StepRun) -> None:
+        if step_run.done or not all(g.complete for g in step_run.gathers.values()):
+            return
+        if step_run.driver is None:
+            if not step_run.ran:
+                step_run.ran = True
+                self._call(run, step_run, None, None)
+                self._step_done(run, step_run)
+            return
+        while step_run.queue:
+            source, item = step_run.queue.popleft()
+            self._call(run, step_run, source, item)
+        if not step_run.driver_pending and not step_run.done:
+            self._step_done(run, step_run)
+
+    def _call(self, run: _JobRun, step_run: _StepRun, source: str | None, item: Any) -> None:
+        plan = step_run.plan
+        kwargs = dict(step_run.kwargs)
+        for name, gather in step_run.gathers.items():
+            kwargs[name] = gather.value()
+        if step_run.driver is not None:
+            kwargs[step_run.driver] = item
+        if step_run.ctx_param is not None:
+            kwargs[step_run.ctx_param] = StepContext(self, run.job_id, plan.name, source)
+        if run.job_id in self._aborted:
+            raise _Abort
+        started = time.time()
+        count = 0
+        try:
+            if plan.generator:
+                generator: Iterator[Any] = plan.fn(**kwargs)
+                try:
+                    for value in generator:
+                        self._emit(run, step_run, value, m.ITEM)
+                        count += 1
+                finally:
+                    close = getattr(generator, "close", None)
+                    if close is not None:
+                        close()
+            else:
+                value = plan.fn(**kwargs)
+                count = 1
+                self._emit(run, step_run, value, m.ITEM if plan.stream else m.LAST)
+        except (_Abort, _StepFailure):
+            raise
+        except JobCancelledError as exc:
+            if run.job_id in self._aborted:
+                raise _Abort from exc
+            self._fail(run, plan.name, exc)
+        except BaseException as exc:  # noqa: BLE001 - a step may raise anything, SystemExit too
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            self._fail(run, plan.name, exc)
+        finally:
+            run.timings.append((plan.name, started, time.time(), count))
+
+    def _fail(self, run: _JobRun, step: str, exc: BaseException) -> None:
+        data, tb = dump_exception(exc)
+        self._flush_all()
+        self._send_event((m.FAILED, run.job_id, step, data, tb))
+        raise _StepFailure
+
+    def _dumps(self, value: Any, what: str) -> bytes:
+        try:
+            data = pickle.dumps(value, protocol=5)
+        except Exception:  # noqa: BLE001
+            from ._serialization import dumps
+
+            data = dumps(value, what=what)
+        if len(data) > self.spec.max_token_bytes:
+            raise SerializationError(
+                f"{what} is {len(data):,} bytes pickled, over max_token_bytes={self.spec.max_token_bytes:,}"
+            )
+        return data
+
+    def _emit(self, run: _JobRun, step_run: _StepRun, value: Any, kind: int) -> None:
+        plan = step_run.plan
+        seq = step_run.seq
+        step_run.seq += 1
+        payload: bytes | None = None
+        if plan.outputs or any(route.site != self.site for route in plan.routes):
+            try:
+                payload = self._dumps(value, f"the value step {plan.name!r} produced")
+            except SerializationError as exc:
+                self._fail(run, plan.name, exc)
+        for output in plan.outputs:
+            self._results.append((output, seq, payload))  # type: ignore[arg-type]
+        if len(self._results) >= _BATCH or (self._results and not self._events.has_pending):
+            self._flush_results()
+        for route in plan.routes:
+            if route.site == self.site:
+                self._deliver(run, route.step, route.param, self.site, value, kind)
+            else:
+                batch = self._batches[route.site]
+                batch.append((route.step, route.param, self.site, seq, payload, kind))
+                outbox = self._siblings_out[route.site]
+                if len(batch) >= _BATCH or not outbox.has_pending or outbox.flush():
+                    self._flush_batch(route.site)
+        if run.job_id in self._aborted:
+            raise _Abort
+
+    def _step_done(self, run: _JobRun, step_run: _StepRun) -> None:
+        step_run.done = True
+        run.remaining -= 1
+        plan = step_run.plan
+        if plan.stream:
+            for route in plan.routes:
+                if route.site == self.site:
+                    self._deliver(run, route.step, route.param, self.site, None, m.END)
+                else:
+                    self._batches[route.site].append((route.step, route.param, self.site, step_run.seq, None, m.END))
+                    self._flush_batch(route.site)
+
+    def _maybe_finish(self, run: _JobRun) -> None:
+        if self._run is run and run.remaining == 0:
+            self._end(run, ok=True)
+
+    def _end(self, run: _JobRun, ok: bool) -> None:
+        if self._run is not run:
+            return
+        if ok:
+            self._flush_all()
+        else:
+            self._results.clear()
+            for site in self._batches:
+                self._batches[site] = []
+        self._run = None
+        info = {"timings": run.timings, "links": self._links, "dropped": self.dropped, "started": run.started}
+        self._send_event((m.DONE, run.job_id, ok, info))
+        self._aborted = {j: r for j, r in self._aborted.items() if j > run.job_id}
+
+
+def _watch_lifeline(fd: int) -> None:
+    """Block until the client is gone (EOF on the lifeline), then kill this whole process group."""
+    while True:
+        try:
+            if not os.read(fd, 1):
+                break
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+    try:
+        os.killpg(os.getpgid(0), 9)
+    finally:
+        os._exit(70)
+
+
+def run_worker(
+    control_fd: int,
+    events_fd: int,
+    siblings_in: dict[str, int],
+    siblings_out: dict[str, int],
+) -> None:
+    """Start a worker on these pipes: read INIT, run the site's setup, report READY, serve."""
+    events = Outbox(events_fd)
+    control = FrameReader(control_fd)
+    worker: Worker | None = None
+    try:
+        poller = select.poll()
+        poller.register(control_fd, _POLLIN)
+        frames: list[Any] = []
+        while not frames:
+            poller.poll()
+            frames = control.read()
+            if control.eof and not frames:
+                return
+        init = pickle.loads(frames[0])
+        spec: m.WorkerSpec = pickle.loads(init[1])
+        for entry in reversed(spec.sys_path):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        worker = Worker(
+            spec,
+            control,
+            events,
+            {site: FrameReader(fd) for site, fd in siblings_in.items()},
+            {site: Outbox(fd) for site, fd in siblings_out.items()},
+        )
+        for frame in frames[1:]:
+            worker._inbox.append(pickle.loads(frame))
+        if spec.data_dir:
+            os.makedirs(spec.data_dir, exist_ok=True)
+        try:
+            if spec.setup is not None:
+                worker.state = spec.setup()
+        except BaseException as exc:  # noqa: BLE001 - report any setup failure, SystemExit too
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            events.send(pickle.dumps((m.START_FAILED, tb), protocol=5))
+            worker._pump_until(lambda: not events.has_pending)
+            return
+        worker._send_event((m.READY, os.getpid()))
+        worker.serve()
+    except SystemExit:
+        return
+    except BaseException:  # noqa: BLE001 - a bug here must still be reported to the client
+        tb = traceback.format_exc()
+        try:
+            events.send(pickle.dumps((m.START_FAILED if worker is None else m.LOG, tb if worker is None else [("critical", "worker crashed", {"traceback": tb})]), protocol=5))
+        except Exception:  # noqa: BLE001
+            pass
+        raise
+
+
+def main() -> None:
+    """Entry point of a worker process: ``python -c 'from federation._worker import main; main()' ARGS``."""
+    import json
+    import signal
+
+    # Ctrl+C is the client's to handle: it closes the federation, which stops us cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    args = json.loads(sys.argv[1])
+    threading.Thread(target=_watch_lifeline, args=(args["lifeline"],), name="federation-lifeline", daemon=True).start()
+    run_worker(args["control"], args["events"], args["siblings_in"], args["siblings_out"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

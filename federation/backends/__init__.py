@@ -1,0 +1,84 @@
+"""Backends: the only code that knows how a worker is started, watched and killed.
+
+The seam is narrow. A backend starts a worker on pipes the execution created
+and hands back a :class:`WorkerHandle`: a sentinel file descriptor that becomes
+readable when the worker is gone, its exit code, and ways to kill, suspend and
+measure it. Everything else (protocol, routing, completion) is shared.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+__all__ = ["Backend", "WorkerHandle", "get_backend"]
+
+
+class WorkerHandle(Protocol):
+    """A started worker, as the router sees it."""
+
+    site: str
+    name: str
+    pid: int | None
+    sentinel: int
+    output: int | None
+
+    def exitcode(self) -> int | None:
+        """The exit code once the worker is gone (negative: killed by that signal)."""
+        ...
+
+    def kill(self) -> None:
+        """Kill the worker and every process it started, without waiting."""
+        ...
+
+    def suspend(self, stop: bool) -> None:
+        """Stop (``True``) or continue (``False``) the worker's process tree."""
+        ...
+
+    def reap(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` for the worker to end; its exit code, or ``None``."""
+        ...
+
+    def memory(self) -> int | None:
+        """Resident memory of the worker in bytes, if the backend can tell."""
+        ...
+
+    def close(self) -> None:
+        """Release the handle's own resources (the sentinel) after the worker ended."""
+        ...
+
+
+class Backend(Protocol):
+    """Starts workers."""
+
+    name: str
+    #: Whether the client must close the worker's ends of its pipes after starting it
+    #: (a process got copies); a thread worker owns and closes them itself.
+    client_closes_child_fds: bool
+
+    def start(
+        self,
+        *,
+        site: str,
+        name: str,
+        env: dict[str, str],
+        control_fd: int,
+        events_fd: int,
+        siblings_in: dict[str, int],
+        siblings_out: dict[str, int],
+        lifeline_fd: int,
+    ) -> WorkerHandle:
+        """Start one worker of ``site`` reading ``control_fd`` and writing ``events_fd``."""
+        ...
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``: ``"process"`` or ``"thread"``."""
+    if name == "process":
+        from .process import ProcessBackend
+
+        return ProcessBackend()
+    if name == "thread":
+        from .thread import ThreadBackend
+
+        return ThreadBackend()
+    raise ValueError(f"unknown backend {name!r}; choose 'process' or 'thread'")
