@@ -5,8 +5,8 @@ from __future__ import annotations
 import atexit
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ._config import FederationConfig, SiteConfig, validate_config
 from ._exceptions import FederationClosedError, PipelineError, SerializationError
@@ -15,6 +15,9 @@ from ._log import get_logger
 from ._pipeline import Pipeline
 from ._router import Router
 from ._serialization import dumps
+
+if TYPE_CHECKING:
+    from ._stats import FederationStats
 
 __all__ = ["Federation"]
 
@@ -222,6 +225,74 @@ class Federation:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         # On an error (Ctrl+C included) in the with-block, do not wait for jobs.
         self.close(cancel_pending=exc_type is not None)
+
+    # -- observing and batches -------------------------------------------------------------
+
+    def stats(self) -> FederationStats:
+        """A snapshot of the federation: slots, workers (pid, memory, CPU, jobs run),
+        queue depth, jobs by status, tokens and bytes per link, dropped messages.
+
+        Cheap enough to call often: the router's lock is held only to copy its counters.
+        """
+        from ._stats import collect_stats
+
+        return collect_stats(self._router, self._closed)
+
+    def map(
+        self,
+        pipeline: Pipeline,
+        inputs: Iterable[Mapping[str, Any]],
+        /,
+        *,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        timeout: float | None = None,
+        progress: bool | None = None,
+        retries: int = 0,
+        job_timeout: float | None = None,
+    ) -> Iterator[Any]:
+        """Run ``pipeline`` once per mapping of inputs; iterate over the results.
+
+        Every job is submitted before this returns, so the whole pool works on the
+        batch at once::
+
+            for mean in federation.map(pipeline, [{"threshold": t} for t in (0.1, 0.5, 0.9)]):
+                print(mean)
+
+        Args:
+            inputs: one mapping of input names to values per job.
+            ordered: results in the order of ``inputs`` (default), or as jobs complete.
+            return_exceptions: a failed job's error is returned in its place instead of
+                raised; otherwise the first failure is raised at once and the jobs whose
+                results were not returned yet are cancelled.
+            timeout: seconds, from this call, for the whole batch; then :class:`TimeoutError`
+                is raised and the unfinished jobs are cancelled.
+            progress: show a progress bar on stderr (needs rich); ``None`` (default): only
+                when stderr is an interactive terminal, never in a pipe or in CI.
+            retries: as for :meth:`submit`, per job.
+            job_timeout: cancel a job that runs longer than this (its error is a
+                :class:`~federation.JobCancelledError`).
+
+        Raises:
+            PipelineError, SerializationError: as :meth:`submit`, for any input of the
+                batch; jobs already submitted are cancelled.
+
+        Stopping the iteration early (``break``, closing it) cancels the jobs whose
+        results were not taken.
+        """
+        from ._batch import run_batch
+
+        return run_batch(
+            self,
+            pipeline,
+            inputs,
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+            timeout=timeout,
+            progress=progress,
+            retries=retries,
+            job_timeout=job_timeout,
+        )
 
 
 @atexit.register

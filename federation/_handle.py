@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from ._exceptions import JobCancelledError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ._pipeline import Compiled
+    from ._timeline import PathArg, TimelineEvent
 
 __all__ = ["Attempt", "Job", "JobStatus", "Result"]
 
@@ -324,6 +327,33 @@ class Job:
 
     def _cancelled_error(self, reason: str) -> JobCancelledError:
         return JobCancelledError(f"job {self.id} ({self.pipeline!r}) was cancelled: {reason}", job_id=self.id, reason=reason)
+
+    # -- timeline --------------------------------------------------------------------------
+
+    def timeline(self) -> list[TimelineEvent]:
+        """What every site did for this job, and when, as typed records ordered by time.
+
+        Queued, each attempt, each site's start, each step run (start, end, items),
+        the tokens each site sent (to whom, how many, how many bytes), each site's
+        done, and the end. Callable while the job runs: it returns what happened so far.
+        """
+        from ._timeline import build_timeline
+
+        return build_timeline(self)
+
+    def export_timeline(self, path: PathArg) -> Path:
+        """Write the job's timeline to ``path``, in the format its suffix names; returns the path.
+
+        ``.json``: Chrome trace (open in Perfetto or ``chrome://tracing``); ``.html``: a
+        self-contained Gantt chart; ``.png``: a Gantt picture (needs the ``viz`` extra).
+
+        Raises:
+            ValueError: an unknown suffix. ImportError: ``.png`` without matplotlib.
+        """
+        from ._timeline import default_title, export_timeline
+
+        events = self.timeline()
+        return export_timeline(events, path, title=default_title(events, pipeline=self.pipeline))
 
 
 def _call_safely(callback: Callable[[Any], Any], argument: Any) -> None:

@@ -278,6 +278,9 @@ class Pipeline:
         bind: dict[str, Any],
         collects: frozenset[str],
     ) -> Step[F]:
+        if isinstance(fn, Step):  # reuse a step of another pipeline
+            name = name or fn.name
+            fn = fn.fn
         label = name or getattr(fn, "__name__", None) or repr(fn)
         if not callable(fn):
             raise PipelineError(f"step {label!r}: {fn!r} is not callable")

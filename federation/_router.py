@@ -223,6 +223,7 @@ class Router:
         job._start_attempt(slot.index)
         if job.timeout is not None:
             self._deadlines[job.id] = time.monotonic() + job.timeout
+            self.wake()  # the router may be waiting with no deadline at all
         for name, payload, close in self._pending_inputs.pop(job.id, ()):
             self._forward_input(job, slot, name, payload, close)
         if slot.has_pending():

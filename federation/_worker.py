@@ -52,6 +52,7 @@ _BATCH = 64  # tokens per frame once a pipe is congested
 _HIGH_WATER = 8 << 20  # pump (wait for the reader) above this many pending bytes
 _LOW_WATER = 1 << 20
 _PLAN_CACHE = 64
+_CHECK_EVERY = 0.002  # seconds between looks at the inbox while a step emits
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
@@ -223,6 +224,7 @@ class Worker:
         self._replies: dict[int, Any] = {}
         self._structlog: Any = None
         self._stopping = False
+        self._next_check = 0.0
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -391,6 +393,7 @@ class Worker:
     def _on_start(self, job_id: int, digest: bytes, inputs: dict[str, bytes]) -> None:
         plan = self._plans[digest]
         self._last_job = job_id
+        self._aborted = {j: r for j, r in self._aborted.items() if j >= job_id}
         run = _JobRun(job_id, plan, inputs)
         self._run = run
         self._links = {}
@@ -466,10 +469,7 @@ class Worker:
             if kind != m.ITEM:
                 step_run.driver_pending.discard(source)
         else:
-            gather = step_run.gathers[param]
-            gather.add(source, value, kind)
-            if gather.complete and not gather.param.stream or gather.complete:
-                pass
+            step_run.gathers[param].add(source, value, kind)
         self._maybe_run(run, step_run)
 
     def _maybe_run(self, run: _JobRun, step_run: _StepRun) -> None:
@@ -570,6 +570,12 @@ class Worker:
                 outbox = self._siblings_out[route.site]
                 if len(batch) >= _BATCH or not outbox.has_pending or outbox.flush():
                     self._flush_batch(route.site)
+        now = time.monotonic()
+        if now >= self._next_check:
+            # A step that emits but never checks ctx.cancelled still stops promptly
+            # when aborted: look at the inbox (without waiting) every few ms.
+            self._next_check = now + _CHECK_EVERY
+            self._read_ready(0)
         if run.job_id in self._aborted:
             raise _Abort
 

@@ -1,0 +1,214 @@
+"""Pipelines and helpers shared by the behaviour tests.
+
+Registered with cloudpickle by value, so workers receive these functions
+without importing this module (as they would a user's ``__main__``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import cloudpickle
+
+import federation as fed
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def load_a() -> dict[str, Any]:
+    return {"values": [0.2, 0.6, 0.9]}
+
+
+def load_b() -> dict[str, Any]:
+    return {"values": [0.7, 0.1, 0.8, 0.95]}
+
+
+def mean_pipeline() -> fed.Pipeline:
+    """The quickstart: a federated mean over two clinics, gathered at a hub."""
+    pipeline = fed.Pipeline("mean")
+
+    @pipeline.step(sites=["a", "b"])
+    def local_stats(ctx, threshold):
+        kept = [v for v in ctx.state["values"] if v > threshold]
+        return {"n": len(kept), "sum": sum(kept)}
+
+    @pipeline.step(site="hub")
+    def mean(local_stats):
+        n = sum(s["n"] for s in local_stats.values())
+        return sum(s["sum"] for s in local_stats.values()) / n
+
+    pipeline.output(mean)
+    return pipeline
+
+
+def mean_sites() -> list[Any]:
+    return [fed.Site("a", setup=load_a), fed.Site("b", setup=load_b), "hub"]
+
+
+def chain_pipeline() -> fed.Pipeline:
+    """A at site a feeds B at site b, whose output returns: the 2-site job."""
+    pipeline = fed.Pipeline("chain")
+
+    @pipeline.step(site="a")
+    def double(x):
+        return 2 * x
+
+    @pipeline.step(site="b")
+    def inc(double):
+        return double + 1
+
+    pipeline.output(inc)
+    return pipeline
+
+
+def stream_pipeline(collect: bool) -> fed.Pipeline:
+    """A generator at a streams n items; b squares each (per item) or sums them (collected)."""
+    pipeline = fed.Pipeline("stream")
+
+    @pipeline.step(site="a")
+    def numbers(n):
+        yield from range(n)
+
+    if collect:
+
+        @pipeline.step(site="b", bind={"xs": fed.collect("numbers")})
+        def total(xs):
+            return sum(xs)
+
+        pipeline.output(total)
+    else:
+
+        @pipeline.step(site="b")
+        def square(numbers):
+            return numbers * numbers
+
+        pipeline.output(square)
+    return pipeline
+
+
+def stream_input_pipeline() -> fed.Pipeline:
+    """A stream input fed by job.send: b echoes each item doubled, hub sums them all."""
+    pipeline = fed.Pipeline("feed")
+    pipeline.input("values", stream=True)
+
+    @pipeline.step(site="b")
+    def doubled(values):
+        return 2 * values
+
+    @pipeline.step(site="hub", collect=["doubled"])
+    def total(doubled):
+        return sum(doubled)
+
+    pipeline.output(doubled)
+    pipeline.output(total)
+    return pipeline
+
+
+def aggregator_pipeline() -> fed.Pipeline:
+    """A long-lived job at the hub collecting what other jobs send it."""
+    pipeline = fed.Pipeline("aggregator")
+    pipeline.input("reports", stream=True)
+
+    @pipeline.step(site="hub", collect=["reports"])
+    def summary(reports):
+        return sorted(reports)
+
+    pipeline.output(summary)
+    return pipeline
+
+
+def reporter_pipeline() -> fed.Pipeline:
+    """Each site reports to the aggregator job given as an input."""
+    pipeline = fed.Pipeline("reporter")
+
+    @pipeline.step(sites=["a", "b"])
+    def report(ctx, target, value):
+        ctx.send_to_job(target, "reports", f"{ctx.site}:{value}")
+        return True
+
+    pipeline.output(report)
+    return pipeline
+
+
+def failing_pipeline(kind: str) -> fed.Pipeline:
+    """Site a fails the way ``kind`` says; site b waits for it."""
+    pipeline = fed.Pipeline(f"fail-{kind}")
+
+    @pipeline.step(site="a")
+    def explode(x):
+        if kind == "raise":
+            raise ValueError(f"bad value {x}")
+        if kind == "exit":
+            os._exit(3)
+        if kind == "sys_exit":
+            raise SystemExit(4)
+        if kind == "kill":
+            os.kill(os.getpid(), 9)
+        if kind == "segfault":
+            import faulthandler
+
+            faulthandler._sigsegv()
+        if kind == "unpicklable_result":
+            return lambda_holder()
+        if kind == "unpicklable_exception":
+            raise UnpicklableError("nope", 1)
+        return x
+
+    @pipeline.step(site="b")
+    def after(explode):
+        return explode
+
+    pipeline.output(after)
+    return pipeline
+
+
+class UnpicklableError(Exception):
+    """An exception whose __init__ signature breaks unpickling."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def lambda_holder() -> Any:
+    import threading
+
+    return threading.Lock()
+
+
+def slow_pipeline(cooperative: bool) -> fed.Pipeline:
+    """A step that runs until cancelled: checking ctx.cancelled, or ignoring it."""
+    pipeline = fed.Pipeline("slow")
+
+    @pipeline.step(site="a")
+    def spin(ctx, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if cooperative:
+                ctx.check_cancelled()
+                time.sleep(0.005)
+            else:
+                time.sleep(0.05)
+        return "finished"
+
+    pipeline.output(spin)
+    return pipeline
+
+
+def ticker_pipeline() -> fed.Pipeline:
+    """A generator at a that keeps yielding (slowly) until the job is cancelled."""
+    pipeline = fed.Pipeline("ticker")
+
+    @pipeline.step(site="a")
+    def tick(ctx, tag):
+        i = 0
+        while i < 10_000:
+            yield (tag, i)
+            i += 1
+            time.sleep(0.002)
+
+    pipeline.output(tick)
+    return pipeline
