@@ -229,9 +229,10 @@ class Federation:
     # -- observing and batches -------------------------------------------------------------
 
     def stats(self) -> FederationStats:
-        """A snapshot of the federation: slots, workers (pid, memory, CPU, jobs run),
-        queue depth, jobs by status, tokens and bytes per link, dropped messages.
+        """A typed snapshot of the federation: its slots, workers, queue, jobs and links.
 
+        Slots by state; per worker its pid, memory, CPU and jobs run; the queue's depth;
+        jobs by status; tokens and bytes per link (site → site); dropped messages.
         Cheap enough to call often: the router's lock is held only to copy its counters.
         """
         from ._stats import collect_stats
