@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from ._federation import Federation
     from ._handle import Attempt, Job, JobStatus, Result
     from ._pipeline import Input, Pipeline, Step, collect
+    from ._stats import FederationStats, LinkStats, SlotStats, WorkerStats
+    from ._timeline import TimelineEvent, TimelineKind
     from ._worker import StepContext
 
 __version__ = "0.1.0"
@@ -60,11 +62,13 @@ __all__ = [
     "FederationClosedError",
     "FederationConfig",
     "FederationError",
+    "FederationStats",
     "Input",
     "Job",
     "JobCancelledError",
     "JobError",
     "JobStatus",
+    "LinkStats",
     "Pipeline",
     "PipelineError",
     "QueueFullError",
@@ -74,12 +78,16 @@ __all__ = [
     "Site",
     "SiteConfig",
     "SiteStartError",
+    "SlotStats",
     "Step",
     "StepContext",
     "StepFailedError",
+    "TimelineEvent",
+    "TimelineKind",
     "TokenRejectedError",
     "UnpicklableError",
     "WorkerDiedError",
+    "WorkerStats",
     "__version__",
     "collect",
 ]
@@ -91,11 +99,13 @@ _LOCATIONS = {
     "FederationClosedError": "_exceptions",
     "FederationConfig": "_config",
     "FederationError": "_exceptions",
+    "FederationStats": "_stats",
     "Input": "_pipeline",
     "Job": "_handle",
     "JobCancelledError": "_exceptions",
     "JobError": "_exceptions",
     "JobStatus": "_handle",
+    "LinkStats": "_stats",
     "Pipeline": "_pipeline",
     "PipelineError": "_exceptions",
     "QueueFullError": "_exceptions",
@@ -105,12 +115,16 @@ _LOCATIONS = {
     "Site": "_config",
     "SiteConfig": "_config",
     "SiteStartError": "_exceptions",
+    "SlotStats": "_stats",
     "Step": "_pipeline",
     "StepContext": "_worker",
     "StepFailedError": "_exceptions",
+    "TimelineEvent": "_timeline",
+    "TimelineKind": "_timeline",
     "TokenRejectedError": "_exceptions",
     "UnpicklableError": "_exceptions",
     "WorkerDiedError": "_exceptions",
+    "WorkerStats": "_stats",
     "collect": "_pipeline",
 }
 

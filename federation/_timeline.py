@@ -358,15 +358,36 @@ class _Arrow(NamedTuple):
 
 
 def sites_of(events: Sequence[TimelineEvent]) -> list[str]:
-    """The sites in ``events``, in order of their first event; sites only sent to come last."""
-    seen: dict[str, None] = {}
+    """The sites in ``events``, in the order data flows: a site before the sites it sends to.
+
+    Sites that neither send to nor receive from each other keep their names' order,
+    so the same pipeline always gets the same rows.
+    """
+    sites: set[str] = set()
+    edges: dict[str, set[str]] = {}
     for event in events:
         if event.site is not None:
-            seen.setdefault(event.site, None)
-    for event in events:  # a site that only received tokens (it has not reported yet)
+            sites.add(event.site)
         if event.target is not None:
-            seen.setdefault(event.target, None)
-    return list(seen)
+            sites.add(event.target)
+            if event.site is not None and event.site != event.target:
+                edges.setdefault(event.site, set()).add(event.target)
+    incoming = dict.fromkeys(sites, 0)
+    for targets in edges.values():
+        for target in targets:
+            incoming[target] += 1
+    order: list[str] = []
+    ready = sorted(site for site, count in incoming.items() if count == 0)
+    while ready:
+        site = ready.pop(0)
+        order.append(site)
+        for target in sorted(edges.get(site, ())):
+            incoming[target] -= 1
+            if incoming[target] == 0:
+                bisect.insort(ready, target)
+    # Traffic both ways between sites (a cycle across jobs' steps): the rest by name.
+    order += sorted(sites - set(order))
+    return order
 
 
 def step_colours(events: Sequence[TimelineEvent]) -> dict[str, str]:
@@ -456,9 +477,18 @@ def _label(row: str) -> str:
 
 
 def _job_spans(events: Sequence[TimelineEvent]) -> list[tuple[str, float, float]]:
-    """Spans of the job row: waiting in the queue, then each attempt."""
+    """Spans of the job row: waiting in the queue, then each attempt.
+
+    An attempt begins at its ``started`` record or at its first site's start, whichever
+    is earlier: the router timestamps an attempt after it has sent START to every
+    site, and a fast site may already be running by then.
+    """
     spans: list[tuple[str, float, float]] = []
     _, last = _bounds(events)
+    begins: dict[int | None, float] = {}
+    for event in events:
+        if event.kind in (TimelineKind.STARTED, TimelineKind.SITE_STARTED, TimelineKind.STEP):
+            begins[event.attempt] = min(begins.get(event.attempt, event.time), event.time)
     waiting: float | None = None
     current: tuple[str, float] | None = None
     for event in events:
@@ -468,11 +498,12 @@ def _job_spans(events: Sequence[TimelineEvent]) -> list[tuple[str, float, float]
                 current = None
             waiting = event.time
         elif event.kind is TimelineKind.STARTED:
+            begin = begins.get(event.attempt, event.time)
             if waiting is not None:
-                spans.append(("queued", waiting, event.time))
+                spans.append(("queued", waiting, max(waiting, begin)))
                 waiting = None
             label = f"attempt {event.attempt}" + (f" (slot {event.slot})" if event.slot is not None else "")
-            current = (label, event.time)
+            current = (label, begin)
         elif event.kind.ends_job:
             if current is not None:
                 spans.append((current[0], current[1], event.time))
@@ -890,6 +921,7 @@ def to_png(
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
     except ImportError as exc:
         raise ImportError(f"a PNG timeline needs matplotlib, which is not installed: {_VIZ_HINT}") from exc
@@ -975,16 +1007,19 @@ def to_png(
     axes.set_axisbelow(True)
     for side in ("top", "right"):
         axes.spines[side].set_visible(False)
-    handles = [Patch(facecolor=colour, label=step) for step, colour in colours.items()]
-    if handles:
-        axes.legend(
-            handles=handles,
-            loc="upper left",
-            bbox_to_anchor=(1.0, 1.0),
-            fontsize=9,
-            frameon=False,
-            title="steps",
-        )
+    handles: list[Any] = [Patch(facecolor=colour, label=step) for step, colour in colours.items()]
+    handles += [
+        Patch(facecolor="#dde3ea", label="site busy"),
+        Line2D([], [], color="#333333", linewidth=1.5, label="site done"),
+        Line2D([], [], color="#333333", linewidth=1.1, marker=">", markersize=5, label="tokens"),
+    ]
+    axes.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=9,
+        frameon=False,
+    )
     figure.tight_layout()
     target = Path(path)
     figure.savefig(target, format="png")
@@ -1000,9 +1035,8 @@ def to_text(events: Sequence[TimelineEvent]) -> str:
         return "(no events)"
     origin, _ = _bounds(events)
     lines = [default_title(events)]
-    started = next((event for event in events if event.kind is TimelineKind.STARTED), None)
-    if started is not None:
-        lines.append(f"  waited in the queue {_format_ms(started.time - origin)}, ran on slot {started.slot}")
+    for label, start, end in _job_spans(events):
+        lines.append(f"  {label}: {_format_ms(end - start)} from +{_format_ms(start - origin)}")
     for site in sites_of(events):
         steps = [event for event in events if event.site == site and event.kind is TimelineKind.STEP]
         sends = [event for event in events if event.site == site and event.kind is TimelineKind.SEND]
