@@ -66,7 +66,7 @@ class JobExecution:
         self.kill_deadline: float | None = None
         self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=20) for site in self.sites}
         self.partial_output: dict[str, bytes] = {}
-        self.death: tuple[str, int | None, int | None, str] | None = None
+        self.memory_killed: str | None = None  # the site the memory watchdog killed
         self._start(config, backend, lifeline_fd, log_level)
 
     def _start(self, config: FederationConfig, backend: Backend, lifeline_fd: int, log_level: str) -> None:
@@ -96,7 +96,8 @@ class JobExecution:
                     log_level=log_level,
                     max_token_bytes=config.max_token_bytes,
                 )
-                self.control[site].send(pickle.dumps((m.INIT, dumps_function(spec, what=f"the setup of site {site!r}")), protocol=5))
+                init = (m.INIT, spec.sys_path, dumps_function(spec, what=f"the setup of site {site!r}"))
+                self.control[site].send(pickle.dumps(init, protocol=5))
                 self.workers[site] = backend.start(
                     site=site,
                     name=name,

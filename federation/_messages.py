@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # client -> worker (control pipe)
-INIT = 0  # (INIT, worker_spec_bytes)
+INIT = 0  # (INIT, sys_path, worker_spec_bytes)
 PLAN = 1  # (PLAN, digest, plan_bytes)
 START = 2  # (START, job_id, digest, {input: payload}, options)
 TOKENS = 3  # (TOKENS, job_id, [token, ...])         also worker -> worker

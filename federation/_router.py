@@ -64,6 +64,7 @@ __all__ = ["Router"]
 
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 _EVENTS, _SENTINEL, _OUTPUT, _WAKE = range(4)
+_MEMORY_CHECK_EVERY = 0.25  # seconds between RSS checks of busy workers
 
 
 class Router:
@@ -102,6 +103,7 @@ class Router:
         self._input_seq: dict[tuple[int, str], int] = {}
         self._closed_inputs: dict[int, set[str]] = {}
         self._deadlines: dict[int, float] = {}
+        self._next_memory_check = 0.0
         self.thread = threading.Thread(target=self._run, name="federation-router", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -223,6 +225,7 @@ class Router:
         job._start_attempt(slot.index)
         if job.timeout is not None:
             self._deadlines[job.id] = time.monotonic() + job.timeout
+        if job.timeout is not None or self.config.max_worker_memory is not None:
             self.wake()  # the router may be waiting with no deadline at all
         for name, payload, close in self._pending_inputs.pop(job.id, ()):
             self._forward_input(job, slot, name, payload, close)
@@ -467,7 +470,7 @@ class Router:
             if slot.state is SlotState.STARTING:
                 deadlines.append(slot.started_at + self.config.start_timeout)
         if self.config.max_worker_memory is not None and self.running:
-            deadlines.append(time.monotonic() + 0.25)
+            deadlines.append(self._next_memory_check)
         if not deadlines:
             return None
         return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
@@ -673,7 +676,7 @@ class Router:
         self._retire(slot, graceful=False)
 
     def _death_reason(self, slot: JobExecution, site: str, exitcode: int | None) -> str:
-        if getattr(slot, "memory_killed", None) == site:
+        if slot.memory_killed == site:
             return "memory limit"
         if exitcode is not None and exitcode < 0:
             return "killed by a signal"
@@ -719,7 +722,9 @@ class Router:
             elif slot.state is SlotState.STOPPING and slot.kill_deadline is not None and slot.kill_deadline <= now:
                 slot.kill()
                 slot.kill_deadline = None
-        if self.config.max_worker_memory is not None:
+        if self.config.max_worker_memory is not None and self.running and now >= self._next_memory_check:
+            # The watchdog runs only while jobs run: an idle federation uses no CPU.
+            self._next_memory_check = now + _MEMORY_CHECK_EVERY
             self._check_memory()
 
     def _check_memory(self) -> None:
@@ -730,7 +735,7 @@ class Router:
                 rss = worker.memory()
                 if rss is not None and rss > limit:
                     self.log.warning("worker over its memory limit", site=site, slot=slot.index, rss=rss, limit=limit)
-                    slot.memory_killed = site  # type: ignore[attr-defined]
+                    slot.memory_killed = site
                     worker.kill()
                     break
 
@@ -744,6 +749,11 @@ class Router:
             if cancel_pending:
                 for job in [*self.queue, *(entry[0] for entry in self.running.values())]:
                     self._end_job(job, JobStatus.CANCELLED, job._cancelled_error("the federation was closed"))
+            for job, slot in list(self.running.values()):
+                if job.status is JobStatus.SUSPENDED:  # a suspended job could never finish
+                    for worker in slot.workers.values():
+                        worker.suspend(False)
+                    job._set_status(JobStatus.RUNNING)
             started = self.thread.is_alive()
         if started:
             with self.lock:

@@ -16,8 +16,11 @@ writers only when they have bytes pending. Ordering rules it relies on:
 * A site reports DONE only after every token and result it made is in its
   outboxes, ahead of DONE on the same FIFO pipes, so "done" never overtakes data
   (invariant 2). The client frees the slot once every site reported DONE.
-* Anything for a job other than the current one, or an earlier one, is dropped
-  and counted (invariant 1): late tokens of a cancelled job never reach the next.
+* Anything for a job this worker has already ended is dropped and counted
+  (invariant 1): late tokens of a cancelled job never reach the next. Job ids
+  are not in dispatch order (threads submit concurrently; a retried job runs
+  again later), so "ended" is remembered per id, for the last jobs run here,
+  never inferred from the order of ids.
 * While waiting for room in one pipe, the worker keeps draining all of its own
   (the pump), so two workers can never wait on each other: no deadlock.
 
@@ -52,6 +55,9 @@ _BATCH = 64  # tokens per frame once a pipe is congested
 _HIGH_WATER = 8 << 20  # pump (wait for the reader) above this many pending bytes
 _LOW_WATER = 1 << 20
 _PLAN_CACHE = 64
+# Late tokens of a job trail it by at most a few jobs (they are ahead of its
+# sibling's DONE in a FIFO pipe); remembering this many ended jobs is ample.
+_ENDED_WINDOW = 1024
 _CHECK_EVERY = 0.002  # seconds between looks at the inbox while a step emits
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 
@@ -213,7 +219,8 @@ class Worker:
             self._poller.register(reader.fileno(), _POLLIN)
         self._plans: dict[bytes, m.SitePlan] = {}
         self._run: _JobRun | None = None
-        self._last_job = 0
+        self._ended: set[int] = set()
+        self._ended_order: deque[int] = deque()
         self._aborted: dict[int, str] = {}
         self._early: dict[int, list[tuple[Any, ...]]] = {}
         self._batches: dict[str, list[m.Token]] = {site: [] for site in siblings_out}
@@ -286,7 +293,8 @@ class Worker:
             for frame in reader.read():
                 message = pickle.loads(frame)
                 if message[0] == m.ABORT:
-                    self._aborted[message[1]] = message[2]
+                    if message[1] not in self._ended:
+                        self._aborted[message[1]] = message[2]
                 elif message[0] == m.REPLY:
                     self._replies[message[1]] = message[2]
                     continue
@@ -392,8 +400,6 @@ class Worker:
 
     def _on_start(self, job_id: int, digest: bytes, inputs: dict[str, bytes]) -> None:
         plan = self._plans[digest]
-        self._last_job = job_id
-        self._aborted = {j: r for j, r in self._aborted.items() if j >= job_id}
         run = _JobRun(job_id, plan, inputs)
         self._run = run
         self._links = {}
@@ -402,8 +408,6 @@ class Worker:
                 run.steps[step_plan.name] = self._prepare(run, step_plan)
             for early in self._early.pop(job_id, ()):
                 self._deliver_remote(run, early)
-            for stale in [j for j in self._early if j < job_id]:
-                self.dropped += len(self._early.pop(stale))
             if job_id in self._aborted:
                 raise _Abort
             for step_run in list(run.steps.values()):
@@ -433,10 +437,11 @@ class Worker:
     def _on_tokens(self, job_id: int, tokens: list[m.Token]) -> None:
         run = self._run
         if run is None or job_id != run.job_id:
-            if job_id > self._last_job:
-                self._early.setdefault(job_id, []).append(tuple(tokens))
-            else:
+            if job_id in self._ended:
                 self.dropped += len(tokens)
+            else:
+                # A sibling started this job before our START arrived: keep them for it.
+                self._early.setdefault(job_id, []).append(tuple(tokens))
             return
         try:
             self._deliver_remote(run, tokens)
@@ -605,9 +610,15 @@ class Worker:
             for site in self._batches:
                 self._batches[site] = []
         self._run = None
+        job_id = run.job_id
+        self._ended.add(job_id)
+        self._ended_order.append(job_id)
+        if len(self._ended_order) > _ENDED_WINDOW:
+            self._ended.discard(self._ended_order.popleft())
+        self._aborted.pop(job_id, None)
+        self.dropped += sum(len(tokens) for tokens in self._early.pop(job_id, ()))
         info = {"timings": run.timings, "links": self._links, "dropped": self.dropped, "started": run.started}
-        self._send_event((m.DONE, run.job_id, ok, info))
-        self._aborted = {j: r for j, r in self._aborted.items() if j > run.job_id}
+        self._send_event((m.DONE, job_id, ok, info))
 
 
 def _watch_lifeline(fd: int) -> None:
@@ -646,10 +657,12 @@ def run_worker(
             if control.eof and not frames:
                 return
         init = pickle.loads(frames[0])
-        spec: m.WorkerSpec = pickle.loads(init[1])
-        for entry in reversed(spec.sys_path):
+        # The client's sys.path comes first, on its own: the spec may name functions
+        # by reference to modules only importable with it.
+        for entry in reversed(init[1]):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
+        spec: m.WorkerSpec = pickle.loads(init[2])
         worker = Worker(
             spec,
             control,
@@ -684,9 +697,13 @@ def run_worker(
 
 def main() -> None:
     """Entry point of a worker process: ``python -c 'from federation._worker import main; main()' ARGS``."""
+    import faulthandler
     import json
     import signal
 
+    # A segfault prints the Python stack to stderr, which the client keeps as the
+    # worker's last lines for its WorkerDiedError.
+    faulthandler.enable()
     # Ctrl+C is the client's to handle: it closes the federation, which stops us cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     args = json.loads(sys.argv[1])

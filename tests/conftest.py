@@ -119,3 +119,16 @@ def make_federation(backend: str) -> Iterator[Callable[..., fed.Federation]]:
     yield make
     for federation in made:
         federation.close(cancel_pending=True)
+
+
+def worker_processes(name: str | None = None) -> list[psutil.Process]:
+    """This process's worker processes, optionally only the one named like ``"a/slot-0"``."""
+    found = []
+    for proc in psutil.Process().children(recursive=False):
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:
+            continue
+        if any("federation._worker" in part for part in cmdline) and (name is None or cmdline[-1] == name):
+            found.append(proc)
+    return found
