@@ -85,8 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    debug = bool(getattr(args, "debug", False))
-    _configure_logging(debug, int(getattr(args, "verbose", 0)))
+    args.debug = debug = bool(getattr(args, "debug", False))
+    args.verbose = int(getattr(args, "verbose", 0))
+    _configure_logging(debug, args.verbose)
     try:
         code: int = args.handler(args)
     except KeyboardInterrupt:
@@ -174,7 +175,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
         parents=[common],
     )
-    parser.set_defaults(debug=False, verbose=0)
+    # No set_defaults for debug/verbose: parents share their actions, and would all lose SUPPRESS.
     parser.add_argument("--version", action="version", version=f"federation-executor {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     commands.required = True

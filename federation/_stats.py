@@ -110,7 +110,7 @@ class FederationStats(BaseModel):
         slots: the pool's slots by state.
         workers: every worker of the pool's current slots.
         queue_depth: jobs waiting for a free slot.
-        running: jobs running now.
+        running: jobs running now (suspended ones included).
         jobs: jobs by status, since the federation started: how many are
             ``queued`` and ``running`` now, and how many ``finished``, ``failed``
             and ``cancelled``.
@@ -213,7 +213,8 @@ def collect_stats(router: Router, closed: bool) -> FederationStats:
             for (source, target), totals in sorted(router.links.items())
         )
         queue_depth = len(router.queue)
-        running = len(router.running)
+        # An ended job may hold its slot a moment longer, while its sites stop.
+        running = sum(1 for job, _slot in router.running.values() if not job.done())
         dropped = router.dropped
         backend = router.config.backend
         sites = tuple(site.name for site in router.config.sites)
