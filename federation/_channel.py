@@ -59,7 +59,7 @@ class Outbox:
     thread, from ``job.send`` callers and from the router thread.
     """
 
-    __slots__ = ("_fd", "_lock", "_pending", "pending_bytes", "closed", "sent_frames", "sent_bytes")
+    __slots__ = ("_fd", "_lock", "_pending", "closed", "pending_bytes", "sent_bytes", "sent_frames")
 
     def __init__(self, fd: int) -> None:
         os.set_blocking(fd, False)
@@ -159,7 +159,7 @@ class Outbox:
 class FrameReader:
     """The reading end of a pipe: returns the complete frames that have arrived."""
 
-    __slots__ = ("_fd", "_buffer", "_big", "_big_filled", "eof")
+    __slots__ = ("_big", "_big_filled", "_buffer", "_fd", "eof")
 
     def __init__(self, fd: int) -> None:
         os.set_blocking(fd, False)
@@ -180,9 +180,8 @@ class FrameReader:
         returns an empty list.
         """
         frames: list[bytes | bytearray] = []
-        if self._big is not None:
-            if not self._fill_big(frames):
-                return frames
+        if self._big is not None and not self._fill_big(frames):
+            return frames
         try:
             chunk = os.read(self._fd, _READ_SIZE)
         except BlockingIOError:

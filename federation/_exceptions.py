@@ -178,13 +178,11 @@ class WorkerDiedError(JobError):
     def __str__(self) -> str:
         text = super().__str__()
         if self.last_log:
-            text += "\nlast lines from the worker:\n" + "\n".join(
-                "    " + line for line in self.last_log
-            )
+            text += "\nlast lines from the worker:\n" + "\n".join("    " + line for line in self.last_log)
         return text
 
 
-class RemoteTraceback(Exception):
+class RemoteTraceback(Exception):  # noqa: N818 - named like CPython's _RemoteTraceback
     """The traceback of an exception raised in a worker, attached as the ``__cause__`` of it."""
 
     def __init__(self, tb: str) -> None:

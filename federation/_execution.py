@@ -49,7 +49,15 @@ class SlotState(str, enum.Enum):
 class JobExecution:
     """One slot of the pool: a worker per site and their pipes."""
 
-    def __init__(self, index: int, generation: int, config: FederationConfig, backend: Backend, lifeline_fd: int, log_level: str) -> None:
+    def __init__(
+        self,
+        index: int,
+        generation: int,
+        config: FederationConfig,
+        backend: Backend,
+        lifeline_fd: int,
+        log_level: str,
+    ) -> None:
         self.index = index
         self.generation = generation
         self.state = SlotState.STARTING

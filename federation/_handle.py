@@ -13,6 +13,7 @@ import enum
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ._exceptions import JobCancelledError
@@ -74,7 +75,9 @@ class Job:
     :meth:`result` for the assembled value. Every blocking call takes a timeout.
     """
 
-    def __init__(self, job_id: int, compiled: Compiled, controller: _Controller, *, retries: int, timeout: float | None) -> None:
+    def __init__(
+        self, job_id: int, compiled: Compiled, controller: _Controller, *, retries: int, timeout: float | None
+    ) -> None:
         self.id = job_id
         self.pipeline = compiled.pipeline
         self._compiled = compiled
@@ -177,7 +180,7 @@ class Job:
         index = 0
         while True:
             with self._cond:
-                if not self._cond.wait_for(lambda: len(self._results) > index or self._status.ended, timeout):
+                if not self._cond.wait_for(partial(self._has_news, index), timeout):
                     raise TimeoutError(f"no result from job {self.id} within {timeout} s")
                 batch = self._results[index:]
                 ended = self._status.ended
@@ -187,6 +190,9 @@ class Job:
                 if self._error is not None:
                     raise self._error
                 return
+
+    def _has_news(self, seen: int) -> bool:
+        return len(self._results) > seen or self._status.ended
 
     def __iter__(self) -> Iterator[Result]:
         return self.results()
@@ -199,7 +205,9 @@ class Job:
         Results that already arrived are passed at once, in the caller's thread.
         """
         if output is not None and output not in self._compiled.outputs:
-            raise ValueError(f"job {self.id} has no output {output!r}; outputs: {list(self._compiled.outputs)}")
+            raise ValueError(
+                f"job {self.id} has no output {output!r}; outputs: {list(self._compiled.outputs)}"
+            )
         with self._cond:
             self._callbacks.append((output, callback))
             earlier = [r for r in self._results if output is None or r.output == output]
@@ -326,7 +334,9 @@ class Job:
         return True
 
     def _cancelled_error(self, reason: str) -> JobCancelledError:
-        return JobCancelledError(f"job {self.id} ({self.pipeline!r}) was cancelled: {reason}", job_id=self.id, reason=reason)
+        return JobCancelledError(
+            f"job {self.id} ({self.pipeline!r}) was cancelled: {reason}", job_id=self.id, reason=reason
+        )
 
     # -- timeline --------------------------------------------------------------------------
 

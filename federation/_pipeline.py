@@ -210,9 +210,7 @@ class Pipeline:
     def _add_input(self, declared: Input) -> None:
         existing = self._inputs.get(declared.name)
         if existing is not None and existing.stream != declared.stream:
-            raise PipelineError(
-                f"input {declared.name!r} is declared both as a stream and as a value"
-            )
+            raise PipelineError(f"input {declared.name!r} is declared both as a stream and as a value")
         if declared.name in self._steps:
             raise PipelineError(f"input {declared.name!r} has the name of a step; names must differ")
         self._inputs[declared.name] = declared
@@ -303,8 +301,7 @@ class Pipeline:
                 raise PipelineError(f"step {label!r}: sites must be distinct site names: {sites!r}")
         if not label.isidentifier():
             raise PipelineError(
-                f"step name {label!r} is not a Python identifier; pass name='...' "
-                "(lambdas need one)"
+                f"step name {label!r} is not a Python identifier; pass name='...' (lambdas need one)"
             )
         if label in self._steps:
             raise PipelineError(f"pipeline {self.name!r} already has a step named {label!r}")
@@ -326,9 +323,8 @@ class Pipeline:
                     f"step {label!r}: binds {key!r}, which is not one of its parameters "
                     f"{list(signature.parameters)}"
                 )
-        for key, target in bind.items():
-            if isinstance(target, collect):
-                target = target.source
+        for key, bound in bind.items():
+            target = bound.source if isinstance(bound, collect) else bound
             if isinstance(target, Step) and target.pipeline is not self:
                 raise PipelineError(
                     f"step {label!r}: parameter {key!r} is bound to step {target.name!r} "
@@ -365,7 +361,9 @@ class Pipeline:
             return step
         if isinstance(step, str) and step in self._steps:
             return self._steps[step]
-        raise PipelineError(f"{what}: {step!r} is not a step of pipeline {self.name!r}; steps: {list(self._steps)}")
+        raise PipelineError(
+            f"{what}: {step!r} is not a step of pipeline {self.name!r}; steps: {list(self._steps)}"
+        )
 
     def _touch(self) -> None:
         with self._lock:

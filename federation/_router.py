@@ -46,11 +46,9 @@ from ._exceptions import (
     FederationClosedError,
     FederationError,
     JobError,
-    PipelineError,
     SerializationError,
     SiteStartError,
     StepFailedError,
-    TokenRejectedError,
     WorkerDiedError,
     describe_exitcode,
 )
@@ -125,8 +123,10 @@ class Router:
         deadline = time.monotonic() + self.config.start_timeout + 1.0
         with self.lock:
             ok = self.changed.wait_for(
-                lambda: self.start_error is not None
-                or (len(self.free) == len(self.slots) if wait else bool(self.free)),
+                lambda: (
+                    self.start_error is not None
+                    or (len(self.free) == len(self.slots) if wait else bool(self.free))
+                ),
                 max(0.0, deadline - time.monotonic()),
             )
             error = self.start_error
@@ -143,7 +143,9 @@ class Router:
 
     def _start_slot(self, index: int) -> JobExecution:
         self._generation += 1
-        slot = JobExecution(index, self._generation, self.config, self.backend, self._lifeline_r, self._log_level)
+        slot = JobExecution(
+            index, self._generation, self.config, self.backend, self._lifeline_r, self._log_level
+        )
         self.slots[index] = slot
         for site, reader in slot.events.items():
             self._register(reader.fileno(), _EVENTS, slot, site)
@@ -220,7 +222,9 @@ class Router:
             if digest not in slot.plans[site]:
                 slot.send(site, (m.PLAN, digest, plan))
                 slot.plans[site].add(digest)
-            site_inputs = {name: inputs[name] for name in compiled.site_inputs.get(site, ()) if name in inputs}
+            site_inputs = {
+                name: inputs[name] for name in compiled.site_inputs.get(site, ()) if name in inputs
+            }
             slot.send(site, (m.START, job.id, digest, site_inputs))
         job._start_attempt(slot.index)
         if job.timeout is not None:
@@ -264,7 +268,9 @@ class Router:
                 self._forward_input(job, entry[1], name, payload, close)
         return None
 
-    def _forward_input(self, job: Job, slot: JobExecution, name: str, payload: bytes | None, close: bool) -> None:
+    def _forward_input(
+        self, job: Job, slot: JobExecution, name: str, payload: bytes | None, close: bool
+    ) -> None:
         key = (job.id, name)
         seq = self._input_seq.get(key, 0)
         per_site: dict[str, list[m.Token]] = {}
@@ -281,10 +287,14 @@ class Router:
             self.wake()
 
     def _send_to_job(self, slot: JobExecution, site: str, message: tuple[Any, ...]) -> None:
-        _, request, from_job, to_job, name, payload, close = message
+        _, request, _from_job, to_job, name, payload, close = message
         target = self._find_job(to_job)
         if target is None:
-            reason = f"job {to_job} has ended" if 0 < to_job <= self.last_job_id else f"job {to_job} does not exist"
+            reason = (
+                f"job {to_job} has ended"
+                if 0 < to_job <= self.last_job_id
+                else f"job {to_job} does not exist"
+            )
         else:
             reason = self.send_input(target, name, payload, close)  # type: ignore[assignment]
         slot.send(site, (m.REPLY, request, reason))
@@ -311,7 +321,9 @@ class Router:
         with self.lock:
             entry = self.running.get(job.id)
             if entry is None or job.done():
-                raise FederationError(f"job {job.id} is not running ({job.status.value}); only a running job can be suspended")
+                raise FederationError(
+                    f"job {job.id} is not running ({job.status.value}); only a running job can be suspended"
+                )
             for worker in entry[1].workers.values():
                 worker.suspend(suspend)
             job._set_status(JobStatus.SUSPENDED if suspend else JobStatus.RUNNING)
@@ -455,7 +467,9 @@ class Router:
             with self.lock:
                 self.closing = True
                 for job in [*self.queue, *(entry[0] for entry in self.running.values())]:
-                    self._end_job(job, JobStatus.FAILED, FederationError(f"the federation's router crashed: {exc!r}"))
+                    self._end_job(
+                        job, JobStatus.FAILED, FederationError(f"the federation's router crashed: {exc!r}")
+                    )
                 self.stopped = True
                 self.changed.notify_all()
 
@@ -512,7 +526,13 @@ class Router:
             try:
                 records = [(output, seq, pickle.loads(payload)) for output, seq, payload in message[2]]
             except Exception as exc:  # noqa: BLE001 - e.g. a class the client cannot import
-                self._end_job(job, JobStatus.FAILED, SerializationError(f"a result of job {job.id} from site {site!r} cannot be unpickled here: {exc}"))
+                self._end_job(
+                    job,
+                    JobStatus.FAILED,
+                    SerializationError(
+                        f"a result of job {job.id} from site {site!r} cannot be unpickled here: {exc}"
+                    ),
+                )
                 return
             job._add_results(site, records)
         elif tag == m.DONE:
@@ -538,7 +558,10 @@ class Router:
         elif tag == m.LOG:
             for level, event, fields in message[1]:
                 fields.setdefault("worker", f"{site}/slot-{slot.index}")
-                slot.last_lines[site].append(f"[{level}] {event} " + " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("site", "pid", "worker")))
+                slot.last_lines[site].append(
+                    f"[{level}] {event} "
+                    + " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("site", "pid", "worker"))
+                )
                 log_worker_record(site, level, event, fields)
         elif tag == m.READY:
             slot.ready.add(site)
@@ -546,7 +569,9 @@ class Router:
                 slot.state = SlotState.IDLE
                 self.restart_failures = 0
                 self.free.append(slot)
-                self.log.debug("slot ready", slot=slot.index, seconds=round(time.monotonic() - slot.started_at, 3))
+                self.log.debug(
+                    "slot ready", slot=slot.index, seconds=round(time.monotonic() - slot.started_at, 3)
+                )
                 self._dispatch_queued()
         elif tag == m.START_FAILED:
             self._on_start_failed(slot, site, f"a worker of site {site!r} failed to start", message[1])
@@ -581,7 +606,11 @@ class Router:
         elif self.restart_failures > self.config.max_slot_restarts:
             self.start_error = error
             for job in list(self.queue):
-                self._end_job(job, JobStatus.FAILED, SiteStartError(f"job {job.id} could not run: {message}", site=site, remote_traceback=tb))
+                self._end_job(
+                    job,
+                    JobStatus.FAILED,
+                    SiteStartError(f"job {job.id} could not run: {message}", site=site, remote_traceback=tb),
+                )
         self.log.error("worker failed to start", site=site, slot=slot.index, traceback=tb)
         if self.start_error is not None:
             slot.kill()
@@ -654,15 +683,28 @@ class Router:
         description = f"{describe_exitcode(exitcode)}" if exitcode is not None else "gone"
         last = tuple(slot.last_lines[site])
         if slot.state is SlotState.STARTING:
-            self._on_start_failed(slot, site, f"a worker of site {site!r} (pid {worker.pid}) exited during start: {description}", "\n".join(last) or None)
+            self._on_start_failed(
+                slot,
+                site,
+                f"a worker of site {site!r} (pid {worker.pid}) exited during start: {description}",
+                "\n".join(last) or None,
+            )
             return
         job = slot.job
-        self.log.warning("worker died", site=site, slot=slot.index, pid=worker.pid, exitcode=describe_exitcode(exitcode), reason=reason)
+        self.log.warning(
+            "worker died",
+            site=site,
+            slot=slot.index,
+            pid=worker.pid,
+            exitcode=describe_exitcode(exitcode),
+            reason=reason,
+        )
         slot.state = SlotState.BROKEN
         if job is not None and not job.done():
             error = WorkerDiedError(
                 f"the worker of site {site!r} (pid {worker.pid}) running job {job.id} ({job.pipeline!r}) "
-                f"died: {description}" + (f" ({reason})" if reason not in ("exited", "killed by a signal") else ""),
+                f"died: {description}"
+                + (f" ({reason})" if reason not in ("exited", "killed by a signal") else ""),
                 job_id=job.id,
                 site=site,
                 pid=worker.pid,
@@ -708,18 +750,34 @@ class Router:
                 self._deadlines.pop(job_id, None)
                 if entry is not None:
                     job = entry[0]
-                    self._end_job(job, JobStatus.CANCELLED, job._cancelled_error(f"timed out after {job.timeout} s"))
+                    self._end_job(
+                        job, JobStatus.CANCELLED, job._cancelled_error(f"timed out after {job.timeout} s")
+                    )
         for slot in self._all_slots():
             if slot.kill_deadline is not None and slot.kill_deadline <= now and slot.state is SlotState.BUSY:
-                self.log.warning("killing a slot whose job did not stop in time", slot=slot.index, grace=self.config.cancel_grace)
+                self.log.warning(
+                    "killing a slot whose job did not stop in time",
+                    slot=slot.index,
+                    grace=self.config.cancel_grace,
+                )
                 if slot.job is not None:
                     self.running.pop(slot.job.id, None)
                 slot.job = None
                 self._retire(slot, graceful=False)
             elif slot.state is SlotState.STARTING and slot.started_at + self.config.start_timeout <= now:
                 missing = sorted(set(slot.sites) - slot.ready)
-                self._on_start_failed(slot, missing[0] if missing else "?", f"workers of sites {missing} were not ready within start_timeout={self.config.start_timeout} s", None)
-            elif slot.state is SlotState.STOPPING and slot.kill_deadline is not None and slot.kill_deadline <= now:
+                self._on_start_failed(
+                    slot,
+                    missing[0] if missing else "?",
+                    f"workers of sites {missing} were not ready within "
+                    f"start_timeout={self.config.start_timeout} s",
+                    None,
+                )
+            elif (
+                slot.state is SlotState.STOPPING
+                and slot.kill_deadline is not None
+                and slot.kill_deadline <= now
+            ):
                 slot.kill()
                 slot.kill_deadline = None
         if self.config.max_worker_memory is not None and self.running and now >= self._next_memory_check:
@@ -734,7 +792,9 @@ class Router:
             for site, worker in slot.workers.items():
                 rss = worker.memory()
                 if rss is not None and rss > limit:
-                    self.log.warning("worker over its memory limit", site=site, slot=slot.index, rss=rss, limit=limit)
+                    self.log.warning(
+                        "worker over its memory limit", site=site, slot=slot.index, rss=rss, limit=limit
+                    )
                     slot.memory_killed = site
                     worker.kill()
                     break
@@ -757,16 +817,22 @@ class Router:
             started = self.thread.is_alive()
         if started:
             with self.lock:
-                self.changed.wait_for(lambda: not self.queue and not self.running or self.stopped, timeout)
+                self.changed.wait_for(lambda: (not self.queue and not self.running) or self.stopped, timeout)
                 for job in [*self.queue, *(entry[0] for entry in self.running.values())]:
-                    self._end_job(job, JobStatus.CANCELLED, job._cancelled_error("the federation was closed before it finished"))
+                    self._end_job(
+                        job,
+                        JobStatus.CANCELLED,
+                        job._cancelled_error("the federation was closed before it finished"),
+                    )
                 for slot in self._all_slots():
                     if slot.state not in (SlotState.STOPPING, SlotState.STOPPED):
                         slot.stop()
                         slot.kill_deadline = time.monotonic() + self.config.shutdown_timeout
                     self._retire_for_close(slot)
                 self.wake()
-                self.changed.wait_for(lambda: not self._all_slots() or self.stopped, self.config.shutdown_timeout + 2.0)
+                self.changed.wait_for(
+                    lambda: not self._all_slots() or self.stopped, self.config.shutdown_timeout + 2.0
+                )
                 for slot in self._all_slots():
                     slot.kill()
                 self.wake()

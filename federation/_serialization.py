@@ -39,7 +39,7 @@ def dumps(value: Any, *, what: str = "value") -> bytes:
             import cloudpickle
 
             return cloudpickle.dumps(value, protocol=PROTOCOL)  # type: ignore[no-any-return]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise SerializationError(
                 f"{what} cannot be pickled ({type(value).__name__}): {exc or first}"
             ) from exc
@@ -49,7 +49,7 @@ def loads(data: bytes | memoryview, *, what: str = "value") -> Any:
     """Unpickle what :func:`dumps` made."""
     try:
         return pickle.loads(data)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise SerializationError(f"{what} cannot be unpickled: {exc}") from exc
 
 
@@ -59,7 +59,7 @@ def dumps_function(obj: Any, *, what: str) -> bytes:
 
     try:
         return cloudpickle.dumps(obj, protocol=PROTOCOL)  # type: ignore[no-any-return]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise SerializationError(f"{what} cannot be pickled: {exc}") from exc
 
 
@@ -88,11 +88,14 @@ def dump_exception(exc: BaseException) -> tuple[bytes, str]:
 
 def load_exception(data: bytes, tb: str) -> BaseException:
     """Rebuild an exception from a worker, with its remote traceback as ``__cause__``."""
+    exc: BaseException
     try:
-        exc = pickle.loads(data)
+        loaded = pickle.loads(data)
     except Exception as error:  # noqa: BLE001
-        exc = UnpicklableError("unknown", f"could not unpickle the exception: {error}")
-    if not isinstance(exc, BaseException):
-        exc = UnpicklableError(type(exc).__name__, repr(exc))
+        loaded = UnpicklableError("unknown", f"could not unpickle the exception: {error}")
+    if isinstance(loaded, BaseException):
+        exc = loaded
+    else:
+        exc = UnpicklableError(type(loaded).__name__, repr(loaded))
     exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
     return exc

@@ -41,7 +41,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 from . import _messages as m
@@ -83,7 +83,7 @@ class StepContext:
         source_site: for a step run per stream item, the site the item came from.
     """
 
-    __slots__ = ("_worker", "site", "job_id", "step", "state", "data_dir", "env", "source_site", "_log")
+    __slots__ = ("_log", "_worker", "data_dir", "env", "job_id", "site", "source_site", "state", "step")
 
     def __init__(self, worker: Worker, job_id: int, step: str, source_site: str | None) -> None:
         self._worker = worker
@@ -112,7 +112,9 @@ class StepContext:
         """Raise :class:`~federation.JobCancelledError` if the job was cancelled."""
         reason = self._worker.abort_requested(self.job_id)
         if reason is not None:
-            raise JobCancelledError(f"job {self.job_id} was cancelled: {reason}", job_id=self.job_id, reason=reason)
+            raise JobCancelledError(
+                f"job {self.job_id} was cancelled: {reason}", job_id=self.job_id, reason=reason
+            )
 
     def send_to_job(self, job_id: int, name: str, value: Any, *, close: bool = False) -> None:
         """Feed ``value`` to stream input ``name`` of another running job.
@@ -129,7 +131,7 @@ class StepContext:
 class _Gather:
     """Collects one parameter's value: a value, ``{site: value}``, or a whole stream."""
 
-    __slots__ = ("param", "pending", "values", "complete")
+    __slots__ = ("complete", "param", "pending", "values")
 
     def __init__(self, param: m.Param) -> None:
         self.param = param
@@ -163,7 +165,18 @@ class _Gather:
 
 
 class _StepRun:
-    __slots__ = ("plan", "kwargs", "gathers", "driver", "queue", "driver_pending", "ran", "done", "seq", "ctx_param")
+    __slots__ = (
+        "ctx_param",
+        "done",
+        "driver",
+        "driver_pending",
+        "gathers",
+        "kwargs",
+        "plan",
+        "queue",
+        "ran",
+        "seq",
+    )
 
     def __init__(self, plan: m.StepPlan) -> None:
         self.plan = plan
@@ -179,7 +192,7 @@ class _StepRun:
 
 
 class _JobRun:
-    __slots__ = ("job_id", "plan", "steps", "remaining", "inputs", "timings", "started")
+    __slots__ = ("inputs", "job_id", "plan", "remaining", "started", "steps", "timings")
 
     def __init__(self, job_id: int, plan: m.SitePlan, inputs: dict[str, bytes]) -> None:
         self.job_id = job_id
@@ -329,7 +342,11 @@ class Worker:
     def send_to_job(self, from_job: int, to_job: int, name: str, value: Any, close: bool) -> None:
         self._request += 1
         request = self._request
-        payload = self._dumps(value, f"value for job {to_job}'s input {name!r}") if value is not None or not close else None
+        payload = (
+            self._dumps(value, f"value for job {to_job}'s input {name!r}")
+            if value is not None or not close
+            else None
+        )
         self._send_event((m.SEND_TO_JOB, request, from_job, to_job, name, payload, close))
         self._flush_all()
         self._pump_until(lambda: request in self._replies)
@@ -355,10 +372,13 @@ class Worker:
 
             worker = self
 
-            def forward(_logger: Any, method: str, event_dict: dict[str, Any]) -> Any:
+            def forward(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
                 event = str(event_dict.pop("event", ""))
                 event_dict.pop("level", None)
-                fields = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in event_dict.items()}
+                fields = {
+                    k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+                    for k, v in event_dict.items()
+                }
                 worker.log(method, event, **fields)
                 raise structlog.DropEvent
 
@@ -368,7 +388,11 @@ class Worker:
             self._structlog = structlog.wrap_logger(
                 None,
                 processors=[forward],
-                wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level) if isinstance(logging.getLevelName(level), int) else logging.INFO),
+                wrapper_class=structlog.make_filtering_bound_logger(
+                    logging.getLevelName(level)
+                    if isinstance(logging.getLevelName(level), int)
+                    else logging.INFO
+                ),
                 context_class=dict,
             ).bind(site=self.site, pid=self.pid)
         return self._structlog
@@ -526,7 +550,7 @@ class Worker:
             if run.job_id in self._aborted:
                 raise _Abort from exc
             self._fail(run, plan.name, exc)
-        except BaseException as exc:  # noqa: BLE001 - a step may raise anything, SystemExit too
+        except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             self._fail(run, plan.name, exc)
@@ -593,7 +617,9 @@ class Worker:
                 if route.site == self.site:
                     self._deliver(run, route.step, route.param, self.site, None, m.END)
                 else:
-                    self._batches[route.site].append((route.step, route.param, self.site, step_run.seq, None, m.END))
+                    self._batches[route.site].append(
+                        (route.step, route.param, self.site, step_run.seq, None, m.END)
+                    )
                     self._flush_batch(route.site)
 
     def _maybe_finish(self, run: _JobRun) -> None:
@@ -686,10 +712,18 @@ def run_worker(
         worker.serve()
     except SystemExit:
         return
-    except BaseException:  # noqa: BLE001 - a bug here must still be reported to the client
+    except BaseException:
         tb = traceback.format_exc()
         try:
-            events.send(pickle.dumps((m.START_FAILED if worker is None else m.LOG, tb if worker is None else [("critical", "worker crashed", {"traceback": tb})]), protocol=5))
+            events.send(
+                pickle.dumps(
+                    (
+                        m.START_FAILED if worker is None else m.LOG,
+                        tb if worker is None else [("critical", "worker crashed", {"traceback": tb})],
+                    ),
+                    protocol=5,
+                )
+            )
         except Exception:  # noqa: BLE001
             pass
         raise
@@ -707,7 +741,9 @@ def main() -> None:
     # Ctrl+C is the client's to handle: it closes the federation, which stops us cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     args = json.loads(sys.argv[1])
-    threading.Thread(target=_watch_lifeline, args=(args["lifeline"],), name="federation-lifeline", daemon=True).start()
+    threading.Thread(
+        target=_watch_lifeline, args=(args["lifeline"],), name="federation-lifeline", daemon=True
+    ).start()
     run_worker(args["control"], args["events"], args["siblings_in"], args["siblings_out"])
     sys.stdout.flush()
     sys.stderr.flush()

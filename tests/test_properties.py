@@ -41,14 +41,26 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     count = draw(st.integers(1, 4))
     steps = []
     for i in range(count):
-        site_pool = st.sampled_from(SITES + ["mars"]) if draw(st.integers(0, 9)) == 0 else st.sampled_from(SITES)
+        site_pool = (
+            st.sampled_from(SITES + ["mars"]) if draw(st.integers(0, 9)) == 0 else st.sampled_from(SITES)
+        )
         fanout = draw(st.booleans())
         sites = sorted(draw(st.sets(site_pool, min_size=1, max_size=3))) if fanout else [draw(site_pool)]
-        upstream = sorted(draw(st.sets(st.sampled_from([f"s{j}" for j in range(i)]), max_size=2))) if i else []
+        upstream = (
+            sorted(draw(st.sets(st.sampled_from([f"s{j}" for j in range(i)]), max_size=2))) if i else []
+        )
         inputs = sorted(draw(st.sets(st.sampled_from(["x", "y"]), max_size=2)))
         cyclic = i < count - 1 and draw(st.integers(0, 14)) == 0  # bind to a later step: a cycle
-        steps.append({"name": f"s{i}", "sites": sites, "fanout": fanout, "params": upstream + inputs,
-                      "cycle_to": f"s{count - 1}" if cyclic else None, "const": i})
+        steps.append(
+            {
+                "name": f"s{i}",
+                "sites": sites,
+                "fanout": fanout,
+                "params": upstream + inputs,
+                "cycle_to": f"s{count - 1}" if cyclic else None,
+                "const": i,
+            }
+        )
     given_inputs = draw(st.dictionaries(st.sampled_from(["x", "y", "z"]), st.integers(-5, 5), max_size=3))
     unpicklable = draw(st.integers(0, 14)) == 0
     return {"steps": steps, "inputs": given_inputs, "unpicklable": unpicklable}

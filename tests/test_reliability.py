@@ -83,7 +83,7 @@ def test_worker_death_in_a_step(make_federation, kind, exitcode, signal_name) ->
         job.result(timeout=T)
     error = info.value
     assert (error.job_id, error.site, error.exitcode, error.signal) == (job.id, "a", exitcode, signal_name)
-    assert error.pid is not None and not psutil.pid_exists(error.pid) or _is_zombie(error.pid)
+    assert (error.pid is not None and not psutil.pid_exists(error.pid)) or _is_zombie(error.pid)
     expected = f"{signal_name}({exitcode})" if signal_name else f"exit code {exitcode}"
     assert expected in str(error)
     if kind == "segfault":
@@ -165,7 +165,9 @@ def test_idle_worker_death_is_replaced_silently(make_federation) -> None:
     federation = make_federation(["a", "b"], pool_size=1)
     (victim,) = worker_processes("a/slot-0")
     victim.kill()
-    assert wait_until(lambda: victim.pid not in {p.pid for p in worker_processes()} and len(worker_processes()) == 2)
+    assert wait_until(
+        lambda: victim.pid not in {p.pid for p in worker_processes()} and len(worker_processes()) == 2
+    )
     _next_job_succeeds(federation)
 
 
@@ -318,7 +320,9 @@ def test_max_jobs_per_worker_recycles_workers(make_federation) -> None:
 
 def test_max_token_bytes(make_federation) -> None:
     federation = make_federation(["a", "b"], max_token_bytes=1000)
-    with pytest.raises(fed.SerializationError, match=r"input 'x' is [\d,]+ bytes pickled, over max_token_bytes=1,000"):
+    with pytest.raises(
+        fed.SerializationError, match=r"input 'x' is [\d,]+ bytes pickled, over max_token_bytes=1,000"
+    ):
         federation.submit(chain_pipeline(), x="y" * 2000)
     pipeline = fed.Pipeline("big")
     pipeline.output(pipeline.step(site="a", name="big")(lambda: b"z" * 5000))
@@ -407,7 +411,9 @@ def test_workers_exit_when_the_client_dies(tmp_path, how) -> None:
     script = tmp_path / "client.py"
     script.write_text(CLIENT.format(tests=str(Path(__file__).parent)))
     mode = "exit" if how == "exit" else "wait"
-    client = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE, text=True, env=_env())
+    client = subprocess.Popen(
+        [sys.executable, str(script), mode], stdout=subprocess.PIPE, text=True, env=_env()
+    )
     try:
         assert client.stdout is not None
         assert client.stdout.readline().strip() == "ready"
@@ -428,7 +434,11 @@ def test_ctrl_c_closes_the_federation_cleanly(tmp_path) -> None:
     script = tmp_path / "client.py"
     script.write_text(CLIENT.format(tests=str(Path(__file__).parent)))
     client = subprocess.Popen(
-        [sys.executable, str(script), "sigint"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+        [sys.executable, str(script), "sigint"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
     )
     try:
         assert client.stdout is not None

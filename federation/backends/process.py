@@ -87,7 +87,10 @@ class ProcessWorker:
     def suspend(self, stop: bool) -> None:
         sig = signal.SIGSTOP if stop else signal.SIGCONT
         try:
-            procs = [psutil.Process(self._popen.pid), *psutil.Process(self._popen.pid).children(recursive=True)]
+            procs = [
+                psutil.Process(self._popen.pid),
+                *psutil.Process(self._popen.pid).children(recursive=True),
+            ]
         except psutil.Error:
             return
         for proc in procs:
