@@ -150,7 +150,10 @@ class TimelineEvent(BaseModel):
         target: the receiving site, for a :attr:`TimelineKind.SEND`.
         count: items a step produced, tokens sent, or results received.
         nbytes: pickled bytes sent, for a :attr:`TimelineKind.SEND`.
-        ok: whether a site finished its work (``SITE_DONE``) or a step completed (``STEP``).
+        ok: for ``SITE_DONE``, whether the site finished its work (False: it stopped early,
+            because a step raised or the job was aborted). For ``STEP``, True if the step ran
+            to its end, False if it raised, ``None`` if unknown: the last step of a site that
+            stopped early may have been cut short by the abort, or may have ended just before.
         error: the error, for ``FAILED``, ``CANCELLED`` and ``RETRY``.
         estimated: the time is an estimate: a site's token totals placed at the end of
             its last step, because the worker did not record each batch.
@@ -195,11 +198,19 @@ def build_timeline(job: Job) -> list[TimelineEvent]:
     Safe to call while the job runs: it reads a snapshot of the job's event log.
     """
     raw = list(job._events)  # list.append in the router thread; a copy is a consistent snapshot
-    return events_from_log(job.id, raw)
+    error = job._error
+    site, step = getattr(error, "site", None), getattr(error, "step", None)
+    failed_at = (site, step) if isinstance(site, str) and isinstance(step, str) else None
+    return events_from_log(job.id, raw, failed_at=failed_at)
 
 
-def events_from_log(job_id: int, raw: Iterable[tuple[float, str, dict[str, Any]]]) -> list[TimelineEvent]:
-    """Turn a job's raw event log (``(time, kind, fields)`` tuples) into ordered typed records."""
+def events_from_log(
+    job_id: int, raw: Iterable[tuple[float, str, dict[str, Any]]], *, failed_at: tuple[str, str] | None = None
+) -> list[TimelineEvent]:
+    """Turn a job's raw event log (``(time, kind, fields)`` tuples) into ordered typed records.
+
+    ``failed_at`` is the ``(site, step)`` whose step raised, if the job failed that way.
+    """
     events: list[TimelineEvent] = []
     attempt: int | None = None
     slot: int | None = None
@@ -213,7 +224,7 @@ def events_from_log(job_id: int, raw: Iterable[tuple[float, str, dict[str, Any]]
                 TimelineEvent(kind=TimelineKind.STARTED, time=when, job_id=job_id, attempt=attempt, slot=slot)
             )
         elif kind == "site_done":
-            events.extend(_site_events(job_id, attempt, slot, when, fields))
+            events.extend(_site_events(job_id, attempt, slot, when, fields, failed_at))
         elif kind == "results":
             events.append(
                 TimelineEvent(
@@ -257,7 +268,12 @@ def _rest(fields: dict[str, Any], *known: str) -> dict[str, Any]:
 
 
 def _site_events(
-    job_id: int, attempt: int | None, slot: int | None, when: float, fields: dict[str, Any]
+    job_id: int,
+    attempt: int | None,
+    slot: int | None,
+    when: float,
+    fields: dict[str, Any],
+    failed_at: tuple[str, str] | None = None,
 ) -> list[TimelineEvent]:
     site = str(fields.get("site"))
     ok = bool(fields.get("ok", True))
@@ -278,7 +294,9 @@ def _site_events(
     last_end: float | None = None
     for index, (step, start, end, count) in enumerate(timings):
         # A step that raised (or was aborted) is the last one a failed site timed.
-        completed = ok or index < len(timings) - 1
+        completed: bool | None = True
+        if not ok and index == len(timings) - 1:
+            completed = False if failed_at == (site, str(step)) else None
         events.append(
             TimelineEvent(
                 kind=TimelineKind.STEP,
@@ -516,6 +534,12 @@ def _job_spans(events: Sequence[TimelineEvent]) -> list[tuple[str, float, float]
     if waiting is not None:
         spans.append(("queued", waiting, last))
     return spans
+
+
+def _step_note(ok: bool | None, separator: str) -> str:
+    if ok is None:
+        return f"{separator}(its site stopped early)"
+    return "" if ok else f"{separator}(raised)"
 
 
 def _format_bytes(size: int) -> str:
@@ -827,9 +851,9 @@ def to_html(events: Sequence[TimelineEvent], *, title: str | None = None) -> str
             tip = (
                 f"{event.step} at {event.site}: {_format_ms(event.duration)}, {event.count} item(s)"
                 + (f", attempt {event.attempt}" if event.attempt and event.attempt > 1 else "")
-                + ("" if event.ok else ", did not complete")
+                + _step_note(event.ok, ", ")
             )
-            stroke = "" if event.ok else ' stroke="#d62728" stroke-width="2"'
+            stroke = ' stroke="#d62728" stroke-width="2"' if event.ok is False else ""
             parts.append(
                 f'<rect class="step" data-step="{esc(event.step or "")}" x="{x(event.time)}" y="{top}" '
                 f'width="{max(3.0, x(event.end) - x(event.time))}" height="{_ROW_HEIGHT - 12}" rx="2" '
@@ -965,7 +989,7 @@ def to_png(
                 [(ms(event.time), max(ms(event.end) - ms(event.time), least))],
                 (level[event.site] - 0.32, 0.64),
                 facecolors=colours.get(event.step or "", "#888888"),
-                edgecolors="#d62728" if not event.ok else "none",
+                edgecolors="#d62728" if event.ok is False else "none",
                 linewidth=1.5,
                 zorder=3,
             )
@@ -1047,7 +1071,7 @@ def to_text(events: Sequence[TimelineEvent]) -> str:
             lines.append(
                 f"    {event.step:<20} +{_format_ms(event.time - origin):>10}"
                 f"  took {_format_ms(event.duration):>10}"
-                f"  {event.count} item(s)" + ("" if event.ok else "  (did not complete)")
+                f"  {event.count} item(s)" + _step_note(event.ok, "  ")
             )
         totals: dict[str, list[int]] = {}
         for event in sends:

@@ -117,10 +117,10 @@ def test_timeline_is_ordered_and_consistent_with_the_result(finished_job: fed.Jo
     for event in steps.values():
         assert event.end is not None and event.end >= event.time
         assert event.count == 1 and event.ok
-    # The hub can only have averaged once both clinics had computed their stats.
-    assert steps["hub", "mean"].time >= max(
-        steps["a", "local_stats"].end or 0, steps["b", "local_stats"].end or 0
-    )
+    # The hub averages only after both clinics ran. (A step's span also covers sending its
+    # result, so the hub may start before the sender's span closes: compare with the starts.)
+    mean_step = steps["hub", "mean"]
+    assert mean_step.time >= max(steps["a", "local_stats"].time, steps["b", "local_stats"].time)
 
     done = {event.site: event for event in events if event.kind is K.SITE_DONE}
     assert set(done) == {"a", "b", "hub"} and all(event.ok for event in done.values())
@@ -166,10 +166,12 @@ def test_timeline_of_a_failed_job_marks_the_failing_step(
     assert len(failed) == 1 and "bad value 3" in (failed[0].error or "")
     explode = [event for event in events if event.kind is K.STEP and event.step == "explode"]
     prepare = [event for event in events if event.kind is K.STEP and event.step == "prepare"]
-    assert [event.ok for event in prepare] == [True]
     assert [event.ok for event in explode] == [False]
     done = {event.site: event.ok for event in events if event.kind is K.SITE_DONE}
-    assert done == {"a": True, "hub": False}
+    assert done["hub"] is False
+    # Site a may have been aborted before it reported done: its step ran, but whether to its
+    # end the worker cannot tell, so the record says it does not know.
+    assert [event.ok for event in prepare] == [True if done["a"] else None]
 
 
 def test_chrome_trace_has_a_row_per_site_slices_and_token_flows(
