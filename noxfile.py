@@ -8,7 +8,6 @@ nox.options.sessions = ["tests", "lint", "typecheck", "examples"]
 nox.options.reuse_existing_virtualenvs = True
 
 
-
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite, on every backend."""
@@ -46,3 +45,10 @@ def examples(session: nox.Session) -> None:
     session.install(".")
     for path in sorted(pathlib.Path("examples").glob("*.py")):
         session.run("python", str(path))
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark suite beside its baselines (Ray too); ``nox -s bench -- --quick`` for a short run."""
+    session.install(".[bench]")
+    session.run("python", "-m", "benchmarks", *session.posargs)

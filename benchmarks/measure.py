@@ -1,0 +1,321 @@
+"""What the suite measures: settings, the metric registry with its targets, and helpers.
+
+Every number the suite reports is a :class:`Metric` registered here, with its
+unit, which direction is better, and the target from the performance issue, if
+it has one. Engines (federation and the baselines) return plain
+``{metric key: value}`` dicts per scenario; the report looks the keys up here.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import psutil
+
+__all__ = [
+    "BASELINES",
+    "ENGINES",
+    "METRICS",
+    "SCENARIOS",
+    "Check",
+    "Measured",
+    "Metric",
+    "Settings",
+    "cpu_percent",
+    "median",
+    "memory_per_process",
+    "percentile",
+    "wait_ready",
+]
+
+#: ``{metric key: value}``, as an engine reports one scenario.
+Measured = dict[str, float]
+
+#: The scenarios, in the order of the issue (and of the table).
+SCENARIOS: dict[str, str] = {
+    "latency": "1. job latency, warm pool",
+    "throughput": "2. job throughput, pool of 4",
+    "tokens": "3. token throughput, site A -> B",
+    "payloads": "4. large payloads, site A -> B",
+    "pool-start": "5. pool start, 4 slots x 3 sites",
+    "failure": "6. failure detection",
+    "close": "7. close an idle pool of 12",
+    "footprint": "8. footprint, idle pool of 12",
+}
+
+#: Engine name -> column heading. ``federation`` is measured; the others are baselines.
+ENGINES: dict[str, str] = {
+    "federation": "federation",
+    "pipe": "Pipe floor",
+    "process-pool": "ProcessPool",
+    "ray": "Ray actors",
+    "copy": "copy ceiling",
+}
+
+#: The baselines ``--baseline`` chooses from (the in-process copy ceiling always runs).
+BASELINES = ("pipe", "process-pool", "ray")
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much work each scenario does; ``quick`` keeps the whole run near a minute."""
+
+    quick: bool = False
+    latency_jobs: int = 2000
+    latency_warmup: int = 100
+    throughput_jobs: int = 5000
+    stream_items: int = 1_000_000
+    stream_repeats: int = 3
+    payload_sizes: tuple[int, ...] = (1 * MIB, 64 * MIB, 256 * MIB)
+    payload_repeats: dict[int, int] = field(default_factory=lambda: {1 * MIB: 10, 64 * MIB: 3, 256 * MIB: 3})
+    start_repeats: int = 3
+    failure_repeats: int = 10
+    close_repeats: int = 3
+    idle_window: float = 10.0
+    slots: int = 4
+    sites: int = 3
+    timeout: float = 120.0
+
+    @classmethod
+    def for_run(cls, quick: bool) -> Settings:
+        """The full settings, or the ``--quick`` ones."""
+        if not quick:
+            return cls()
+        return cls(
+            quick=True,
+            latency_jobs=500,
+            latency_warmup=50,
+            throughput_jobs=2000,
+            stream_items=200_000,
+            stream_repeats=1,
+            payload_sizes=(1 * MIB, 64 * MIB),
+            payload_repeats={1 * MIB: 5, 64 * MIB: 2},
+            start_repeats=1,
+            failure_repeats=3,
+            close_repeats=1,
+            idle_window=2.0,
+        )
+
+
+@dataclass(frozen=True)
+class Check:
+    """One condition of a target.
+
+    Either ``limit`` (federation's value is at most / at least it, by the metric's
+    direction) or ``faster_than`` with ``factor`` (federation is that many times
+    better than that engine).
+    """
+
+    limit: float | None = None
+    faster_than: str | None = None
+    factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of the table."""
+
+    scenario: str
+    key: str
+    label: str
+    unit: str
+    better: Literal["lower", "higher"]
+    target: str | None = None
+    checks: tuple[Check, ...] = ()
+    digits: int = 2
+
+
+def _payload_metrics() -> list[Metric]:
+    metrics = []
+    for kind in ("numpy", "bytes"):
+        for size in (1, 64, 256):
+            target = checks = None
+            if kind == "numpy" and size == 256:
+                target, checks = ">= 3 GB/s", (Check(limit=3.0),)
+            metrics.append(
+                Metric(
+                    "payloads",
+                    f"{kind}_{size}mib_gbps",
+                    f"{kind} {size} MiB",
+                    "GB/s",
+                    "higher",
+                    target,
+                    checks or (),
+                )
+            )
+    return metrics
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("latency", "one_site_p50_ms", "1-site p50", "ms", "lower", digits=3),
+    Metric(
+        "latency",
+        "two_site_p50_ms",
+        "2-site p50",
+        "ms",
+        "lower",
+        "<= 0.5 ms, >= 5x Ray",
+        (Check(limit=0.5), Check(faster_than="ray", factor=5.0)),
+        digits=3,
+    ),
+    Metric("latency", "two_site_p95_ms", "2-site p95", "ms", "lower", digits=3),
+    Metric("latency", "two_site_p99_ms", "2-site p99", "ms", "lower", digits=3),
+    Metric("latency", "fan_out_p50_ms", "3-site fan-out p50", "ms", "lower", digits=3),
+    Metric("latency", "fan_out_p95_ms", "3-site fan-out p95", "ms", "lower", digits=3),
+    Metric("latency", "fan_out_p99_ms", "3-site fan-out p99", "ms", "lower", digits=3),
+    Metric("throughput", "one_site_jobs_per_s", "1-site jobs/s", "jobs/s", "higher", digits=0),
+    Metric(
+        "throughput",
+        "two_site_jobs_per_s",
+        "2-site jobs/s",
+        "jobs/s",
+        "higher",
+        ">= 3,000",
+        (Check(limit=3000.0),),
+        digits=0,
+    ),
+    Metric(
+        "tokens",
+        "collected_items_per_s",
+        "items/s, collected",
+        "items/s",
+        "higher",
+        ">= 300,000",
+        (Check(limit=300_000.0),),
+        digits=0,
+    ),
+    Metric("tokens", "per_item_items_per_s", "items/s, per item", "items/s", "higher", digits=0),
+    *_payload_metrics(),
+    Metric("pool-start", "first_job_s", "first job done", "s", "lower", digits=3),
+    Metric(
+        "pool-start",
+        "starting_at_first_job",
+        "slots still starting then",
+        "slots",
+        "higher",
+        ">= 1: ran before all ready",
+        (Check(limit=1.0),),
+        digits=1,
+    ),
+    Metric(
+        "pool-start", "all_ready_s", "all 12 ready", "s", "lower", "<= 1.0 s", (Check(limit=1.0),), digits=3
+    ),
+    Metric(
+        "failure",
+        "sigkill_to_error_ms",
+        "SIGKILL -> error, median",
+        "ms",
+        "lower",
+        "<= 5 ms",
+        (Check(limit=5.0),),
+    ),
+    Metric("failure", "sigkill_to_error_max_ms", "SIGKILL -> error, max", "ms", "lower"),
+    Metric(
+        "close",
+        "close_idle_s",
+        "close 12 idle workers",
+        "s",
+        "lower",
+        "<= 0.2 s",
+        (Check(limit=0.2),),
+        digits=3,
+    ),
+    Metric("close", "runtime_stop_s", "stop the whole runtime", "s", "lower", digits=3),
+    Metric(
+        "footprint",
+        "rss_per_worker_mib",
+        "RSS per idle worker",
+        "MiB",
+        "lower",
+        "<= 25 MiB",
+        (Check(limit=25.0),),
+        digits=1,
+    ),
+    Metric("footprint", "uss_per_worker_mib", "USS per idle worker", "MiB", "lower", digits=1),
+    Metric("footprint", "idle_cpu_percent", "idle CPU, client + workers", "% core", "lower", digits=2),
+)
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, by linear interpolation."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def median(values: Iterable[float]) -> float:
+    """The median of ``values``."""
+    return float(statistics.median(list(values)))
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def memory_per_process(pids: Iterable[int]) -> tuple[float, float]:
+    """Median RSS and USS, in MiB, of the processes ``pids``."""
+    rss: list[float] = []
+    uss: list[float] = []
+    for pid in pids:
+        info = psutil.Process(pid).memory_full_info()
+        rss.append(info.rss / MIB)
+        uss.append(info.uss / MIB)
+    return median(rss), median(uss)
+
+
+def _cpu_seconds(procs: Iterable[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def cpu_percent(pids: Iterable[int], window: float) -> float:
+    """CPU used by this process and ``pids`` over ``window`` seconds, in % of one core."""
+    procs = [psutil.Process(os.getpid()), *(psutil.Process(pid) for pid in pids)]
+    before = _cpu_seconds(procs)
+    started = time.monotonic()
+    # The window is the measurement itself: nothing is awaited, the pool stays idle.
+    time.sleep(window)
+    elapsed = time.monotonic() - started
+    return (_cpu_seconds(procs) - before) / elapsed * 100.0
+
+
+def wait_ready(readers: Sequence[object], timeout: float) -> list[float]:
+    """Wait until each reader (pipe ``Connection`` or file) is readable; the ``perf_counter`` of each.
+
+    Raises:
+        TimeoutError: not all were readable within ``timeout``.
+    """
+    from multiprocessing.connection import wait
+
+    deadline = time.perf_counter() + timeout
+    pending = list(readers)
+    times: list[float] = []
+    while pending:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            raise TimeoutError(f"{len(pending)} of {len(readers)} processes were not up within {timeout} s")
+        for ready in wait(pending, left):  # type: ignore[arg-type]
+            pending.remove(ready)
+            times.append(time.perf_counter())
+    return times

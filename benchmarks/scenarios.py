@@ -1,0 +1,292 @@
+"""The eight scenarios, measured on federation's process backend.
+
+Every scenario starts its own federation, sized for it, and closes it before
+the next, so one scenario's pool never competes with another's for the two
+cores. The pipelines are the same ones the baselines run (their steps live in
+:mod:`benchmarks.workloads`):
+
+* 1-site: ``increment`` at A, returned;
+* 2-site: ``increment`` at A feeds ``double`` at B, whose output returns;
+* 3-site fan-out: ``local_value`` at A and B, ``gather`` at C;
+* stream: generator ``generate`` at A, collected (or consumed per item) at B;
+* payload: ``make_payload`` at A feeds ``receive_payload`` at B.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import psutil
+
+import federation as fed
+
+from . import workloads as w
+from .measure import MIB, Measured, Settings, cpu_percent, median, memory_per_process, percentile
+
+__all__ = [
+    "FederationEngine",
+    "fan_out_pipeline",
+    "hang_pipeline",
+    "one_site_pipeline",
+    "payload_pipeline",
+    "stream_pipeline",
+    "two_site_pipeline",
+]
+
+SITES = ("a", "b", "c")
+
+
+def one_site_pipeline() -> fed.Pipeline:
+    """``increment`` at site A."""
+    pipeline = fed.Pipeline("bench-one-site")
+    pipeline.output(pipeline.step(site="a")(w.increment))
+    return pipeline
+
+
+def two_site_pipeline() -> fed.Pipeline:
+    """``increment`` at site A feeds ``double`` at site B, whose output returns."""
+    pipeline = fed.Pipeline("bench-two-site")
+    first = pipeline.step(site="a")(w.increment)
+    pipeline.output(pipeline.step(site="b", bind={"value": first})(w.double))
+    return pipeline
+
+
+def fan_out_pipeline() -> fed.Pipeline:
+    """``local_value`` fanned out over sites A and B, gathered by ``gather`` at C."""
+    pipeline = fed.Pipeline("bench-fan-out")
+    local = pipeline.step(sites=["a", "b"])(w.local_value)
+    pipeline.output(pipeline.step(site="c", bind={"values": local})(w.gather))
+    return pipeline
+
+
+def stream_pipeline(per_item: bool) -> fed.Pipeline:
+    """A generator at A streaming ``n`` items to B: collected into one list, or one call per item."""
+    pipeline = fed.Pipeline("bench-stream-per-item" if per_item else "bench-stream")
+    source = pipeline.step(site="a")(w.generate)
+    if per_item:
+        pipeline.step(site="b", bind={"item": source})(w.tally)
+    else:
+        pipeline.output(pipeline.step(site="b", bind={"items": fed.collect(source)})(w.count_items))
+    return pipeline
+
+
+def payload_pipeline() -> fed.Pipeline:
+    """``make_payload`` at A feeds ``receive_payload`` at B, which returns the hop's seconds."""
+    pipeline = fed.Pipeline("bench-payload")
+    made = pipeline.step(site="a")(w.make_payload)
+    pipeline.output(pipeline.step(site="b", bind={"stamped": made})(w.receive_payload))
+    return pipeline
+
+
+def hang_pipeline() -> fed.Pipeline:
+    """A step at A that streams its worker's pid to the client, then hangs."""
+    pipeline = fed.Pipeline("bench-hang")
+    pipeline.output(pipeline.step(site="a")(w.report_pid_then_block))
+    return pipeline
+
+
+def _children() -> set[int]:
+    return {proc.pid for proc in psutil.Process().children()}
+
+
+class FederationEngine:
+    """Runs every scenario on a local federation (process backend)."""
+
+    name = "federation"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.notes: dict[str, list[str]] = {}
+
+    def start(self) -> None:
+        """Import the client side once, so no scenario is charged for it."""
+        # Warnings such as "worker died" are what the failure scenario provokes; keep the table clean.
+        logging.getLogger("federation").addHandler(logging.NullHandler())
+        logging.getLogger("federation").propagate = False
+        _ = fed.Federation, fed.FederationConfig, fed.collect
+
+    def stop(self) -> dict[str, Measured]:
+        """Nothing to stop: every scenario closed its own federation."""
+        return {}
+
+    def _federation(self, sites: int, slots: int, **options: Any) -> fed.Federation:
+        return fed.Federation(sites=list(SITES[:sites]), pool_size=slots, **options)
+
+    # -- 1. latency --------------------------------------------------------------------------
+
+    def latency(self) -> Measured:
+        """Submit -> result of sequential jobs on a warm pool (2 slots, 3 sites)."""
+        s = self.settings
+        measured: Measured = {}
+        with self._federation(3, 2) as federation:
+            for key, pipeline, expected in (
+                ("one_site", one_site_pipeline(), 8),
+                ("two_site", two_site_pipeline(), 16),
+                ("fan_out", fan_out_pipeline(), 16),
+            ):
+                result = federation.submit(pipeline, x=7).result(timeout=s.timeout)
+                if result != expected:
+                    raise AssertionError(f"{key}: got {result!r}, expected {expected!r}")
+                for i in range(s.latency_warmup):
+                    federation.submit(pipeline, x=i).result(timeout=s.timeout)
+                times = []
+                for i in range(s.latency_jobs):
+                    started = time.perf_counter()
+                    federation.submit(pipeline, x=i).result(timeout=s.timeout)
+                    times.append(time.perf_counter() - started)
+                measured[f"{key}_p50_ms"] = percentile(times, 50) * 1e3
+                if key != "one_site":
+                    measured[f"{key}_p95_ms"] = percentile(times, 95) * 1e3
+                    measured[f"{key}_p99_ms"] = percentile(times, 99) * 1e3
+        return measured
+
+    # -- 2. throughput -----------------------------------------------------------------------
+
+    def throughput(self) -> Measured:
+        """Small jobs per second with a pool of 4, all submitted at once."""
+        s = self.settings
+        measured: Measured = {}
+        with self._federation(2, s.slots) as federation:
+            for key, pipeline in (("one_site", one_site_pipeline()), ("two_site", two_site_pipeline())):
+                warm = [federation.submit(pipeline, x=i) for i in range(s.slots * 25)]
+                for job in warm:
+                    job.result(timeout=s.timeout)
+                started = time.perf_counter()
+                jobs = [federation.submit(pipeline, x=i) for i in range(s.throughput_jobs)]
+                for job in jobs:
+                    job.result(timeout=s.timeout)
+                measured[f"{key}_jobs_per_s"] = s.throughput_jobs / (time.perf_counter() - started)
+        return measured
+
+    # -- 3. tokens ---------------------------------------------------------------------------
+
+    def tokens(self) -> Measured:
+        """Small items streamed from a generator at A to a step at B, per second."""
+        s = self.settings
+        n = s.stream_items
+        measured: Measured = {}
+        with self._federation(2, 1) as federation:
+            for key, pipeline in (
+                ("collected", stream_pipeline(per_item=False)),
+                ("per_item", stream_pipeline(per_item=True)),
+            ):
+                federation.submit(pipeline, n=1000).result(timeout=s.timeout)
+                rates = []
+                for _ in range(s.stream_repeats):
+                    started = time.perf_counter()
+                    result = federation.submit(pipeline, n=n).result(timeout=s.timeout)
+                    rates.append(n / (time.perf_counter() - started))
+                    if key == "collected" and result != n:
+                        raise AssertionError(f"{n} items streamed, {result} collected")
+                measured[f"{key}_items_per_s"] = median(rates)
+        return measured
+
+    # -- 4. payloads -------------------------------------------------------------------------
+
+    def payloads(self) -> Measured:
+        """numpy arrays and bytes from site A to site B, in GB/s (hop timed by the steps)."""
+        s = self.settings
+        measured: Measured = {}
+        with self._federation(2, 1) as federation:
+            pipeline = payload_pipeline()
+            federation.submit(pipeline, kind="numpy", size=1024).result(timeout=s.timeout)  # imports numpy
+            for kind in ("numpy", "bytes"):
+                for size in s.payload_sizes:
+                    rates = []
+                    for _ in range(s.payload_repeats[size]):
+                        seconds, got = federation.submit(pipeline, kind=kind, size=size).result(
+                            timeout=s.timeout
+                        )
+                        if got != size:
+                            raise AssertionError(f"sent {size} bytes, received {got}")
+                        rates.append(size / seconds / 1e9)
+                    measured[f"{kind}_{size // MIB}mib_gbps"] = median(rates)
+        return measured
+
+    # -- 5. pool start -----------------------------------------------------------------------
+
+    def pool_start(self) -> Measured:
+        """4 slots x 3 sites: until a 3-site job has run (wait_ready=False), until all are ready."""
+        s = self.settings
+        pipeline = fan_out_pipeline()
+        pipeline.compile(SITES)  # compiled once, up front: this measures the pool, not cloudpickle
+        first: list[float] = []
+        ready: list[float] = []
+        starting: list[int] = []
+        for _ in range(s.start_repeats):
+            started = time.perf_counter()
+            federation = self._federation(s.sites, s.slots, wait_ready=False)
+            try:
+                federation.submit(pipeline, x=1).result(timeout=s.timeout)
+                first.append(time.perf_counter() - started)
+                starting.append(federation.stats().slots.starting)
+            finally:
+                federation.close()
+            started = time.perf_counter()
+            federation = self._federation(s.sites, s.slots, wait_ready=True)
+            ready.append(time.perf_counter() - started)
+            federation.close()
+        self.notes.setdefault("pool-start", []).append(
+            "federation: 'slots still starting then' = slots of the wait_ready=False pool still starting "
+            f"when its first job had finished (federation.stats()), of {s.slots}"
+        )
+        return {
+            "first_job_s": median(first),
+            "starting_at_first_job": median(starting),
+            "all_ready_s": median(ready),
+        }
+
+    # -- 6. failure detection ----------------------------------------------------------------
+
+    def failure(self) -> Measured:
+        """SIGKILL of the worker running a step -> ``job.result`` raises ``WorkerDiedError``."""
+        s = self.settings
+        pipeline = hang_pipeline()
+        times = []
+        with self._federation(2, 1, echo_worker_output=False) as federation:
+            for _ in range(s.failure_repeats):
+                job = federation.submit(pipeline)
+                pid = next(iter(job.results(timeout=s.timeout))).value
+                started = time.perf_counter()
+                os.kill(pid, signal.SIGKILL)
+                try:
+                    job.result(timeout=s.timeout)
+                except fed.WorkerDiedError:
+                    times.append(time.perf_counter() - started)
+                else:
+                    raise AssertionError("the job of a killed worker finished")
+        return {"sigkill_to_error_ms": median(times) * 1e3, "sigkill_to_error_max_ms": max(times) * 1e3}
+
+    # -- 7. close ----------------------------------------------------------------------------
+
+    def close(self) -> Measured:
+        """``close()`` of an idle, ready pool of 4 slots x 3 sites."""
+        s = self.settings
+        times = []
+        for _ in range(s.close_repeats):
+            federation = self._federation(s.sites, s.slots)
+            started = time.perf_counter()
+            federation.close()
+            times.append(time.perf_counter() - started)
+        value = median(times)
+        # The federation is the whole runtime: closing it stops everything it started.
+        return {"close_idle_s": value, "runtime_stop_s": value}
+
+    # -- 8. footprint ------------------------------------------------------------------------
+
+    def footprint(self) -> Measured:
+        """RSS and USS per idle worker, and idle CPU of client + workers, for 4 slots x 3 sites."""
+        s = self.settings
+        before = _children()
+        with self._federation(s.sites, s.slots):
+            workers = sorted(_children() - before)
+            expected = s.sites * s.slots
+            if len(workers) != expected:
+                raise AssertionError(f"expected {expected} worker processes, found {len(workers)}")
+            rss, uss = memory_per_process(workers)
+            cpu = cpu_percent(workers, s.idle_window)
+        return {"rss_per_worker_mib": rss, "uss_per_worker_mib": uss, "idle_cpu_percent": cpu}
