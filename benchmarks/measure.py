@@ -200,7 +200,7 @@ METRICS: tuple[Metric, ...] = (
         "slots still starting then",
         "slots",
         "higher",
-        ">= 1: ran before all ready",
+        ">= 1 (before all up)",
         (Check(limit=1.0),),
         digits=1,
     ),
