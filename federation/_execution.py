@@ -103,6 +103,7 @@ class JobExecution:
                     sys_path=tuple(p for p in __import__("sys").path if p),
                     log_level=log_level,
                     max_token_bytes=config.max_token_bytes,
+                    shm_prefix=self.shm_prefix(site),
                 )
                 init = (m.INIT, spec.sys_path, dumps_function(spec, what=f"the setup of site {site!r}"))
                 self.control[site].send(pickle.dumps(init, protocol=5))
@@ -125,6 +126,10 @@ class JobExecution:
         if backend.client_closes_child_fds:
             for fd in child_fds:
                 _close(fd)
+
+    def shm_prefix(self, site: str) -> str:
+        """The prefix of the shared-memory segments the worker of ``site`` creates."""
+        return f"fed-{os.getpid()}-{self.generation}-{self.sites.index(site)}-"
 
     # -- talking to workers ----------------------------------------------------------------
 

@@ -27,6 +27,7 @@ TOKENS = 3  # (TOKENS, job_id, [token, ...])         also worker -> worker
 ABORT = 4  # (ABORT, job_id, reason)
 STOP = 5  # (STOP,)
 REPLY = 6  # (REPLY, request_id, error_or_None)      answer to SEND_TO_JOB
+RELEASE = 7  # (RELEASE, [segment, ...])             also worker -> worker: done with these
 
 # worker -> client (events pipe)
 READY = 10  # (READY, pid)
@@ -112,3 +113,4 @@ class WorkerSpec:
     sys_path: tuple[str, ...]
     log_level: str
     max_token_bytes: int
+    shm_prefix: str  # names of the shared-memory segments this worker creates

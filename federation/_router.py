@@ -55,7 +55,7 @@ from ._exceptions import (
 from ._execution import JobExecution, SlotState
 from ._handle import Job, JobStatus
 from ._log import get_logger, log_worker_record, worker_log_level
-from ._serialization import load_exception
+from ._serialization import SegmentViews, load_exception, unlink_segments
 from .backends import get_backend
 
 __all__ = ["Router"]
@@ -102,6 +102,10 @@ class Router:
         self._closed_inputs: dict[int, set[str]] = {}
         self._deadlines: dict[int, float] = {}
         self._next_memory_check = 0.0
+        self._released: list[tuple[str, str]] = []
+        # Results are copied out of workers' segments at once, so a job handle the
+        # user keeps never pins a worker's shared memory.
+        self._views = SegmentViews(lambda creator, name: self._released.append((creator, name)))
         self.thread = threading.Thread(target=self._run, name="federation-router", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -418,6 +422,9 @@ class Router:
             worker.reap(1.0)
         for reader in slot.events.values():
             self._unregister(reader.fileno())
+        for site in slot.sites:
+            # A worker unlinks its own segments when it stops; these are a dead one's.
+            unlink_segments(slot.shm_prefix(site))
         slot.close()
         if slot in self._retired:
             self._retired.remove(slot)
@@ -522,10 +529,17 @@ class Router:
             job = slot.job
             if job is None or job.id != message[1] or job.done():
                 self.dropped += len(message[2])
+                for _, _, payload in message[2]:
+                    self._views.discard(payload, site)
+                self._send_releases(slot)
                 return
             try:
-                records = [(output, seq, pickle.loads(payload)) for output, seq, payload in message[2]]
+                records = [
+                    (output, seq, self._views.loads(payload, site, copy=True))
+                    for output, seq, payload in message[2]
+                ]
             except Exception as exc:  # noqa: BLE001 - e.g. a class the client cannot import
+                self._send_releases(slot)
                 self._end_job(
                     job,
                     JobStatus.FAILED,
@@ -534,6 +548,7 @@ class Router:
                     ),
                 )
                 return
+            self._send_releases(slot)
             job._add_results(site, records)
         elif tag == m.DONE:
             self._on_done(slot, site, message[1], message[2], message[3])
@@ -575,6 +590,16 @@ class Router:
                 self._dispatch_queued()
         elif tag == m.START_FAILED:
             self._on_start_failed(slot, site, f"a worker of site {site!r} failed to start", message[1])
+
+    def _send_releases(self, slot: JobExecution) -> None:
+        if not self._released:
+            return
+        by_site: dict[str, list[str]] = {}
+        for creator, name in self._released:
+            by_site.setdefault(creator, []).append(name)
+        self._released.clear()
+        for creator, names in by_site.items():
+            slot.send(creator, (m.RELEASE, names))
 
     def _on_done(self, slot: JobExecution, site: str, job_id: int, ok: bool, info: dict[str, Any]) -> None:
         job = slot.job
@@ -858,7 +883,10 @@ class Router:
                 slot.kill()
                 for worker in slot.workers.values():
                     worker.reap(1.0)
+                for site in slot.sites:
+                    unlink_segments(slot.shm_prefix(site))
                 slot.close()
+            self._views.close()
             self.slots = [None] * len(self.slots)
             self._retired.clear()
             self.free.clear()

@@ -13,18 +13,28 @@ that never unpickles a function by value never pays for it.
 
 from __future__ import annotations
 
+import os
 import pickle
+import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from ._exceptions import RemoteTraceback, SerializationError, UnpicklableError
 
 __all__ = [
+    "OOB_THRESHOLD",
+    "Payload",
+    "SegmentPool",
+    "SegmentViews",
     "dump_exception",
     "dumps",
     "dumps_function",
     "load_exception",
     "loads",
+    "payload_size",
+    "unlink_segment",
+    "unlink_segments",
 ]
 
 PROTOCOL = 5
@@ -99,3 +109,246 @@ def load_exception(data: bytes, tb: str) -> BaseException:
         exc = UnpicklableError(type(loaded).__name__, repr(loaded))
     exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
     return exc
+
+
+# -- large buffers through shared memory -------------------------------------------------------
+#
+# A value holding large contiguous buffers (numpy arrays, bytes, bytearrays) is
+# pickled with protocol 5, and each buffer of at least OOB_THRESHOLD bytes goes
+# out of band: copied once into a shared-memory segment of the sending process's
+# pool, while the pipe carries only the small pickle and the segment's name.
+#
+#   sender: SegmentPool.dumps ─ memcpy ─> segment (reused, pages already mapped)
+#   receiver: SegmentViews.loads ─ zero-copy, read-only view over its cached mapping
+#   receiver drops the value ─> finalizer queues RELEASE ─> sender reuses the segment
+#
+# Only the creator unlinks a segment (at exit, or when its pool is over its
+# bound); if a worker dies, the client unlinks what that worker's prefix names.
+# Received arrays are read-only views, as in Ray's object store: copy to modify.
+
+OOB_THRESHOLD = 1 << 18
+_SEGMENT_MIN = 1 << 20
+_FREE_PER_SIZE = 2
+_MAPPINGS = 32
+_RELEASE_WAIT = 0.02  # seconds a sender waits for a segment to come back before making one
+
+#: A pickled value: plain bytes, or the pickle and its out-of-band buffers' segments.
+Payload = bytes | tuple[bytes, tuple[tuple[str, int], ...]]
+
+
+def payload_size(payload: Payload) -> int:
+    """Bytes a payload carries, in the pipe and in shared memory."""
+    if isinstance(payload, bytes):
+        return len(payload)
+    return len(payload[0]) + sum(size for _, size in payload[1])
+
+
+def _open_segment(name: str, size: int | None) -> tuple[Any, int]:
+    import _posixshmem
+    import mmap
+
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if size is not None else 0)
+    fd = _posixshmem.shm_open("/" + name, flags, 0o600)
+    try:
+        if size is not None:
+            os.ftruncate(fd, size)
+        else:
+            size = os.fstat(fd).st_size
+        # MAP_POPULATE maps every page now, in one call, instead of one fault per page later.
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        os.close(fd)
+    return mapping, size
+
+
+def unlink_segment(name: str) -> None:
+    """Remove a segment's name; memory is freed once the last mapping closes."""
+    import _posixshmem
+
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+
+
+def unlink_segments(prefix: str) -> int:
+    """Unlink every segment whose name starts with ``prefix`` (a dead process's leftovers)."""
+    count = 0
+    try:
+        names = os.listdir("/dev/shm")
+    except FileNotFoundError:  # pragma: no cover - no /dev/shm
+        return 0
+    for name in names:
+        if name.startswith(prefix):
+            unlink_segment(name)
+            count += 1
+    return count
+
+
+class SegmentPool:
+    """The shared-memory segments one process created to send large buffers."""
+
+    def __init__(self, prefix: str, wait_for_release: Callable[[], None] | None = None) -> None:
+        self.prefix = prefix
+        self._wait_for_release = wait_for_release
+        self._counter = 0
+        self._free: dict[int, list[tuple[str, Any]]] = {}
+        self._busy: dict[str, tuple[int, Any, int]] = {}  # name -> (refs, mapping, capacity)
+        self.created = 0
+
+    def dumps(self, value: Any, what: str, destinations: int) -> Payload:
+        """Pickle ``value``; its large buffers go to segments, each to be released ``destinations`` times."""
+        buffers: list[memoryview] = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                raw = buffer.raw()
+            except BufferError:  # not contiguous: pickle it in band
+                return True
+            if raw.nbytes < OOB_THRESHOLD:
+                return True
+            buffers.append(raw)
+            return False
+
+        try:
+            data = pickle.dumps(value, protocol=PROTOCOL, buffer_callback=out_of_band)
+        except Exception as first:  # noqa: BLE001
+            buffers.clear()
+            try:
+                import cloudpickle
+
+                data = cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=out_of_band)
+            except Exception as exc:
+                raise SerializationError(
+                    f"{what} cannot be pickled ({type(value).__name__}): {exc or first}"
+                ) from exc
+        if not buffers or destinations <= 0:
+            if buffers:  # nobody to send to: keep the buffers in band
+                return dumps(value, what=what)
+            return data
+        refs = tuple((self._store(raw, destinations), raw.nbytes) for raw in buffers)
+        return (data, refs)
+
+    def _store(self, raw: memoryview, destinations: int) -> str:
+        size = raw.nbytes
+        capacity = max(_SEGMENT_MIN, 1 << (size - 1).bit_length())
+        free = self._free.get(capacity)
+        if not free and self._wait_for_release is not None and self._busy_of(capacity) >= _FREE_PER_SIZE:
+            # A receiver is usually about to release one: a new segment costs a
+            # page fault per page, reuse costs nothing. A receiver that keeps its
+            # values (collecting a stream) never releases, so wait only briefly.
+            deadline = time.monotonic() + _RELEASE_WAIT
+            while not self._free.get(capacity) and time.monotonic() < deadline:
+                self._wait_for_release()
+            free = self._free.get(capacity)
+        if free:
+            name, mapping = free.pop()
+        else:
+            self._counter += 1
+            name = f"{self.prefix}-{self._counter}"
+            mapping, capacity = _open_segment(name, capacity)
+            self.created += 1
+        mapping[:size] = raw
+        self._busy[name] = (destinations, mapping, capacity)
+        return name
+
+    def _busy_of(self, capacity: int) -> int:
+        return sum(1 for _, _, cap in self._busy.values() if cap == capacity)
+
+    def release(self, name: str) -> None:
+        """A receiver is done with ``name``: reuse it once every receiver is."""
+        entry = self._busy.get(name)
+        if entry is None:
+            return
+        refs, mapping, capacity = entry
+        if refs > 1:
+            self._busy[name] = (refs - 1, mapping, capacity)
+            return
+        del self._busy[name]
+        free = self._free.setdefault(capacity, [])
+        if len(free) < _FREE_PER_SIZE:
+            free.append((name, mapping))
+        else:
+            mapping.close()
+            unlink_segment(name)
+
+    @property
+    def in_use(self) -> int:
+        """How many segments wait for a receiver to release them."""
+        return len(self._busy)
+
+    def close(self) -> None:
+        """Unlink every segment this pool created."""
+        for name, (_, mapping, _) in list(self._busy.items()):
+            _close_quietly(mapping)
+            unlink_segment(name)
+        for free in self._free.values():
+            for name, mapping in free:
+                _close_quietly(mapping)
+                unlink_segment(name)
+        self._busy.clear()
+        self._free.clear()
+
+
+class SegmentViews:
+    """A receiver's mappings of other processes' segments, and the values viewing them."""
+
+    def __init__(self, on_release: Callable[[str, str], None]) -> None:
+        self._on_release = on_release
+        self._mappings: dict[str, Any] = {}
+
+    def _mapping(self, name: str) -> Any:
+        mapping = self._mappings.pop(name, None)
+        if mapping is None:
+            mapping, _ = _open_segment(name, None)
+            while len(self._mappings) >= _MAPPINGS:
+                oldest = next(iter(self._mappings))
+                try:
+                    self._mappings.pop(oldest).close()
+                except BufferError:  # still viewed: keep it, it is closed at exit
+                    break
+        self._mappings[name] = mapping  # most recently used last
+        return mapping
+
+    def loads(self, payload: Payload, creator: str, *, copy: bool = False) -> Any:
+        """Unpickle a payload from ``creator``.
+
+        Zero-copy: out-of-band buffers become read-only views of the segments,
+        released to the creator when the value is garbage. With ``copy=True``
+        the buffers are copied and released at once.
+        """
+        if isinstance(payload, bytes):
+            return pickle.loads(payload)
+        data, refs = payload
+        import ctypes
+        import weakref
+
+        views: list[Any] = []
+        for name, size in refs:
+            mapping = self._mapping(name)
+            if copy:
+                views.append(bytearray(mapping[:size]))
+                self._on_release(creator, name)
+                continue
+            holder = (ctypes.c_char * size).from_buffer(mapping)
+            weakref.finalize(holder, self._on_release, creator, name)
+            views.append(memoryview(holder).cast("B").toreadonly())
+        return pickle.loads(data, buffers=views)
+
+    def discard(self, payload: Payload, creator: str) -> None:
+        """Release a payload that will never be unpickled (its job ended)."""
+        if not isinstance(payload, bytes) and payload is not None:
+            for name, _ in payload[1]:
+                self._on_release(creator, name)
+
+    def close(self) -> None:
+        for mapping in self._mappings.values():
+            _close_quietly(mapping)
+        self._mappings.clear()
+
+
+def _close_quietly(mapping: Any) -> None:
+    try:
+        mapping.close()
+    except (BufferError, ValueError):
+        pass

@@ -47,7 +47,14 @@ from typing import Any
 from . import _messages as m
 from ._channel import ChannelClosedError, FrameReader, Outbox
 from ._exceptions import JobCancelledError, SerializationError, TokenRejectedError
-from ._serialization import dump_exception
+from ._serialization import (
+    Payload,
+    SegmentPool,
+    SegmentViews,
+    dump_exception,
+    payload_size,
+    unlink_segments,
+)
 
 __all__ = ["StepContext", "Worker", "main"]
 
@@ -237,13 +244,16 @@ class Worker:
         self._aborted: dict[int, str] = {}
         self._early: dict[int, list[tuple[Any, ...]]] = {}
         self._batches: dict[str, list[m.Token]] = {site: [] for site in siblings_out}
-        self._results: list[tuple[str, int, bytes]] = []
+        self._results: list[tuple[str, int, Payload]] = []
         self._links: dict[str, list[int]] = {}
         self.dropped = 0
         self._request = 0
         self._replies: dict[int, Any] = {}
         self._structlog: Any = None
         self._stopping = False
+        self._pool = SegmentPool(spec.shm_prefix, self._wait_for_release)
+        self._views = SegmentViews(self._queue_release)
+        self._releases: dict[str, list[str]] = {}
         self._next_check = 0.0
 
     # -- sending ---------------------------------------------------------------------------
@@ -282,6 +292,26 @@ class Worker:
         for site in self._batches:
             self._flush_batch(site)
         self._flush_results()
+        self._flush_releases()
+
+    def _flush_releases(self) -> None:
+        if self._releases:
+            releases, self._releases = self._releases, {}
+            for creator, names in releases.items():
+                outbox = self._siblings_out.get(creator)
+                if outbox is not None:
+                    try:
+                        outbox.send(pickle.dumps((m.RELEASE, names), protocol=5))
+                    except ChannelClosedError:
+                        pass
+
+    def _wait_for_release(self) -> None:
+        self._flush_all()
+        self._read_ready(5)
+
+    def _queue_release(self, creator: str, name: str) -> None:
+        # Called by finalizers, at any point: only record it; _flush_all sends it.
+        self._releases.setdefault(creator, []).append(name)
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -310,6 +340,12 @@ class Worker:
                         self._aborted[message[1]] = message[2]
                 elif message[0] == m.REPLY:
                     self._replies[message[1]] = message[2]
+                    continue
+                elif message[0] == m.RELEASE:
+                    # At once, even mid-step: a generator sending large arrays reuses
+                    # its segments as soon as the receiver is done with them.
+                    for name in message[1]:
+                        self._pool.release(name)
                     continue
                 self._inbox.append(message)
             if reader.eof:
@@ -343,7 +379,7 @@ class Worker:
         self._request += 1
         request = self._request
         payload = (
-            self._dumps(value, f"value for job {to_job}'s input {name!r}")
+            self._dumps_inline(value, f"value for job {to_job}'s input {name!r}")
             if value is not None or not close
             else None
         )
@@ -463,6 +499,8 @@ class Worker:
         if run is None or job_id != run.job_id:
             if job_id in self._ended:
                 self.dropped += len(tokens)
+                for token in tokens:
+                    self._views.discard(token[4], token[2])
             else:
                 # A sibling started this job before our START arrived: keep them for it.
                 self._early.setdefault(job_id, []).append(tuple(tokens))
@@ -473,11 +511,19 @@ class Worker:
             self._end(run, ok=False)
         else:
             self._maybe_finish(run)
+        self._flush_releases()
 
     def _deliver_remote(self, run: _JobRun, tokens: Any) -> None:
         for step, param, source, _seq, payload, kind in tokens:
-            value = pickle.loads(payload) if payload is not None else None
-            self._deliver(run, step, param, source, value, kind)
+            # No local name holds the value: it is released as soon as the step lets go.
+            self._deliver(
+                run,
+                step,
+                param,
+                source,
+                self._views.loads(payload, source) if payload is not None else None,
+                kind,
+            )
 
     def _on_abort(self, job_id: int, reason: str) -> None:
         run = self._run
@@ -511,8 +557,7 @@ class Worker:
                 self._step_done(run, step_run)
             return
         while step_run.queue:
-            source, item = step_run.queue.popleft()
-            self._call(run, step_run, source, item)
+            self._call(run, step_run, *step_run.queue.popleft())
         if not step_run.driver_pending and not step_run.done:
             self._step_done(run, step_run)
 
@@ -563,27 +608,33 @@ class Worker:
         self._send_event((m.FAILED, run.job_id, step, data, tb))
         raise _StepFailure
 
-    def _dumps(self, value: Any, what: str) -> bytes:
-        try:
-            data = pickle.dumps(value, protocol=5)
-        except Exception:  # noqa: BLE001
-            from ._serialization import dumps
+    def _dumps(self, value: Any, what: str, destinations: int) -> Payload:
+        payload = self._pool.dumps(value, what, destinations)
+        self._check_size(payload_size(payload), what)
+        return payload
 
-            data = dumps(value, what=what)
-        if len(data) > self.spec.max_token_bytes:
-            raise SerializationError(
-                f"{what} is {len(data):,} bytes pickled, over max_token_bytes={self.spec.max_token_bytes:,}"
-            )
+    def _dumps_inline(self, value: Any, what: str) -> bytes:
+        from ._serialization import dumps
+
+        data = dumps(value, what=what)
+        self._check_size(len(data), what)
         return data
+
+    def _check_size(self, size: int, what: str) -> None:
+        if size > self.spec.max_token_bytes:
+            raise SerializationError(
+                f"{what} is {size:,} bytes pickled, over max_token_bytes={self.spec.max_token_bytes:,}"
+            )
 
     def _emit(self, run: _JobRun, step_run: _StepRun, value: Any, kind: int) -> None:
         plan = step_run.plan
         seq = step_run.seq
         step_run.seq += 1
-        payload: bytes | None = None
-        if plan.outputs or any(route.site != self.site for route in plan.routes):
+        payload: Payload | None = None
+        destinations = len(plan.outputs) + sum(1 for route in plan.routes if route.site != self.site)
+        if destinations:
             try:
-                payload = self._dumps(value, f"the value step {plan.name!r} produced")
+                payload = self._dumps(value, f"the value step {plan.name!r} produced", destinations)
             except SerializationError as exc:
                 self._fail(run, plan.name, exc)
         for output in plan.outputs:
@@ -642,9 +693,15 @@ class Worker:
         if len(self._ended_order) > _ENDED_WINDOW:
             self._ended.discard(self._ended_order.popleft())
         self._aborted.pop(job_id, None)
-        self.dropped += sum(len(tokens) for tokens in self._early.pop(job_id, ()))
+        for tokens in self._early.pop(job_id, ()):
+            self.dropped += len(tokens)
+            for token in tokens:
+                self._views.discard(token[4], token[2])
         info = {"timings": run.timings, "links": self._links, "dropped": self.dropped, "started": run.started}
         self._send_event((m.DONE, job_id, ok, info))
+
+
+_shm_prefix: str | None = None  # set once the worker knows it; the lifeline watchdog needs it
 
 
 def _watch_lifeline(fd: int) -> None:
@@ -658,6 +715,8 @@ def _watch_lifeline(fd: int) -> None:
         except OSError:
             break
     try:
+        if _shm_prefix:
+            unlink_segments(_shm_prefix)  # we created them; nobody else is left to
         os.killpg(os.getpgid(0), 9)
     finally:
         os._exit(70)
@@ -708,8 +767,14 @@ def run_worker(
             events.send(pickle.dumps((m.START_FAILED, tb), protocol=5))
             worker._pump_until(lambda: not events.has_pending)
             return
+        global _shm_prefix
+        _shm_prefix = spec.shm_prefix
         worker._send_event((m.READY, os.getpid()))
-        worker.serve()
+        try:
+            worker.serve()
+        finally:
+            worker._pool.close()
+            worker._views.close()
     except SystemExit:
         return
     except BaseException:
