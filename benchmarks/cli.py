@@ -10,6 +10,7 @@ while it is up, which must not slow the others down.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import platform
@@ -156,6 +157,13 @@ def run(args: argparse.Namespace) -> Report:
 
 
 def _run_ray(report: Report, engine: Any, order: list[str]) -> None:
+    # Ray's driver prints its daemons' warnings (worker deaths we cause, actor start-up
+    # bursts) on stdout; send them to stderr with the progress lines, away from the table.
+    with contextlib.redirect_stdout(sys.stderr):
+        _run_ray_phase(report, engine, order)
+
+
+def _run_ray_phase(report: Report, engine: Any, order: list[str]) -> None:
     _say("  starting Ray ...")
     try:
         engine.start()
