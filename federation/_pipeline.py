@@ -217,7 +217,17 @@ class Pipeline:
         self._touch()
 
     @overload
-    def step(self, fn: F, /) -> Step[F]: ...
+    def step(
+        self,
+        fn: F,
+        /,
+        *,
+        site: str | None = None,
+        sites: Sequence[str] | None = None,
+        name: str | None = None,
+        bind: Mapping[str, str | Step[Any] | Input | collect] | None = None,
+        collect: Iterable[str] = (),
+    ) -> Step[F]: ...
 
     @overload
     def step(

@@ -102,6 +102,7 @@ class Router:
         self._closed_inputs: dict[int, set[str]] = {}
         self._deadlines: dict[int, float] = {}
         self._next_memory_check = 0.0
+        self._deferred: list[JobExecution] = []  # broken slots to retire on the next turn
         self._released: list[tuple[str, str]] = []
         # Results are copied out of workers' segments at once, so a job handle the
         # user keeps never pins a worker's shared memory.
@@ -189,7 +190,7 @@ class Router:
         """Queue ``job``, or start it at once on a free slot."""
         job._inputs = inputs  # type: ignore[attr-defined]
         with self.lock:
-            if not self.changed.wait_for(
+            if len(self.queue) >= self.config.max_queued and not self.changed.wait_for(
                 lambda: self.closing or len(self.queue) < self.config.max_queued,
                 timeout if block else 0.0,
             ):
@@ -393,7 +394,8 @@ class Router:
         else:
             slot.state = SlotState.BROKEN
             slot.kill()
-        if not self.closing and self.slots[slot.index] is slot:
+        if not self.closing and self.slots[slot.index] in (slot, None):
+            # (None: a second death in the slot already reaped it before this turn.)
             self.slots[slot.index] = None
             self.replaced += 1
             try:
@@ -440,6 +442,8 @@ class Router:
                 with self.lock:
                     if self.stopped:
                         return
+                    while self._deferred:
+                        self._retire(self._deferred.pop(0), graceful=False)
                     timeout = self._next_timeout()
                     pending = [
                         outbox
@@ -484,6 +488,8 @@ class Router:
         return [slot for slot in self.slots if slot is not None] + list(self._retired)
 
     def _next_timeout(self) -> int | None:
+        if self._deferred:
+            return 0
         deadlines = list(self._deadlines.values())
         for slot in self._all_slots():
             if slot.kill_deadline is not None:
@@ -526,30 +532,7 @@ class Router:
     def _on_event(self, slot: JobExecution, site: str, message: tuple[Any, ...]) -> None:
         tag = message[0]
         if tag == m.RESULTS:
-            job = slot.job
-            if job is None or job.id != message[1] or job.done():
-                self.dropped += len(message[2])
-                for _, _, payload in message[2]:
-                    self._views.discard(payload, site)
-                self._send_releases(slot)
-                return
-            try:
-                records = [
-                    (output, seq, self._views.loads(payload, site, copy=True))
-                    for output, seq, payload in message[2]
-                ]
-            except Exception as exc:  # noqa: BLE001 - e.g. a class the client cannot import
-                self._send_releases(slot)
-                self._end_job(
-                    job,
-                    JobStatus.FAILED,
-                    SerializationError(
-                        f"a result of job {job.id} from site {site!r} cannot be unpickled here: {exc}"
-                    ),
-                )
-                return
-            self._send_releases(slot)
-            job._add_results(site, records)
+            self._on_results(slot, site, message[1], message[2])
         elif tag == m.DONE:
             self._on_done(slot, site, message[1], message[2], message[3])
         elif tag == m.FAILED:
@@ -591,6 +574,28 @@ class Router:
         elif tag == m.START_FAILED:
             self._on_start_failed(slot, site, f"a worker of site {site!r} failed to start", message[1])
 
+    def _on_results(self, slot: JobExecution, site: str, job_id: int, batch: list[Any]) -> None:
+        job = slot.job
+        if job is None or job.id != job_id or job.done():
+            self.dropped += len(batch)
+            for _, _, payload in batch:
+                self._views.discard(payload, site)
+            self._send_releases(slot)
+            return
+        try:
+            records = [
+                (output, seq, self._views.loads(payload, site, copy=True)) for output, seq, payload in batch
+            ]
+        except Exception as exc:  # noqa: BLE001 - e.g. a class the client cannot import
+            self._send_releases(slot)
+            error = SerializationError(
+                f"a result of job {job.id} from site {site!r} cannot be unpickled here: {exc}"
+            )
+            self._end_job(job, JobStatus.FAILED, error)
+            return
+        self._send_releases(slot)
+        job._add_results(site, records)
+
     def _send_releases(self, slot: JobExecution) -> None:
         if not self._released:
             return
@@ -602,6 +607,9 @@ class Router:
             slot.send(creator, (m.RELEASE, names))
 
     def _on_done(self, slot: JobExecution, site: str, job_id: int, ok: bool, info: dict[str, Any]) -> None:
+        results = info.pop("results", None)
+        if results:
+            self._on_results(slot, site, job_id, results)
         job = slot.job
         if job is None or job.id != job_id:
             self.dropped += 1
@@ -716,6 +724,14 @@ class Router:
             )
             return
         job = slot.job
+        slot.state = SlotState.BROKEN
+        if job is not None and not job.done():
+            # The user's error first; killing the slot's other workers and starting its
+            # replacement (~10 ms of psutil and Popen) wait for the router's next turn.
+            self._retry_or_fail(job, slot, self._died_error(slot, site, job, exitcode, reason, last))
+        elif job is not None:
+            self.running.pop(job.id, None)
+        self._deferred.append(slot)
         self.log.warning(
             "worker died",
             site=site,
@@ -724,23 +740,29 @@ class Router:
             exitcode=describe_exitcode(exitcode),
             reason=reason,
         )
-        slot.state = SlotState.BROKEN
-        if job is not None and not job.done():
-            error = WorkerDiedError(
-                f"the worker of site {site!r} (pid {worker.pid}) running job {job.id} ({job.pipeline!r}) "
-                f"died: {description}"
-                + (f" ({reason})" if reason not in ("exited", "killed by a signal") else ""),
-                job_id=job.id,
-                site=site,
-                pid=worker.pid,
-                exitcode=exitcode,
-                reason=reason,
-                last_log=last,
-            )
-            self._retry_or_fail(job, slot, error)
-        elif job is not None:
-            self.running.pop(job.id, None)
-        self._retire(slot, graceful=False)
+
+    def _died_error(
+        self,
+        slot: JobExecution,
+        site: str,
+        job: Job,
+        exitcode: int | None,
+        reason: str,
+        last: tuple[str, ...],
+    ) -> WorkerDiedError:
+        worker = slot.workers[site]
+        description = describe_exitcode(exitcode) if exitcode is not None else "gone"
+        detail = f" ({reason})" if reason not in ("exited", "killed by a signal") else ""
+        return WorkerDiedError(
+            f"the worker of site {site!r} (pid {worker.pid}) running job {job.id} ({job.pipeline!r}) "
+            f"died: {description}{detail}",
+            job_id=job.id,
+            site=site,
+            pid=worker.pid,
+            exitcode=exitcode,
+            reason=reason,
+            last_log=last,
+        )
 
     def _death_reason(self, slot: JobExecution, site: str, exitcode: int | None) -> str:
         if slot.memory_killed == site:
@@ -889,6 +911,7 @@ class Router:
             self._views.close()
             self.slots = [None] * len(self.slots)
             self._retired.clear()
+            self._deferred.clear()
             self.free.clear()
             for fd in (self._lifeline_w, self._lifeline_r, self._wake_r, self._wake_w):
                 try:

@@ -185,6 +185,43 @@ def unlink_segments(prefix: str) -> int:
     return count
 
 
+class _LargeBytes:
+    """Pickles a large ``bytes`` out of band: the pickler never offers plain bytes to a callback."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (bytes, (pickle.PickleBuffer(self.data),))
+
+
+def _has_large_bytes(value: Any, depth: int) -> bool:
+    kind = type(value)
+    if kind is bytes:
+        return len(value) >= OOB_THRESHOLD
+    if depth and (kind is tuple or kind is list):
+        return any(_has_large_bytes(item, depth - 1) for item in value[:32])
+    if depth and kind is dict:
+        return any(_has_large_bytes(item, depth - 1) for item in list(value.values())[:32])
+    return False
+
+
+def _wrap_large_bytes(value: Any, depth: int) -> Any:
+    """``value`` with its large bytes (at the top, or in lists, tuples and dicts) wrapped."""
+    kind = type(value)
+    if kind is bytes:
+        return _LargeBytes(value) if len(value) >= OOB_THRESHOLD else value
+    if depth and kind is tuple:
+        return tuple(_wrap_large_bytes(item, depth - 1) for item in value)
+    if depth and kind is list:
+        return [_wrap_large_bytes(item, depth - 1) for item in value]
+    if depth and kind is dict:
+        return {key: _wrap_large_bytes(item, depth - 1) for key, item in value.items()}
+    return value
+
+
 class SegmentPool:
     """The shared-memory segments one process created to send large buffers."""
 
@@ -195,21 +232,25 @@ class SegmentPool:
         self._free: dict[int, list[tuple[str, Any]]] = {}
         self._busy: dict[str, tuple[int, Any, int]] = {}  # name -> (refs, mapping, capacity)
         self.created = 0
+        self._buffers: list[memoryview] = []
+        self._callback = self._out_of_band  # bound once: dumps runs per token
+
+    def _out_of_band(self, buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: pickle it in band
+            return True
+        if raw.nbytes < OOB_THRESHOLD:
+            return True
+        self._buffers.append(raw)
+        return False
 
     def dumps(self, value: Any, what: str, destinations: int) -> Payload:
         """Pickle ``value``; its large buffers go to segments, each to be released ``destinations`` times."""
-        buffers: list[memoryview] = []
-
-        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-            try:
-                raw = buffer.raw()
-            except BufferError:  # not contiguous: pickle it in band
-                return True
-            if raw.nbytes < OOB_THRESHOLD:
-                return True
-            buffers.append(raw)
-            return False
-
+        if destinations > 0 and _has_large_bytes(value, 2):
+            value = _wrap_large_bytes(value, 2)
+        buffers = self._buffers = []
+        out_of_band = self._callback
         try:
             data = pickle.dumps(value, protocol=PROTOCOL, buffer_callback=out_of_band)
         except Exception as first:  # noqa: BLE001

@@ -58,13 +58,15 @@ from ._serialization import (
 
 __all__ = ["StepContext", "Worker", "main"]
 
-_BATCH = 64  # tokens per frame once a pipe is congested
+_BATCH = 64  # tokens per frame for a fast stream
+_LINGER = 0.0002  # seconds since the last item after which an item is sent at once
 _HIGH_WATER = 8 << 20  # pump (wait for the reader) above this many pending bytes
 _LOW_WATER = 1 << 20
 _PLAN_CACHE = 64
 # Late tokens of a job trail it by at most a few jobs (they are ahead of its
 # sibling's DONE in a FIFO pipe); remembering this many ended jobs is ample.
 _ENDED_WINDOW = 1024
+_TIMINGS_PER_STEP = 64  # timeline records kept per step and job; later calls are merged
 _CHECK_EVERY = 0.002  # seconds between looks at the inbox while a step emits
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 
@@ -173,7 +175,9 @@ class _Gather:
 
 class _StepRun:
     __slots__ = (
+        "calls",
         "ctx_param",
+        "destinations",
         "done",
         "driver",
         "driver_pending",
@@ -183,6 +187,8 @@ class _StepRun:
         "queue",
         "ran",
         "seq",
+        "timing",
+        "what",
     )
 
     def __init__(self, plan: m.StepPlan) -> None:
@@ -196,6 +202,10 @@ class _StepRun:
         self.done = False
         self.seq = 0
         self.ctx_param: str | None = None
+        self.destinations = 0  # receivers of each value: outputs and steps at other sites
+        self.calls = 0
+        self.timing = 0
+        self.what = f"the value step {plan.name!r} produced"
 
 
 class _JobRun:
@@ -255,6 +265,7 @@ class Worker:
         self._views = SegmentViews(self._queue_release)
         self._releases: dict[str, list[str]] = {}
         self._next_check = 0.0
+        self._last_emit = 0.0
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -481,6 +492,7 @@ class Worker:
 
     def _prepare(self, run: _JobRun, plan: m.StepPlan) -> _StepRun:
         step_run = _StepRun(plan)
+        step_run.destinations = len(plan.outputs) + sum(1 for r in plan.routes if r.site != self.site)
         for param in plan.params:
             if param.kind == m.P_CTX:
                 step_run.ctx_param = param.name
@@ -600,7 +612,16 @@ class Worker:
                 raise
             self._fail(run, plan.name, exc)
         finally:
-            run.timings.append((plan.name, started, time.time(), count))
+            ended = time.time()
+            if step_run.calls < _TIMINGS_PER_STEP:
+                run.timings.append((plan.name, started, ended, count))
+                step_run.timing = len(run.timings) - 1
+            else:
+                # A step run per item of a long stream: later calls widen its last record,
+                # so DONE stays small (a million records would be 25 MB to pickle).
+                name, first, _, items = run.timings[step_run.timing]
+                run.timings[step_run.timing] = (name, first, ended, items + count)
+            step_run.calls += 1
 
     def _fail(self, run: _JobRun, step: str, exc: BaseException) -> None:
         data, tb = dump_exception(exc)
@@ -630,27 +651,31 @@ class Worker:
         plan = step_run.plan
         seq = step_run.seq
         step_run.seq += 1
+        now = time.monotonic()
+        # A stream that was quiet for a while sends this item at once (latency); a
+        # fast one goes in frames of up to _BATCH items (throughput). Whatever is
+        # batched is sent before the worker waits, and when its step ends.
+        eager = kind != m.ITEM or now - self._last_emit > _LINGER
+        self._last_emit = now
         payload: Payload | None = None
-        destinations = len(plan.outputs) + sum(1 for route in plan.routes if route.site != self.site)
-        if destinations:
+        if step_run.destinations:
             try:
-                payload = self._dumps(value, f"the value step {plan.name!r} produced", destinations)
+                payload = self._dumps(value, step_run.what, step_run.destinations)
             except SerializationError as exc:
                 self._fail(run, plan.name, exc)
-        for output in plan.outputs:
-            self._results.append((output, seq, payload))  # type: ignore[arg-type]
-        if len(self._results) >= _BATCH or (self._results and not self._events.has_pending):
-            self._flush_results()
+        if plan.outputs:
+            for output in plan.outputs:
+                self._results.append((output, seq, payload))  # type: ignore[arg-type]
+            if eager or len(self._results) >= _BATCH:
+                self._flush_results()
         for route in plan.routes:
             if route.site == self.site:
                 self._deliver(run, route.step, route.param, self.site, value, kind)
             else:
                 batch = self._batches[route.site]
                 batch.append((route.step, route.param, self.site, seq, payload, kind))
-                outbox = self._siblings_out[route.site]
-                if len(batch) >= _BATCH or not outbox.has_pending or outbox.flush():
+                if eager or len(batch) >= _BATCH:
                     self._flush_batch(route.site)
-        now = time.monotonic()
         if now >= self._next_check:
             # A step that emits but never checks ctx.cancelled still stops promptly
             # when aborted: look at the inbox (without waiting) every few ms.
@@ -680,7 +705,10 @@ class Worker:
     def _end(self, run: _JobRun, ok: bool) -> None:
         if self._run is not run:
             return
+        results: list[tuple[str, int, Payload]] = []
         if ok:
+            # The last results ride inside DONE: one frame and one wake-up of the router.
+            results, self._results = self._results, []
             self._flush_all()
         else:
             self._results.clear()
@@ -697,7 +725,13 @@ class Worker:
             self.dropped += len(tokens)
             for token in tokens:
                 self._views.discard(token[4], token[2])
-        info = {"timings": run.timings, "links": self._links, "dropped": self.dropped, "started": run.started}
+        info = {
+            "timings": run.timings,
+            "links": self._links,
+            "dropped": self.dropped,
+            "started": run.started,
+            "results": results,
+        }
         self._send_event((m.DONE, job_id, ok, info))
 
 

@@ -422,7 +422,7 @@ def test_workers_exit_when_the_client_dies(tmp_path, how) -> None:
         if how != "exit":
             client.send_signal(getattr(signal, how))
         client.wait(T)
-        gone, alive = psutil.wait_procs(workers, timeout=3.0)
+        gone, alive = psutil.wait_procs(workers, timeout=5.0)
         assert not alive, f"orphaned workers: {alive}"
     finally:
         client.kill()
@@ -449,7 +449,7 @@ def test_ctrl_c_closes_the_federation_cleanly(tmp_path) -> None:
         assert "closed cleanly" in out
         assert client.returncode == 0
         assert "Traceback" not in err, err
-        _, alive = psutil.wait_procs(workers, timeout=3.0)
+        _, alive = psutil.wait_procs(workers, timeout=5.0)
         assert not alive
     finally:
         client.kill()
