@@ -217,6 +217,8 @@ METRICS: tuple[Metric, ...] = (
         (Check(limit=5.0),),
     ),
     Metric("failure", "sigkill_to_error_max_ms", "SIGKILL -> error, max", "ms", "lower"),
+    Metric("failure", "cancel_to_replaced_ms", "cancel hung step -> next job done", "ms", "lower"),
+    Metric("failure", "cancel_replaced_minus_grace_ms", "  of which after the 0.1 s grace", "ms", "lower"),
     Metric(
         "close",
         "close_idle_s",

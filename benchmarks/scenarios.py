@@ -259,7 +259,24 @@ class FederationEngine:
                     times.append(time.perf_counter() - started)
                 else:
                     raise AssertionError("the job of a killed worker finished")
-        return {"sigkill_to_error_ms": median(times) * 1e3, "sigkill_to_error_max_ms": max(times) * 1e3}
+        replaced = []
+        grace = 0.1
+        follow_up = one_site_pipeline()
+        with self._federation(1, 1, echo_worker_output=False, cancel_grace=grace) as federation:
+            for _ in range(s.failure_repeats):
+                job = federation.submit(pipeline)
+                next(iter(job.results(timeout=s.timeout)))  # the step is running, and ignores cancel
+                started = time.perf_counter()
+                job.cancel()
+                # A pool of one: the next job runs once the hung slot was killed and replaced.
+                federation.submit(follow_up, x=1).result(timeout=s.timeout)
+                replaced.append(time.perf_counter() - started)
+        return {
+            "sigkill_to_error_ms": median(times) * 1e3,
+            "sigkill_to_error_max_ms": max(times) * 1e3,
+            "cancel_to_replaced_ms": median(replaced) * 1e3,
+            "cancel_replaced_minus_grace_ms": (median(replaced) - grace) * 1e3,
+        }
 
     # -- 7. close ----------------------------------------------------------------------------
 
