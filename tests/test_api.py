@@ -1,0 +1,100 @@
+"""The public surface and the architecture's rules, checked."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import federation as fed
+
+PACKAGE = Path(fed.__file__).parent
+
+#: Lowest first: a module may import (at its top level) only modules before it.
+ORDER = [
+    "_exceptions",
+    "_messages",
+    "_channel",
+    "_serialization",
+    "_worker",
+    "backends",
+    "_log",
+    "_config",
+    "_pipeline",
+    "_handle",
+    "_timeline",
+    "_execution",
+    "_router",
+    "_stats",
+    "_batch",
+    "_federation",
+    "_demo",
+    "_cli",
+    "__init__",
+    "__main__",
+]
+#: What a worker process runs: it must never reach the client's side.
+WORKER_SIDE = {"_exceptions", "_messages", "_channel", "_serialization", "_worker"}
+
+
+def _module_of(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+
+
+def _federation_imports(tree: ast.AST, path: Path, top_level_only: bool) -> set[str]:
+    found: set[str] = set()
+    nodes = tree.body if top_level_only and isinstance(tree, ast.Module) else list(ast.walk(tree))
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = (node.module or "").split(".")[0]
+            if node.level == 2 or (path.parent.name == "backends" and node.level == 1 and base == ""):
+                base = base if node.level == 2 else "backends"
+            if base:
+                found.add(base)
+            else:
+                found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_all_is_sorted_and_every_name_resolves_with_a_docstring() -> None:
+    assert fed.__all__ == sorted(fed.__all__)
+    for name in fed.__all__:
+        value = getattr(fed, name)
+        if name == "__version__":
+            assert isinstance(value, str)
+            continue
+        assert inspect.getdoc(value), f"fed.{name} has no docstring"
+    assert set(dir(fed)) >= set(fed.__all__)
+
+
+def test_modules_import_only_lower_modules_at_their_top_level() -> None:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_of(path)
+        if module not in ORDER:
+            raise AssertionError(f"{path.name} is not placed in the test's ORDER list")
+        rank = ORDER.index(module)
+        for imported in _federation_imports(ast.parse(path.read_text()), path, top_level_only=True):
+            if imported in ("", module) or imported not in ORDER:
+                continue
+            assert ORDER.index(imported) < rank, f"{path.relative_to(PACKAGE)} imports {imported} from above it"
+
+
+def test_worker_side_never_imports_the_client_side() -> None:
+    for module in WORKER_SIDE:
+        path = PACKAGE / f"{module}.py"
+        imported = _federation_imports(ast.parse(path.read_text()), path, top_level_only=False)
+        assert imported <= WORKER_SIDE | {""}, f"{module} imports {imported - WORKER_SIDE}"
+
+
+def test_a_worker_starts_without_heavy_imports() -> None:
+    """A spawned worker pays for every import; these would cost ~0.1 s each per worker."""
+    code = (
+        "import sys; import federation._worker; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'pydantic', 'structlog', 'psutil', 'asyncio', 'cloudpickle', 'numpy'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
