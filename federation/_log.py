@@ -3,9 +3,14 @@
 The library never configures logging in the user's process unasked: records go
 to the ``federation`` stdlib logger, so they follow the user's logging setup
 (and Python's default of showing warnings and errors only). Setting
-``FEDERATION_LOG_LEVEL`` (``debug``, ``info``, ...) or ``FEDERATION_LOG_FORMAT``
-(``console`` or ``json``) is asking: then a handler is attached to the
-``federation`` logger with that level and format.
+``FEDERATION_LOG_PRESET`` (``production``: warnings, JSON; ``development``:
+info, console; ``debug``: debug, console), ``FEDERATION_LOG_LEVEL`` (``debug``,
+``info``, ...) or ``FEDERATION_LOG_FORMAT`` (``console`` or ``json``) is asking:
+then a handler is attached to the ``federation`` logger; the level and format
+variables override the preset's.
+
+With ``log_dir`` set, :class:`SiteLogFiles` also writes everything a site's
+workers logged or printed to ``<log_dir>/<site>.log``.
 
 Records from workers arrive as ``(level, event, fields)`` tuples, fields
 carrying site, job, step and pid, and are logged through
@@ -14,21 +19,48 @@ carrying site, job, step and pid, and are logged through
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
-from typing import Any
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure_from_env", "get_logger", "log_worker_record", "worker_log_level"]
+__all__ = [
+    "SiteLogFiles",
+    "configure_from_env",
+    "get_logger",
+    "log_format",
+    "log_worker_record",
+    "worker_log_level",
+]
 
 _configured = False
 _LEVELS = {"critical", "error", "warning", "info", "debug"}
+PRESETS = {
+    "production": ("warning", "json"),
+    "development": ("info", "console"),
+    "debug": ("debug", "console"),
+}
+
+
+def _preset() -> tuple[str, str] | None:
+    name = os.environ.get("FEDERATION_LOG_PRESET", "").lower()
+    return PRESETS.get(name)
+
+
+def log_format() -> str:
+    """``json`` or ``console``: ``FEDERATION_LOG_FORMAT``, else the preset's, else console."""
+    preset = _preset()
+    fmt = os.environ.get("FEDERATION_LOG_FORMAT", preset[1] if preset else "console").lower()
+    return "json" if fmt == "json" else "console"
 
 
 def _renderer() -> Any:
-    if os.environ.get("FEDERATION_LOG_FORMAT", "console").lower() == "json":
+    if log_format() == "json":
         return structlog.processors.JSONRenderer(sort_keys=True)
     return structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0)
 
@@ -39,7 +71,8 @@ def configure_from_env() -> None:
     if _configured:
         return
     _configured = True
-    level = os.environ.get("FEDERATION_LOG_LEVEL")
+    preset = _preset()
+    level = os.environ.get("FEDERATION_LOG_LEVEL") or (preset[0] if preset else None)
     fmt = os.environ.get("FEDERATION_LOG_FORMAT")
     if not level and not fmt:
         return
@@ -53,7 +86,8 @@ def configure_from_env() -> None:
 
 def worker_log_level() -> str:
     """The level workers filter their own records at (they skip work for dropped records)."""
-    level = os.environ.get("FEDERATION_LOG_LEVEL", "").lower()
+    preset = _preset()
+    level = os.environ.get("FEDERATION_LOG_LEVEL", preset[0] if preset else "").lower()
     if level in _LEVELS:
         return level
     effective = logging.getLogger("federation").getEffectiveLevel()
@@ -89,3 +123,49 @@ def log_worker_record(site: str, level: str, event: str, fields: dict[str, Any])
         logger = _site_loggers[site] = get_logger(f"site.{site}")
     method = getattr(logger, level if level in _LEVELS else "info")
     method(event, **fields)
+
+
+class SiteLogFiles:
+    """One append-only log file per site under a run directory: what its workers logged or wrote."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._files: dict[str, TextIO] = {}
+        self._json = log_format() == "json"
+
+    def path(self, site: str) -> Path:
+        """The file of ``site``."""
+        return self.directory / f"{site}.log"
+
+    def record(self, site: str, level: str, event: str, fields: dict[str, Any]) -> None:
+        """A structured record (structlog or stdlib ``logging``) from a worker of ``site``."""
+        stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        if self._json:
+            line = json.dumps({"timestamp": stamp, "level": level, "event": event, **fields}, default=repr)
+        else:
+            rest = " ".join(f"{key}={value}" for key, value in fields.items())
+            line = f"{stamp} [{level:<8}] {event} {rest}".rstrip()
+        self._write(site, line)
+
+    def output(self, site: str, worker: str, line: str) -> None:
+        """A line a worker of ``site`` wrote to its stdout or stderr (C extensions included)."""
+        stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        if self._json:
+            self._write(
+                site, json.dumps({"timestamp": stamp, "level": "output", "worker": worker, "line": line})
+            )
+        else:
+            self._write(site, f"{stamp} [output  ] {worker}: {line}")
+
+    def _write(self, site: str, line: str) -> None:
+        handle = self._files.get(site)
+        if handle is None:
+            handle = self._files[site] = self.path(site).open("a", encoding="utf-8", buffering=1)
+        handle.write(line + "\n")
+
+    def close(self) -> None:
+        """Close every file."""
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()

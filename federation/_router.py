@@ -54,7 +54,7 @@ from ._exceptions import (
 )
 from ._execution import JobExecution, SlotState
 from ._handle import Job, JobStatus
-from ._log import get_logger, log_worker_record, worker_log_level
+from ._log import SiteLogFiles, get_logger, log_worker_record, worker_log_level
 from ._serialization import SegmentViews, load_exception, unlink_segments
 from .backends import get_backend
 
@@ -103,6 +103,7 @@ class Router:
         self._deadlines: dict[int, float] = {}
         self._next_memory_check = 0.0
         self._deferred: list[JobExecution] = []  # broken slots to retire on the next turn
+        self.log_files = SiteLogFiles(config.log_dir) if config.log_dir is not None else None
         self._released: list[tuple[str, str]] = []
         # Results are copied out of workers' segments at once, so a job handle the
         # user keeps never pins a worker's shared memory.
@@ -556,6 +557,8 @@ class Router:
         elif tag == m.LOG:
             for level, event, fields in message[1]:
                 fields.setdefault("worker", f"{site}/slot-{slot.index}")
+                if self.log_files is not None:
+                    self.log_files.record(site, level, event, fields)
                 slot.last_lines[site].append(
                     f"[{level}] {event} "
                     + " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("site", "pid", "worker"))
@@ -685,6 +688,8 @@ class Router:
     def _output_line(self, slot: JobExecution, site: str, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         slot.last_lines[site].append(line)
+        if self.log_files is not None:
+            self.log_files.output(site, f"{site}/slot-{slot.index}", line)
         if self.config.echo_worker_output:
             import sys
 
@@ -909,6 +914,8 @@ class Router:
                     unlink_segments(slot.shm_prefix(site))
                 slot.close()
             self._views.close()
+            if self.log_files is not None:
+                self.log_files.close()
             self.slots = [None] * len(self.slots)
             self._retired.clear()
             self._deferred.clear()

@@ -265,6 +265,7 @@ class Worker:
         self._views = SegmentViews(self._queue_release)
         self._releases: dict[str, list[str]] = {}
         self._next_check = 0.0
+        self._current_step: str | None = None
         self._last_emit = 0.0
 
     # -- sending ---------------------------------------------------------------------------
@@ -446,6 +447,37 @@ class Worker:
 
     # -- the loop --------------------------------------------------------------------------
 
+    def forward_stdlib_logging(self) -> None:
+        """Send records of the standard ``logging`` module (user code, libraries) to the client.
+
+        Called after READY, while the worker waits for its first job: importing
+        ``logging`` is then off the pool's start-up path.
+        """
+        import logging
+
+        worker = self
+
+        class _Forward(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                try:
+                    run = worker._run
+                    fields: dict[str, Any] = {"origin": record.name}  # "logger" is the client logger's
+                    if run is not None:
+                        fields["job_id"] = run.job_id
+                    if worker._current_step is not None:
+                        fields["step"] = worker._current_step
+                    if record.exc_info:
+                        fields["exception"] = self.format(record).split("\n", 1)[-1]
+                    worker.log(record.levelname.lower(), record.getMessage(), **fields)
+                except Exception:  # noqa: BLE001 - logging must never break a step
+                    self.handleError(record)
+
+        level = getattr(logging, self.spec.log_level.upper(), logging.WARNING)
+        root = logging.getLogger()
+        root.addHandler(_Forward(level))
+        if root.level > level or root.level == logging.NOTSET:
+            root.setLevel(level)
+
     def serve(self) -> None:
         """Serve until STOP, or until the client is gone."""
         while True:
@@ -586,6 +618,7 @@ class Worker:
             raise _Abort
         started = time.time()
         count = 0
+        outer_step, self._current_step = self._current_step, plan.name
         try:
             if plan.generator:
                 generator: Iterator[Any] = plan.fn(**kwargs)
@@ -612,6 +645,7 @@ class Worker:
                 raise
             self._fail(run, plan.name, exc)
         finally:
+            self._current_step = outer_step  # steps run inside a step's emit (same site)
             ended = time.time()
             if step_run.calls < _TIMINGS_PER_STEP:
                 run.timings.append((plan.name, started, ended, count))
@@ -761,6 +795,7 @@ def run_worker(
     events_fd: int,
     siblings_in: dict[str, int],
     siblings_out: dict[str, int],
+    capture_logging: bool = False,
 ) -> None:
     """Start a worker on these pipes: read INIT, run the site's setup, report READY, serve."""
     events = Outbox(events_fd)
@@ -804,6 +839,8 @@ def run_worker(
         global _shm_prefix
         _shm_prefix = spec.shm_prefix
         worker._send_event((m.READY, os.getpid()))
+        if capture_logging:  # a process of its own: its root logger is ours to add to
+            worker.forward_stdlib_logging()
         try:
             worker.serve()
         finally:
@@ -843,7 +880,9 @@ def main() -> None:
     threading.Thread(
         target=_watch_lifeline, args=(args["lifeline"],), name="federation-lifeline", daemon=True
     ).start()
-    run_worker(args["control"], args["events"], args["siblings_in"], args["siblings_out"])
+    run_worker(
+        args["control"], args["events"], args["siblings_in"], args["siblings_out"], capture_logging=True
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
