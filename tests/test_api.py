@@ -79,7 +79,9 @@ def test_modules_import_only_lower_modules_at_their_top_level() -> None:
         for imported in _federation_imports(ast.parse(path.read_text()), path, top_level_only=True):
             if imported in ("", module) or imported not in ORDER:
                 continue
-            assert ORDER.index(imported) < rank, f"{path.relative_to(PACKAGE)} imports {imported} from above it"
+            assert ORDER.index(imported) < rank, (
+                f"{path.relative_to(PACKAGE)} imports {imported} from above it"
+            )
 
 
 def test_worker_side_never_imports_the_client_side() -> None:
