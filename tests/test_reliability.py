@@ -389,6 +389,8 @@ CLIENT = textwrap.dedent(
     mode = sys.argv[1]
     if mode == "exit":
         os._exit(0)
+    if mode == "atexit":
+        sys.exit(0)  # no close(): interpreter exit closes the federation
     if mode == "sigint":
         try:
             job.result(timeout=60)
@@ -428,6 +430,30 @@ def test_workers_exit_when_the_client_dies(tmp_path, how) -> None:
         client.kill()
         client.wait(T)
         client.stdout.close()  # type: ignore[union-attr]
+
+
+def test_interpreter_exit_closes_an_unclosed_federation(tmp_path) -> None:
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT.format(tests=str(Path(__file__).parent)))
+    client = subprocess.Popen(
+        [sys.executable, str(script), "atexit"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "ready"
+        workers = psutil.Process(client.pid).children()
+        _, err = client.communicate(timeout=T)
+        assert client.returncode == 0
+        assert "Traceback" not in err, err
+        _, alive = psutil.wait_procs(workers, timeout=5.0)
+        assert not alive
+    finally:
+        client.kill()
+        client.wait(T)
 
 
 def test_ctrl_c_closes_the_federation_cleanly(tmp_path) -> None:
