@@ -443,21 +443,21 @@ def _arrows(events: Sequence[TimelineEvent]) -> list[_Arrow]:
             done[(event.attempt, event.site)] = event.time
     for runs in steps.values():
         runs.sort(key=lambda event: event.time)
+    starts = {key: [run.time for run in runs] for key, runs in steps.items()}
     arrows: list[_Arrow] = []
     for event in events:
         if event.kind is not TimelineKind.SEND or event.site is None or event.target is None:
             continue
         key = (event.attempt, event.target)
         runs = steps.get(key, [])
-        starts = [run.time for run in runs]
+        after = bisect.bisect_left(starts.get(key, []), event.time)
         receive: float | None = None
-        after = bisect.bisect_left(starts, event.time)
+        before = runs[after - 1] if after > 0 else None
         if after < len(runs):
             receive = runs[after].time
-        for run in runs[:after]:
-            if run.end is not None and run.time <= event.time <= run.end:
-                receive = event.time
-                break
+        # A worker runs one step at a time: only the last run started before the send can be running.
+        elif before is not None and before.end is not None and before.end >= event.time:
+            receive = event.time
         if receive is None:
             receive = max(event.time, done.get(key, event.time))
         arrows.append(
@@ -747,6 +747,9 @@ def to_chrome_trace(events: Sequence[TimelineEvent]) -> dict[str, Any]:
 
 # -- HTML ---------------------------------------------------------------------------------
 
+#: Above this many token transfers, pictures draw them as thin lines without heads.
+_MAX_DRAWN_ARROWS = 300
+
 _LABEL_WIDTH = 150
 _CHART_WIDTH = 900
 _ROW_HEIGHT = 34
@@ -983,17 +986,23 @@ def to_png(
             facecolors="#dde3ea",
             zorder=2,
         )
+    # One call per (site, step, failed): a streamed step may have run thousands of times.
+    bars: dict[tuple[str, str, bool], list[tuple[float, float]]] = {}
     for event in events:
         if event.kind is TimelineKind.STEP and event.site is not None and event.end is not None:
-            axes.broken_barh(
-                [(ms(event.time), max(ms(event.end) - ms(event.time), least))],
-                (level[event.site] - 0.32, 0.64),
-                facecolors=colours.get(event.step or "", "#888888"),
-                edgecolors="#d62728" if event.ok is False else "none",
-                linewidth=1.5,
-                zorder=3,
-            )
-        elif event.kind is TimelineKind.SITE_DONE and event.site is not None:
+            key = (event.site, event.step or "", event.ok is False)
+            bars.setdefault(key, []).append((ms(event.time), max(ms(event.end) - ms(event.time), least)))
+    for (site, step, failed), ranges in bars.items():
+        axes.broken_barh(
+            ranges,
+            (level[site] - 0.32, 0.64),
+            facecolors=colours.get(step, "#888888"),
+            edgecolors="#d62728" if failed else "none",
+            linewidth=1.5,
+            zorder=3,
+        )
+    for event in events:
+        if event.kind is TimelineKind.SITE_DONE and event.site is not None:
             axes.vlines(
                 ms(event.time),
                 level[event.site] - 0.4,
@@ -1005,7 +1014,18 @@ def to_png(
         elif event.site is None and (event.kind.ends_job or event.kind is TimelineKind.RETRY):
             colour = {"finished": "#2ca02c", "retry": "#ff7f0e"}.get(event.kind.value, "#d62728")
             axes.plot([ms(event.time)], [level[JOB_ROW]], marker="o", color=colour, markersize=6, zorder=5)
-    for arrow in _arrows(events):
+    arrows = _arrows(events)
+    if len(arrows) > _MAX_DRAWN_ARROWS:
+        # Thousands of arrowheads would hide the bars and take seconds to draw: plain lines.
+        from matplotlib.collections import LineCollection
+
+        segments = [
+            [(ms(arrow.send), level[arrow.source]), (ms(arrow.receive), level[arrow.target])]
+            for arrow in arrows
+        ]
+        axes.add_collection(LineCollection(segments, colors="#333333", linewidths=0.5, alpha=0.4, zorder=6))
+        arrows = []
+    for arrow in arrows:
         axes.annotate(
             "",
             xy=(ms(arrow.receive), level[arrow.target]),
