@@ -370,3 +370,45 @@ def test_records_follow_attempts_and_use_per_batch_sends() -> None:
     job_row = [e["name"] for e in trace["traceEvents"] if e["ph"] == "X" and e["tid"] == 0]
     assert job_row == ["queued", "attempt 1 (slot 0)", "queued", "attempt 2 (slot 1)"]
     assert "retry" in to_html(events)
+
+
+def test_pictures_of_a_long_stream_stay_readable(tmp_path: Path) -> None:
+    """A stream of 1,000 transfers draws every run and link, and renders in one piece."""
+    n = 1000
+    raw: list[tuple[float, str, dict[str, Any]]] = [
+        (T0, "queued", {}),
+        (T0, "started", {"slot": 0, "attempt": 1}),
+        (
+            T0 + 1.1,
+            "site_done",
+            {
+                "site": "a",
+                "ok": True,
+                "started": T0,
+                "timings": [("numbers", T0, T0 + 1.0, n)],
+                "links": {"hub": [n, 100 * n]},
+                "sends": [(T0 + 0.001 * i, "hub", 1, 100) for i in range(n)],
+            },
+        ),
+        (
+            T0 + 1.2,
+            "site_done",
+            {
+                "site": "hub",
+                "ok": True,
+                "started": T0,
+                "timings": [
+                    ("square", T0 + 0.001 * i + 0.0002, T0 + 0.001 * i + 0.0004, 1) for i in range(n)
+                ],
+                "links": {},
+            },
+        ),
+        (T0 + 1.3, "finished", {}),
+    ]
+    events = events_from_log(1, raw)
+    assert sum(event.kind is K.STEP for event in events) == n + 1
+    page = to_html(events)
+    assert page.count('class="token"') == n and page.count('class="step"') == n + 1
+    if importlib.util.find_spec("matplotlib") is not None:
+        path = to_png(events, tmp_path / "stream.png")
+        assert path.stat().st_size > 10_000
