@@ -264,7 +264,9 @@ def events_from_log(
 
 
 def _rest(fields: dict[str, Any], *known: str) -> dict[str, Any]:
-    return {key: value for key, value in fields.items() if key not in known}
+    """The fields not already typed, if they are plain scalars (exporters write them as JSON)."""
+    plain = (bool, int, float, str, type(None))
+    return {key: value for key, value in fields.items() if key not in known and isinstance(value, plain)}
 
 
 def _site_events(
