@@ -16,6 +16,7 @@ Exit codes, for scripts:
 3     federation error: workers could not start, or the federation broke
 4     timeout: the job did not end within ``--timeout`` (it was cancelled)
 130   interrupted (Ctrl+C)
+141   the output was closed early (``federation demo | head``)
 ====  ======================================================================
 
 Errors are printed as one line on stderr (``federation: error: ...``); the
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_FEDERATION_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_JOB_FAILED",
@@ -56,6 +58,7 @@ EXIT_USAGE = 2
 EXIT_FEDERATION_ERROR = 3
 EXIT_TIMEOUT = 4
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process killed by it
 
 _PROG = "federation"
 
@@ -93,6 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _report("interrupted", debug)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``federation demo | head``): not an error worth a message.
+        # Point stdout at /dev/null so the interpreter's final flush does not complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # noqa: BLE001 - every error becomes one line and an exit code
         code = _exit_code(exc)
         _report(_describe(exc), debug, hint=code != EXIT_USAGE)

@@ -281,3 +281,21 @@ def test_doctor_describes_the_environment() -> None:
     report = json.loads(run_cli("doctor", "--json").stdout)
     assert report["cpu_count"] >= 1 and report["open_files_limit"]["soft"] != 0
     assert report["packages"]["pydantic"] is not None
+
+
+def test_a_reader_that_goes_away_is_not_an_error() -> None:
+    """'federation doctor | head -1': no traceback, no error line, exit code 141 (SIGPIPE's)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FEDERATION_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "federation", "doctor"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the command writes a line
+    err = process.stderr.read()
+    assert process.wait(timeout=60) == 141
+    assert err == ""
