@@ -78,7 +78,12 @@ class Federation:
         self._router.start(wait=wait_ready)
         with _open_lock:
             _open.add(self)
-        self._log.debug("federation started", sites=list(self._site_names), pool_size=config.pool_size, backend=config.backend)
+        self._log.debug(
+            "federation started",
+            sites=list(self._site_names),
+            pool_size=config.pool_size,
+            backend=config.backend,
+        )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -154,7 +159,9 @@ class Federation:
                     f"pipeline {pipeline.name!r} has no input {name!r}; its value inputs are "
                     f"{sorted(compiled.value_inputs)}"
                 )
-        missing = sorted(name for name, required in compiled.value_inputs.items() if required and name not in values)
+        missing = sorted(
+            name for name, required in compiled.value_inputs.items() if required and name not in values
+        )
         if missing:
             raise PipelineError(
                 f"pipeline {pipeline.name!r} needs input(s) {missing}; pass them to submit(), "

@@ -310,6 +310,7 @@ class Job:
             self._results.extend(new)
             callbacks = list(self._callbacks)
             self._cond.notify_all()
+        self._record("results", site=site, count=len(new))
         for output, callback in callbacks:
             for record in new:
                 if output is None or record.output == output:

@@ -63,6 +63,7 @@ __all__ = ["Router"]
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 _EVENTS, _SENTINEL, _OUTPUT, _WAKE = range(4)
 _MEMORY_CHECK_EVERY = 0.25  # seconds between RSS checks of busy workers
+_CLOSE_NOTICE = 10.0  # seconds between warnings while close() waits for jobs
 
 
 class Router:
@@ -223,6 +224,7 @@ class Router:
         slot.kill_deadline = None
         self.running[job.id] = (job, slot)
         self._count(JobStatus.RUNNING, JobStatus.QUEUED) if job.status is JobStatus.QUEUED else None
+        job._start_attempt(slot.index)  # stamped before any site can start
         for site in compiled.participants:
             digest, plan = compiled.plans[site]
             if digest not in slot.plans[site]:
@@ -232,7 +234,6 @@ class Router:
                 name: inputs[name] for name in compiled.site_inputs.get(site, ()) if name in inputs
             }
             slot.send(site, (m.START, job.id, digest, site_inputs))
-        job._start_attempt(slot.index)
         if job.timeout is not None:
             self._deadlines[job.id] = time.monotonic() + job.timeout
         if job.timeout is not None or self.config.max_worker_memory is not None:
@@ -869,7 +870,7 @@ class Router:
             started = self.thread.is_alive()
         if started:
             with self.lock:
-                self.changed.wait_for(lambda: (not self.queue and not self.running) or self.stopped, timeout)
+                self._wait_for_jobs(timeout)
                 for job in [*self.queue, *(entry[0] for entry in self.running.values())]:
                     self._end_job(
                         job,
@@ -893,6 +894,26 @@ class Router:
                 self.wake()
             self.thread.join(10.0)
         self._abandon()
+
+    def _wait_for_jobs(self, timeout: float | None) -> None:
+        """Wait for queued and running jobs to end, saying every so often which ones are left.
+
+        A job waiting on a stream input nobody closes would otherwise make
+        ``close()`` hang without a word.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.changed.wait_for(
+            lambda: (not self.queue and not self.running) or self.stopped,
+            _CLOSE_NOTICE if deadline is None else max(0.0, min(_CLOSE_NOTICE, deadline - time.monotonic())),
+        ):
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            left = sorted([job.id for job in self.queue] + list(self.running))
+            self.log.warning(
+                "close() is waiting for jobs to finish; cancel them, or close(cancel_pending=True)",
+                jobs=left[:20],
+                count=len(left),
+            )
 
     def _retire_for_close(self, slot: JobExecution) -> None:
         if slot in self.free:

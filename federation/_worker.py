@@ -66,6 +66,7 @@ _PLAN_CACHE = 64
 # Late tokens of a job trail it by at most a few jobs (they are ahead of its
 # sibling's DONE in a FIFO pipe); remembering this many ended jobs is ample.
 _ENDED_WINDOW = 1024
+_SENDS_PER_JOB = 10_000  # timeline records of frames sent, per job and site
 _TIMINGS_PER_STEP = 64  # timeline records kept per step and job; later calls are merged
 _CHECK_EVERY = 0.002  # seconds between looks at the inbox while a step emits
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -264,6 +265,7 @@ class Worker:
         self._pool = SegmentPool(spec.shm_prefix, self._wait_for_release)
         self._views = SegmentViews(self._queue_release)
         self._releases: dict[str, list[str]] = {}
+        self._sends: list[tuple[float, str, int, int]] = []  # (time, site, tokens, bytes) per frame
         self._next_check = 0.0
         self._current_step: str | None = None
         self._last_emit = 0.0
@@ -288,6 +290,8 @@ class Worker:
         link = self._links.setdefault(site, [0, 0])
         link[0] += len(batch)
         link[1] += len(data)
+        if len(self._sends) < _SENDS_PER_JOB:
+            self._sends.append((time.time(), site, len(batch), len(data)))
         try:
             outbox.send(data)
         except ChannelClosedError:
@@ -506,6 +510,7 @@ class Worker:
         run = _JobRun(job_id, plan, inputs)
         self._run = run
         self._links = {}
+        self._sends = []
         try:
             for step_plan in plan.steps:
                 run.steps[step_plan.name] = self._prepare(run, step_plan)
@@ -617,6 +622,7 @@ class Worker:
         if run.job_id in self._aborted:
             raise _Abort
         started = time.time()
+        returned: float | None = None
         count = 0
         outer_step, self._current_step = self._current_step, plan.name
         try:
@@ -633,6 +639,7 @@ class Worker:
             else:
                 value = plan.fn(**kwargs)
                 count = 1
+                returned = time.time()  # the step's end, before its value is sent on
                 self._emit(run, step_run, value, m.ITEM if plan.stream else m.LAST)
         except (_Abort, _StepFailure):
             raise
@@ -646,7 +653,7 @@ class Worker:
             self._fail(run, plan.name, exc)
         finally:
             self._current_step = outer_step  # steps run inside a step's emit (same site)
-            ended = time.time()
+            ended = returned if returned is not None else time.time()
             if step_run.calls < _TIMINGS_PER_STEP:
                 run.timings.append((plan.name, started, ended, count))
                 step_run.timing = len(run.timings) - 1
@@ -762,6 +769,7 @@ class Worker:
         info = {
             "timings": run.timings,
             "links": self._links,
+            "sends": self._sends,
             "dropped": self.dropped,
             "started": run.started,
             "results": results,
