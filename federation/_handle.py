@@ -92,6 +92,7 @@ class Job:
         self._done_callbacks: list[Callable[[Job], Any]] = []
         self._future: concurrent.futures.Future[Any] | None = None
         self._attempts: list[Attempt] = []
+        self._inputs: dict[str, bytes] = {}  # pickled value inputs, kept for retries
         self._events: list[tuple[float, str, dict[str, Any]]] = [(time.time(), "queued", {})]
         self.submitted = time.time()
         self.started: float | None = None

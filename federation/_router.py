@@ -104,6 +104,7 @@ class Router:
         self._deadlines: dict[int, float] = {}
         self._next_memory_check = 0.0
         self._deferred: list[JobExecution] = []  # broken slots to retire on the next turn
+        self._retired: list[JobExecution] = []  # out of the pool, waiting for their workers to end
         self.log_files = SiteLogFiles(config.log_dir) if config.log_dir is not None else None
         self._released: list[tuple[str, str]] = []
         # Results are copied out of workers' segments at once, so a job handle the
@@ -190,7 +191,7 @@ class Router:
 
     def submit(self, job: Job, inputs: dict[str, bytes], block: bool, timeout: float | None) -> None:
         """Queue ``job``, or start it at once on a free slot."""
-        job._inputs = inputs  # type: ignore[attr-defined]
+        job._inputs = inputs
         with self.lock:
             if len(self.queue) >= self.config.max_queued and not self.changed.wait_for(
                 lambda: self.closing or len(self.queue) < self.config.max_queued,
@@ -217,13 +218,14 @@ class Router:
 
     def _dispatch(self, job: Job, slot: JobExecution) -> None:
         compiled = job._compiled
-        inputs: dict[str, bytes] = job._inputs  # type: ignore[attr-defined]
+        inputs = job._inputs
         slot.state = SlotState.BUSY
         slot.job = job
         slot.pending_sites = set(compiled.participants)
         slot.kill_deadline = None
         self.running[job.id] = (job, slot)
-        self._count(JobStatus.RUNNING, JobStatus.QUEUED) if job.status is JobStatus.QUEUED else None
+        if job.status is JobStatus.QUEUED:
+            self._count(JobStatus.RUNNING, JobStatus.QUEUED)
         job._start_attempt(slot.index)  # stamped before any site can start
         for site in compiled.participants:
             digest, plan = compiled.plans[site]
@@ -296,6 +298,7 @@ class Router:
     def _send_to_job(self, slot: JobExecution, site: str, message: tuple[Any, ...]) -> None:
         _, request, _from_job, to_job, name, payload, close = message
         target = self._find_job(to_job)
+        reason: str | None
         if target is None:
             reason = (
                 f"job {to_job} has ended"
@@ -303,7 +306,7 @@ class Router:
                 else f"job {to_job} does not exist"
             )
         else:
-            reason = self.send_input(target, name, payload, close)  # type: ignore[assignment]
+            reason = self.send_input(target, name, payload, close)
         slot.send(site, (m.REPLY, request, reason))
 
     def _find_job(self, job_id: int) -> Job | None:
@@ -406,13 +409,6 @@ class Router:
                 self.log.error("could not start a replacement slot", slot=slot.index, error=repr(exc))
         self._retired.append(slot)
         self._maybe_reap(slot)
-
-    @property
-    def _retired(self) -> list[JobExecution]:
-        retired: list[JobExecution] | None = self.__dict__.get("_retired_list")
-        if retired is None:
-            retired = self.__dict__["_retired_list"] = []
-        return retired
 
     def _maybe_reap(self, slot: JobExecution) -> None:
         """Close a retired slot once every one of its workers has ended."""
@@ -567,6 +563,7 @@ class Router:
                 log_worker_record(site, level, event, fields)
         elif tag == m.READY:
             slot.ready.add(site)
+            slot.workers[site].mark_ready()
             if slot.ready == set(slot.sites) and slot.state is SlotState.STARTING:
                 slot.state = SlotState.IDLE
                 self.restart_failures = 0
@@ -619,6 +616,14 @@ class Router:
             self.dropped += 1
             return
         slot.pending_sites.discard(site)
+        if not ok:
+            # The job was cancelled or failed here: processes its steps started
+            # would outlive it (a step stopped cooperatively is not killed).
+            killed = slot.workers[site].kill_strays()
+            if killed:
+                self.log.info(
+                    "killed processes a stopped job left behind", site=site, job_id=job.id, count=killed
+                )
         job._record("site_done", site=site, ok=ok, **info)
         for target, (count, size) in info.get("links", {}).items():
             totals = self.links.setdefault((site, target), [0, 0])

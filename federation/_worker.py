@@ -893,4 +893,10 @@ def main() -> None:
     )
     sys.stdout.flush()
     sys.stderr.flush()
+    # Whatever the site's steps or setup started (a server, a helper) ends with us.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        os.killpg(os.getpgid(0), signal.SIGTERM)
+    except OSError:
+        pass
     os._exit(0)

@@ -242,6 +242,61 @@ def test_cancel_a_hung_step_kills_its_process_tree_after_the_grace(make_federati
     _next_job_succeeds(federation)
 
 
+@process_only
+def test_a_cooperative_stop_also_ends_what_the_step_started(make_federation) -> None:
+    federation = make_federation(["a", "b"], pool_size=1)
+    pipeline = fed.Pipeline("spawner")
+
+    @pipeline.step(site="a")
+    def spawn(ctx):
+        import subprocess
+        import time
+
+        child = subprocess.Popen(["sleep", "300"])
+        yield child.pid
+        while True:
+            ctx.check_cancelled()
+            time.sleep(0.01)
+
+    pipeline.output(spawn)
+    job = federation.submit(pipeline)
+    grandchild = next(iter(job.results(timeout=T))).value
+    (worker,) = worker_processes("a/slot-0")
+    job.cancel()
+    assert wait_until(lambda: not psutil.pid_exists(grandchild) or _is_zombie(grandchild))
+    assert worker.is_running()  # the step stopped by itself: its worker was not killed
+    _next_job_succeeds(federation)
+
+
+def _start_helper_process() -> dict[str, int]:
+    import subprocess
+
+    return {"helper": subprocess.Popen(["sleep", "300"]).pid}
+
+
+@process_only
+def test_processes_a_site_setup_started_outlive_jobs_but_not_the_federation(make_federation) -> None:
+    federation = make_federation([fed.Site("a", setup=_start_helper_process), "b"], pool_size=1)
+    pipeline = fed.Pipeline("helper")
+
+    @pipeline.step(site="a")
+    def helper(ctx):
+        import time
+
+        yield ctx.state["helper"]
+        while not ctx.cancelled:
+            time.sleep(0.01)
+
+    pipeline.output(helper)
+    job = federation.submit(pipeline)
+    helper_pid = next(iter(job.results(timeout=T))).value
+    job.cancel()
+    _next_job_succeeds(federation)
+    assert psutil.pid_exists(helper_pid) and not _is_zombie(helper_pid)
+    federation.close()
+    assert wait_until(lambda: not psutil.pid_exists(helper_pid) or _is_zombie(helper_pid))
+
+
 # -- retries ----------------------------------------------------------------------------------
 
 

@@ -42,6 +42,14 @@ class WorkerHandle(Protocol):
         """Resident memory of the worker in bytes, if the backend can tell."""
         ...
 
+    def mark_ready(self) -> None:
+        """Remember the processes the worker has now, its site's setup included."""
+        ...
+
+    def kill_strays(self) -> int:
+        """Kill the processes the worker started since :meth:`mark_ready`; how many."""
+        ...
+
     def close(self) -> None:
         """Release the handle's own resources (the sentinel) after the worker ended."""
         ...

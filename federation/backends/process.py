@@ -38,20 +38,28 @@ _BOOT = "from federation._worker import main; main()"
 def kill_process_tree(pid: int, sig: int = signal.SIGKILL) -> None:
     """Send ``sig`` to ``pid``, its process group, and every descendant psutil can find."""
     try:
-        descendants = psutil.Process(pid).children(recursive=True)
+        root = psutil.Process(pid)
+        descendants = root.children(recursive=True)
     except psutil.Error:
-        descendants = []
+        root, descendants = None, []
     try:
         os.killpg(pid, sig)  # workers lead their own group: pgid == pid
     except OSError:
         pass
-    for proc in [psutil.Process(pid) if psutil.pid_exists(pid) else None, *descendants]:
+    for proc in [root, *descendants]:  # those that left the group
         if proc is None:
             continue
         try:
             proc.send_signal(sig)
         except psutil.Error:
             pass
+
+
+def _created(proc: psutil.Process) -> float:
+    try:
+        return float(proc.create_time())
+    except psutil.Error:
+        return 0.0
 
 
 class ProcessWorker:
@@ -63,6 +71,7 @@ class ProcessWorker:
         self.pid: int | None = popen.pid
         self._popen = popen
         self.output: int | None = output
+        self._baseline: set[tuple[int, float]] = set()
         try:
             self.sentinel = os.pidfd_open(popen.pid)
             self._sentinel_owned = True
@@ -110,6 +119,25 @@ class ProcessWorker:
             return int(psutil.Process(self._popen.pid).memory_info().rss)
         except psutil.Error:
             return None
+
+    def _descendants(self) -> list[psutil.Process]:
+        try:
+            return list(psutil.Process(self._popen.pid).children(recursive=True))
+        except psutil.Error:
+            return []
+
+    def mark_ready(self) -> None:
+        # (pid, create time): a pid reused later by another process is not "ours from setup".
+        self._baseline = {(p.pid, _created(p)) for p in self._descendants()}
+
+    def kill_strays(self) -> int:
+        strays = [p for p in self._descendants() if (p.pid, _created(p)) not in self._baseline]
+        for proc in strays:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        return len(strays)
 
     def close(self) -> None:
         if self._sentinel_owned and self.sentinel >= 0:

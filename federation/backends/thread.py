@@ -65,6 +65,13 @@ class ThreadWorker:
     def memory(self) -> int | None:
         return None
 
+    def mark_ready(self) -> None:
+        """Nothing to remember: a thread's processes are the client's."""
+
+    def kill_strays(self) -> int:
+        """A thread's processes are the client's: nothing is killed."""
+        return 0
+
     def close(self) -> None:
         if self.sentinel >= 0:
             os.close(self.sentinel)
