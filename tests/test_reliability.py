@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -463,78 +465,53 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "exit"])
-def test_workers_exit_when_the_client_dies(tmp_path, how) -> None:
+@contextlib.contextmanager
+def _client(tmp_path: Path, mode: str) -> Iterator[tuple[subprocess.Popen[str], list[psutil.Process]]]:
+    """A client process running CLIENT in ``mode``, once its job runs; its workers."""
     script = tmp_path / "client.py"
     script.write_text(CLIENT.format(tests=str(Path(__file__).parent)))
-    mode = "exit" if how == "exit" else "wait"
     client = subprocess.Popen(
-        [sys.executable, str(script), mode], stdout=subprocess.PIPE, text=True, env=_env()
+        [sys.executable, str(script), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
     )
     try:
         assert client.stdout is not None
         assert client.stdout.readline().strip() == "ready"
         workers = psutil.Process(client.pid).children()
         assert len(workers) == 6
-        if how != "exit":
-            client.send_signal(getattr(signal, how))
-        client.wait(T)
-        gone, alive = psutil.wait_procs(workers, timeout=5.0)
+        yield client, workers
+        _, alive = psutil.wait_procs(workers, timeout=5.0)
         assert not alive, f"orphaned workers: {alive}"
     finally:
         client.kill()
+        client.communicate(timeout=T)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "exit"])
+def test_workers_exit_when_the_client_dies(tmp_path, how) -> None:
+    with _client(tmp_path, "exit" if how == "exit" else "wait") as (client, _):
+        if how != "exit":
+            client.send_signal(getattr(signal, how))
         client.wait(T)
-        client.stdout.close()  # type: ignore[union-attr]
 
 
 def test_interpreter_exit_closes_an_unclosed_federation(tmp_path) -> None:
-    script = tmp_path / "client.py"
-    script.write_text(CLIENT.format(tests=str(Path(__file__).parent)))
-    client = subprocess.Popen(
-        [sys.executable, str(script), "atexit"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    )
-    try:
-        assert client.stdout is not None
-        assert client.stdout.readline().strip() == "ready"
-        workers = psutil.Process(client.pid).children()
+    with _client(tmp_path, "atexit") as (client, _):
         _, err = client.communicate(timeout=T)
         assert client.returncode == 0
         assert "Traceback" not in err, err
-        _, alive = psutil.wait_procs(workers, timeout=5.0)
-        assert not alive
-    finally:
-        client.kill()
-        client.wait(T)
 
 
 def test_ctrl_c_closes_the_federation_cleanly(tmp_path) -> None:
-    script = tmp_path / "client.py"
-    script.write_text(CLIENT.format(tests=str(Path(__file__).parent)))
-    client = subprocess.Popen(
-        [sys.executable, str(script), "sigint"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    )
-    try:
-        assert client.stdout is not None
-        assert client.stdout.readline().strip() == "ready"
-        workers = psutil.Process(client.pid).children()
+    with _client(tmp_path, "sigint") as (client, _):
         client.send_signal(signal.SIGINT)
         out, err = client.communicate(timeout=T)
         assert "closed cleanly" in out
         assert client.returncode == 0
-        assert "Traceback" not in err, err
-        _, alive = psutil.wait_procs(workers, timeout=5.0)
-        assert not alive
-    finally:
-        client.kill()
-        client.wait(T)
+        assert "Traceback" not in err, err  # no worker printed a KeyboardInterrupt
 
 
 def test_many_threads_submitting_at_once(make_federation) -> None:
