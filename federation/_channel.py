@@ -59,7 +59,7 @@ class Outbox:
     thread, from ``job.send`` callers and from the router thread.
     """
 
-    __slots__ = ("_fd", "_lock", "_pending", "closed", "pending_bytes", "sent_bytes", "sent_frames")
+    __slots__ = ("_fd", "_lock", "_pending", "closed", "pending_bytes")
 
     def __init__(self, fd: int) -> None:
         os.set_blocking(fd, False)
@@ -68,8 +68,6 @@ class Outbox:
         self._pending: deque[memoryview] = deque()
         self.pending_bytes = 0
         self.closed = False
-        self.sent_frames = 0
-        self.sent_bytes = 0
 
     def fileno(self) -> int:
         """The pipe's write file descriptor."""
@@ -85,8 +83,6 @@ class Outbox:
         with self._lock:
             if self.closed:
                 raise ChannelClosedError("the pipe is closed")
-            self.sent_frames += 1
-            self.sent_bytes += len(data)
             if self._pending:
                 self._queue(memoryview(header))
                 self._queue(memoryview(data))

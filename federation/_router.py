@@ -37,7 +37,6 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from . import _messages as m
@@ -954,9 +953,3 @@ class Router:
                         raise
             self._lifeline_w = self._lifeline_r = self._wake_r = self._wake_w = -1
             self.changed.notify_all()
-
-    # -- introspection ---------------------------------------------------------------------
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        with self.lock:
-            return fn()

@@ -40,15 +40,34 @@ __all__ = [
 PROTOCOL = 5
 
 
-def dumps(value: Any, *, what: str = "value") -> bytes:
-    """Pickle a data value; raise :class:`SerializationError` naming ``what`` if it cannot be."""
+def dumps(value: Any, *, what: str = "value", out_of_band: list[memoryview] | None = None) -> bytes:
+    """Pickle a data value; raise :class:`SerializationError` naming ``what`` if it cannot be.
+
+    With ``out_of_band``, contiguous buffers of at least :data:`OOB_THRESHOLD`
+    bytes are not pickled but appended to it, for the caller to send apart.
+    """
+    callback = None
+    if out_of_band is not None:
+
+        def callback(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                raw = buffer.raw()
+            except BufferError:  # not contiguous: pickle it in band
+                return True
+            if raw.nbytes < OOB_THRESHOLD:
+                return True
+            out_of_band.append(raw)
+            return False
+
     try:
-        return pickle.dumps(value, protocol=PROTOCOL)
+        return pickle.dumps(value, protocol=PROTOCOL, buffer_callback=callback)
     except Exception as first:  # noqa: BLE001 - any pickling failure falls back to cloudpickle
+        if out_of_band is not None:
+            out_of_band.clear()  # what the failed attempt set apart
         try:
             import cloudpickle
 
-            return cloudpickle.dumps(value, protocol=PROTOCOL)  # type: ignore[no-any-return]
+            return cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=callback)  # type: ignore[no-any-return]
         except Exception as exc:
             raise SerializationError(
                 f"{what} cannot be pickled ({type(value).__name__}): {exc or first}"
@@ -231,41 +250,16 @@ class SegmentPool:
         self._counter = 0
         self._free: dict[int, list[tuple[str, Any]]] = {}
         self._busy: dict[str, tuple[int, Any, int]] = {}  # name -> (refs, mapping, capacity)
-        self.created = 0
-        self._buffers: list[memoryview] = []
-        self._callback = self._out_of_band  # bound once: dumps runs per token
-
-    def _out_of_band(self, buffer: pickle.PickleBuffer) -> bool:
-        try:
-            raw = buffer.raw()
-        except BufferError:  # not contiguous: pickle it in band
-            return True
-        if raw.nbytes < OOB_THRESHOLD:
-            return True
-        self._buffers.append(raw)
-        return False
 
     def dumps(self, value: Any, what: str, destinations: int) -> Payload:
         """Pickle ``value``; its large buffers go to segments, each to be released ``destinations`` times."""
-        if destinations > 0 and _has_large_bytes(value, 2):
+        if destinations <= 0:  # nobody would release a segment: keep every buffer in band
+            return dumps(value, what=what)
+        if _has_large_bytes(value, 2):
             value = _wrap_large_bytes(value, 2)
-        buffers = self._buffers = []
-        out_of_band = self._callback
-        try:
-            data = pickle.dumps(value, protocol=PROTOCOL, buffer_callback=out_of_band)
-        except Exception as first:  # noqa: BLE001
-            buffers.clear()
-            try:
-                import cloudpickle
-
-                data = cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=out_of_band)
-            except Exception as exc:
-                raise SerializationError(
-                    f"{what} cannot be pickled ({type(value).__name__}): {exc or first}"
-                ) from exc
-        if not buffers or destinations <= 0:
-            if buffers:  # nobody to send to: keep the buffers in band
-                return dumps(value, what=what)
+        buffers: list[memoryview] = []
+        data = dumps(value, what=what, out_of_band=buffers)
+        if not buffers:
             return data
         refs = tuple((self._store(raw, destinations), raw.nbytes) for raw in buffers)
         return (data, refs)
@@ -288,7 +282,6 @@ class SegmentPool:
             self._counter += 1
             name = f"{self.prefix}-{self._counter}"
             mapping, capacity = _open_segment(name, capacity)
-            self.created += 1
         mapping[:size] = raw
         self._busy[name] = (destinations, mapping, capacity)
         return name
@@ -312,11 +305,6 @@ class SegmentPool:
         else:
             mapping.close()
             unlink_segment(name)
-
-    @property
-    def in_use(self) -> int:
-        """How many segments wait for a receiver to release them."""
-        return len(self._busy)
 
     def close(self) -> None:
         """Unlink every segment this pool created."""

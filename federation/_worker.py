@@ -52,6 +52,7 @@ from ._serialization import (
     SegmentPool,
     SegmentViews,
     dump_exception,
+    dumps,
     payload_size,
     unlink_segments,
 )
@@ -261,7 +262,6 @@ class Worker:
         self._request = 0
         self._replies: dict[int, Any] = {}
         self._structlog: Any = None
-        self._stopping = False
         self._pool = SegmentPool(spec.shm_prefix, self._wait_for_release)
         self._views = SegmentViews(self._queue_release)
         self._releases: dict[str, list[str]] = {}
@@ -434,17 +434,13 @@ class Worker:
                 worker.log(method, event, **fields)
                 raise structlog.DropEvent
 
-            level = self.spec.log_level.upper()
             import logging
 
+            level = getattr(logging, self.spec.log_level.upper(), logging.INFO)
             self._structlog = structlog.wrap_logger(
                 None,
                 processors=[forward],
-                wrapper_class=structlog.make_filtering_bound_logger(
-                    logging.getLevelName(level)
-                    if isinstance(logging.getLevelName(level), int)
-                    else logging.INFO
-                ),
+                wrapper_class=structlog.make_filtering_bound_logger(level),
                 context_class=dict,
             ).bind(site=self.site, pid=self.pid)
         return self._structlog
@@ -676,8 +672,6 @@ class Worker:
         return payload
 
     def _dumps_inline(self, value: Any, what: str) -> bytes:
-        from ._serialization import dumps
-
         data = dumps(value, what=what)
         self._check_size(len(data), what)
         return data

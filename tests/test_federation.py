@@ -6,9 +6,9 @@ import asyncio
 import logging
 import os
 import threading
-import time
 
 import pytest
+from conftest import wait_until
 from pipelines import (
     aggregator_pipeline,
     chain_pipeline,
@@ -230,7 +230,7 @@ def test_ctx_log_reaches_the_client_tagged(make_federation) -> None:
     try:
         job = federation.submit(pipeline)
         job.result(timeout=T)
-        assert _wait_for(lambda: any("hello from a step" in r.getMessage() for r in records))
+        assert wait_until(lambda: any("hello from a step" in r.getMessage() for r in records))
     finally:
         logger.removeHandler(handler)
     record = next(r for r in records if "hello from a step" in r.getMessage())
@@ -238,15 +238,6 @@ def test_ctx_log_reaches_the_client_tagged(make_federation) -> None:
     message = record.getMessage()
     assert f"job_id={job.id}" in message and "step=talk" in message and "answer=42" in message
     assert "site=a" in message and "pid=" in message
-
-
-def _wait_for(predicate, timeout: float = T) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_jobs_queue_fifo_when_the_pool_is_busy(make_federation) -> None:
@@ -299,7 +290,7 @@ def test_cancelled_jobs_results_never_reach_the_next_job_on_the_slot(make_federa
 def test_cooperative_cancel(make_federation) -> None:
     federation = make_federation(["a", "b"], pool_size=1)
     job = federation.submit(slow_pipeline(cooperative=True), seconds=60)
-    _wait_for(lambda: job.status is fed.JobStatus.RUNNING)
+    assert wait_until(lambda: job.status is fed.JobStatus.RUNNING)
     assert job.cancel("enough")
     assert not job.cancel()
     with pytest.raises(fed.JobCancelledError) as info:

@@ -8,10 +8,10 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 import federation as fed
 
@@ -26,15 +26,6 @@ class _Keep(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
-
-
-def _wait_for(predicate, timeout: float = T) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def _chatty() -> fed.Pipeline:
@@ -63,7 +54,7 @@ def test_stdlib_logging_in_a_step_reaches_the_client_tagged(make_federation) -> 
     try:
         federation = make_federation(["a", "b"], echo_worker_output=False)
         job_id = federation.submit(_chatty()).result(timeout=T)
-        assert _wait_for(lambda: any("disk is 97% full" in r.getMessage() for r in keep.records))
+        assert wait_until(lambda: any("disk is 97% full" in r.getMessage() for r in keep.records))
     finally:
         logger.removeHandler(keep)
     record = next(r for r in keep.records if "disk is 97% full" in r.getMessage())
