@@ -444,6 +444,8 @@ CLIENT = textwrap.dedent(
         time.sleep(0.01)
     print("ready", flush=True)
     mode = sys.argv[1]
+    if mode in ("exit", "atexit"):
+        sys.stdin.readline()  # the test has seen the workers; now go
     if mode == "exit":
         os._exit(0)
     if mode == "atexit":
@@ -472,6 +474,7 @@ def _client(tmp_path: Path, mode: str) -> Iterator[tuple[subprocess.Popen[str], 
     script.write_text(CLIENT.format(tests=str(Path(__file__).parent)))
     client = subprocess.Popen(
         [sys.executable, str(script), mode],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -482,6 +485,9 @@ def _client(tmp_path: Path, mode: str) -> Iterator[tuple[subprocess.Popen[str], 
         assert client.stdout.readline().strip() == "ready"
         workers = psutil.Process(client.pid).children()
         assert len(workers) == 6
+        assert client.stdin is not None
+        client.stdin.write("go\n")  # exit modes wait for this, so the test sees workers first
+        client.stdin.flush()
         yield client, workers
         _, alive = psutil.wait_procs(workers, timeout=5.0)
         assert not alive, f"orphaned workers: {alive}"
