@@ -24,6 +24,7 @@ import os
 import struct
 import threading
 from collections import deque
+from collections.abc import Callable
 
 __all__ = ["ChannelClosedError", "FrameReader", "Outbox", "make_pipe"]
 
@@ -62,15 +63,18 @@ class Outbox:
     thread, from ``job.send`` callers and from the router thread.
     """
 
-    __slots__ = ("_fd", "_lock", "_pending", "closed", "pending_bytes")
+    __slots__ = ("_fd", "_lock", "_pending", "closed", "on_pending", "pending_bytes")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, on_pending: Callable[[Outbox], None] | None = None) -> None:
         os.set_blocking(fd, False)
         self._fd = fd
         self._lock = threading.Lock()
         self._pending: deque[memoryview] = deque()
         self.pending_bytes = 0
         self.closed = False
+        # Called (outside the lock) whenever a send leaves bytes waiting, so that
+        # the owner's loop watches only the pipes that need it.
+        self.on_pending = on_pending
 
     def fileno(self) -> int:
         """The pipe's write file descriptor."""
@@ -89,22 +93,24 @@ class Outbox:
             if self._pending:
                 self._queue(memoryview(header))
                 self._queue(memoryview(data))
-                return False
-            try:
-                written = os.writev(self._fd, (header, data))
-            except BlockingIOError:
-                written = 0
-            except (BrokenPipeError, OSError) as exc:
-                self.closed = True
-                raise ChannelClosedError(str(exc)) from exc
-            if written == len(header) + len(data):
-                return True
-            if written < len(header):
-                self._queue(memoryview(header)[written:])
-                self._queue(memoryview(data))
             else:
-                self._queue(memoryview(data)[written - len(header) :])
-            return False
+                try:
+                    written = os.writev(self._fd, (header, data))
+                except BlockingIOError:
+                    written = 0
+                except (BrokenPipeError, OSError) as exc:
+                    self.closed = True
+                    raise ChannelClosedError(str(exc)) from exc
+                if written == len(header) + len(data):
+                    return True
+                if written < len(header):
+                    self._queue(memoryview(header)[written:])
+                    self._queue(memoryview(data))
+                else:
+                    self._queue(memoryview(data)[written - len(header) :])
+        if self.on_pending is not None:
+            self.on_pending(self)
+        return False
 
     def _queue(self, view: memoryview) -> None:
         if len(view):

@@ -21,6 +21,7 @@ import os
 import pickle
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _messages as m
@@ -57,6 +58,7 @@ class JobExecution:
         backend: Backend,
         lifeline_fd: int,
         log_level: str,
+        on_pending: Callable[[Outbox], None] | None = None,
     ) -> None:
         self.index = index
         self.generation = generation
@@ -75,6 +77,7 @@ class JobExecution:
         self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=20) for site in self.sites}
         self.partial_output: dict[str, bytes] = {}
         self.memory_killed: str | None = None  # the site the memory watchdog killed
+        self._on_pending = on_pending
         self._start(config, backend, lifeline_fd, log_level)
 
     def _start(self, config: FederationConfig, backend: Backend, lifeline_fd: int, log_level: str) -> None:
@@ -87,7 +90,7 @@ class JobExecution:
             for read_fd, write_fd in [*control.values(), *events.values(), *links.values()]:
                 child_fds += [read_fd, write_fd]
             for site in sites:
-                self.control[site] = Outbox(control[site][1])
+                self.control[site] = Outbox(control[site][1], self._on_pending)
                 self.events[site] = FrameReader(events[site][0])
                 child_fds.remove(control[site][1])
                 child_fds.remove(events[site][0])
@@ -143,9 +146,6 @@ class JobExecution:
         except ChannelClosedError:
             return False
         return True
-
-    def has_pending(self) -> bool:
-        return any(outbox.has_pending for outbox in self.control.values())
 
     # -- ending ----------------------------------------------------------------------------
 

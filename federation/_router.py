@@ -40,6 +40,7 @@ from collections import deque
 from typing import Any
 
 from . import _messages as m
+from ._channel import Outbox
 from ._config import FederationConfig
 from ._exceptions import (
     FederationClosedError,
@@ -108,6 +109,7 @@ class Router:
         self._released: list[tuple[str, str]] = []
         # Results are copied out of workers' segments at once, so a job handle the
         # user keeps never pins a worker's shared memory.
+        self._pending_out: set[Outbox] = set()  # control pipes with bytes waiting for room
         self._views = SegmentViews(lambda creator, name: self._released.append((creator, name)))
         self.thread = threading.Thread(target=self._run, name="federation-router", daemon=True)
 
@@ -151,7 +153,13 @@ class Router:
     def _start_slot(self, index: int) -> JobExecution:
         self._generation += 1
         slot = JobExecution(
-            index, self._generation, self.config, self.backend, self._lifeline_r, self._log_level
+            index,
+            self._generation,
+            self.config,
+            self.backend,
+            self._lifeline_r,
+            self._log_level,
+            self._on_pending,
         )
         self.slots[index] = slot
         for site, reader in slot.events.items():
@@ -173,6 +181,11 @@ class Router:
                 self._poller.unregister(fd)
             except (KeyError, ValueError):
                 pass
+
+    def _on_pending(self, outbox: Outbox) -> None:
+        # A control pipe is full (any thread): the router flushes it when it has room.
+        self._pending_out.add(outbox)
+        self.wake()
 
     def wake(self) -> None:
         """Make the router thread look at its state again."""
@@ -241,8 +254,6 @@ class Router:
             self.wake()  # the router may be waiting with no deadline at all
         for name, payload, close in self._pending_inputs.pop(job.id, ()):
             self._forward_input(job, slot, name, payload, close)
-        if slot.has_pending():
-            self.wake()
 
     def _dispatch_queued(self) -> None:
         while self.free and self.queue:
@@ -291,8 +302,6 @@ class Router:
         self._input_seq[key] = seq + 1
         for site, tokens in per_site.items():
             slot.send(site, (m.TOKENS, job.id, tokens))
-        if slot.has_pending():
-            self.wake()
 
     def _send_to_job(self, slot: JobExecution, site: str, message: tuple[Any, ...]) -> None:
         _, request, _from_job, to_job, name, payload, close = message
@@ -442,12 +451,8 @@ class Router:
                     while self._deferred:
                         self._retire(self._deferred.pop(0), graceful=False)
                     timeout = self._next_timeout()
-                    pending = [
-                        outbox
-                        for slot in self._all_slots()
-                        for outbox in slot.control.values()
-                        if outbox.has_pending and not outbox.closed
-                    ]
+                    # A copy: other threads add to the set (under the GIL) at any time.
+                    pending = [outbox for outbox in list(self._pending_out) if not outbox.closed]
                 for outbox in pending:
                     self._poller.register(outbox.fileno(), select.POLLOUT)
                 try:
@@ -465,8 +470,11 @@ class Router:
                     for fd, _mask in ready:
                         self._on_ready(fd)
                     for outbox in pending:
+                        # Out of the set first: a send racing with this flush puts it back.
+                        self._pending_out.discard(outbox)
                         try:
-                            outbox.flush()
+                            if not outbox.flush():
+                                self._pending_out.add(outbox)
                         except OSError:
                             pass
                     self._on_deadlines()

@@ -79,3 +79,23 @@ def test_a_dead_workers_segments_are_unlinked(make_federation) -> None:
         federation.submit(pipeline, n=1 << 20).result(timeout=T)
     federation.close()
     assert not _segments()
+
+
+def test_inputs_larger_than_a_pipe_reach_the_worker(make_federation) -> None:
+    # A 3 MiB input and 3 MiB stream values do not fit a control pipe (1 MiB): the
+    # rest waits in the client and the router writes it as the worker reads.
+    federation = make_federation(["a", "b"], pool_size=1)
+    pipeline = fed.Pipeline("big-inputs")
+    pipeline.input("chunks", stream=True)
+
+    @pipeline.step(site="a", collect=["chunks"])
+    def sizes(blob, chunks):
+        return len(blob), [(len(c), c[:1]) for c in chunks]
+
+    pipeline.output(sizes)
+    size = 3 << 20
+    job = federation.submit(pipeline, blob=b"x" * size)
+    for i in range(4):
+        job.send("chunks", bytes([i]) * size)
+    job.close("chunks")
+    assert job.result(timeout=T) == (size, [(size, bytes([i])) for i in range(4)])
