@@ -73,7 +73,7 @@ class Router:
         self.config = config
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
-        self.backend = get_backend(config.backend)
+        self.backend = get_backend(config)
         self.log = get_logger("router")
         self.slots: list[JobExecution | None] = [None] * config.pool_size
         self.free: deque[JobExecution] = deque()
@@ -947,6 +947,7 @@ class Router:
                     unlink_segments(slot.shm_prefix(site))
                 slot.close()
             self._views.close()
+            self.backend.close()
             if self.log_files is not None:
                 self.log_files.close()
             self.slots = [None] * len(self.slots)

@@ -869,8 +869,17 @@ def run_worker(
 
 def main() -> None:
     """Entry point of a worker process: ``python -c 'from federation._worker import main; main()' ARGS``."""
-    import faulthandler
     import json
+
+    serve_process(json.loads(sys.argv[1]))
+
+
+def serve_process(args: dict[str, Any]) -> None:
+    """Run this process as a worker on the pipes named in ``args``; never returns.
+
+    Shared by spawned workers (:func:`main`) and workers forked by the forkserver.
+    """
+    import faulthandler
     import signal
 
     # A segfault prints the Python stack to stderr, which the client keeps as the
@@ -878,13 +887,19 @@ def main() -> None:
     faulthandler.enable()
     # Ctrl+C is the client's to handle: it closes the federation, which stops us cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    args = json.loads(sys.argv[1])
     threading.Thread(
         target=_watch_lifeline, args=(args["lifeline"],), name="federation-lifeline", daemon=True
     ).start()
-    run_worker(
-        args["control"], args["events"], args["siblings_in"], args["siblings_out"], capture_logging=True
-    )
+    code = 0
+    try:
+        run_worker(
+            args["control"], args["events"], args["siblings_in"], args["siblings_out"], capture_logging=True
+        )
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - what an uncaught exception does to `python -c`
+        traceback.print_exc()
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     # Whatever the site's steps or setup started (a server, a helper) ends with us.
@@ -893,4 +908,4 @@ def main() -> None:
         os.killpg(os.getpgid(0), signal.SIGTERM)
     except OSError:
         pass
-    os._exit(0)
+    os._exit(code)

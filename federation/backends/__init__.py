@@ -8,7 +8,10 @@ measure it. Everything else (protocol, routing, completion) is shared.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .._config import FederationConfig
 
 __all__ = ["Backend", "WorkerHandle", "get_backend"]
 
@@ -78,15 +81,19 @@ class Backend(Protocol):
         """Start one worker of ``site`` reading ``control_fd`` and writing ``events_fd``."""
         ...
 
+    def close(self) -> None:
+        """Release what the backend holds beyond its workers (a forkserver); idempotent."""
+        ...
 
-def get_backend(name: str) -> Backend:
-    """The backend called ``name``: ``"process"`` or ``"thread"``."""
-    if name == "process":
+
+def get_backend(config: FederationConfig) -> Backend:
+    """The backend ``config`` names: ``"process"`` (spawned or forked) or ``"thread"``."""
+    if config.backend == "process":
         from .process import ProcessBackend
 
-        return ProcessBackend()
-    if name == "thread":
+        return ProcessBackend(config.start_method, config.preload, config.start_timeout)
+    if config.backend == "thread":
         from .thread import ThreadBackend
 
         return ThreadBackend()
-    raise ValueError(f"unknown backend {name!r}; choose 'process' or 'thread'")
+    raise ValueError(f"unknown backend {config.backend!r}; choose 'process' or 'thread'")

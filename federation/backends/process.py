@@ -1,11 +1,11 @@
-"""The process backend: every worker a fresh interpreter, started like ``spawn``.
+"""The process backend: every worker a process of its own, spawned or forked.
 
-Workers are started with fork+exec of ``sys.executable`` (what the ``spawn``
-start method does), but without ``multiprocessing``'s bootstrap: the child
-imports only :mod:`federation._worker`, never the user's ``__main__``. A
-script's top level is not re-run in every worker, the worker's start is not
-charged for the user's imports, and user functions travel by value
-(cloudpickle) instead.
+With ``start_method="spawn"`` (the default), workers are started with
+fork+exec of ``sys.executable`` (what the ``spawn`` start method does), but
+without ``multiprocessing``'s bootstrap: the child imports only
+:mod:`federation._worker`, never the user's ``__main__``. A script's top level
+is not re-run in every worker, the worker's start is not charged for the
+user's imports, and user functions travel by value (cloudpickle) instead.
 
 Each worker runs in its own session and process group, which:
 
@@ -16,23 +16,39 @@ Each worker runs in its own session and process group, which:
 
 The sentinel is a pidfd (readable when the process exits), so the router learns
 of a death the moment it happens, without polling.
+
+With ``start_method="forkserver"``, one forkserver process per federation
+imports :mod:`federation._worker` and the ``preload`` modules once, then forks
+each worker (see :mod:`federation.backends._zygote`): a worker starts in a few
+milliseconds, with a heavy library already imported. The forkserver, not this
+process, is the workers' parent, so it reports their exit codes here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-__all__ = ["ProcessBackend", "ProcessWorker", "kill_process_tree"]
+from .._exceptions import SiteStartError
+
+__all__ = ["ForkServer", "ProcessBackend", "ProcessWorker", "descendants", "kill_process_tree"]
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _BOOT = "from federation._worker import main; main()"
+_ZYGOTE = "from federation.backends._zygote import main; main()"
+_MAX_MESSAGE = 1 << 16
+_EVERY_SITE = "*"
 
 
 def _child_pids(pid: int) -> list[int] | None:
@@ -110,17 +126,17 @@ def _created(proc: psutil.Process) -> float:
 
 
 class ProcessWorker:
-    """A worker process."""
+    """A worker process that this process started (and so can wait for)."""
 
-    def __init__(self, site: str, name: str, popen: subprocess.Popen[bytes], output: int) -> None:
+    def __init__(self, site: str, name: str, pid: int, output: int) -> None:
         self.site = site
         self.name = name
-        self.pid: int | None = popen.pid
-        self._popen = popen
+        self.pid: int | None = pid
+        self._pid = pid
         self.output: int | None = output
         self._baseline: set[tuple[int, float]] = set()
         try:
-            self.sentinel = os.pidfd_open(popen.pid)
+            self.sentinel = os.pidfd_open(pid)
             self._sentinel_owned = True
         except (AttributeError, OSError):  # pragma: no cover - pidfd needs Linux >= 5.3
             # Fall back to the output pipe: EOF once the process (and its children) are gone.
@@ -128,22 +144,28 @@ class ProcessWorker:
             self._sentinel_owned = False
 
     def exitcode(self) -> int | None:
-        return self._popen.poll()
+        raise NotImplementedError
+
+    def reap(self, timeout: float) -> int | None:
+        raise NotImplementedError
+
+    def _alive(self) -> bool:
+        return self.exitcode() is None
 
     def kill(self) -> None:
-        if self._popen.poll() is None:
-            kill_process_tree(self._popen.pid)
+        if self._alive():
+            kill_process_tree(self._pid)
         else:
             # The worker is gone, but processes it started may not be.
             try:
-                os.killpg(self._popen.pid, signal.SIGKILL)
+                os.killpg(self._pid, signal.SIGKILL)
             except OSError:
                 pass
 
     def suspend(self, stop: bool) -> None:
         sig = signal.SIGSTOP if stop else signal.SIGCONT
         try:
-            procs = [psutil.Process(self._popen.pid), *descendants(self._popen.pid)]
+            procs = [psutil.Process(self._pid), *descendants(self._pid)]
         except psutil.Error:
             return
         for proc in procs:
@@ -152,20 +174,14 @@ class ProcessWorker:
             except psutil.Error:
                 pass
 
-    def reap(self, timeout: float) -> int | None:
-        try:
-            return self._popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
     def memory(self) -> int | None:
         try:
-            return int(psutil.Process(self._popen.pid).memory_info().rss)
+            return int(psutil.Process(self._pid).memory_info().rss)
         except psutil.Error:
             return None
 
     def _descendants(self) -> list[psutil.Process]:
-        return descendants(self._popen.pid)
+        return descendants(self._pid)
 
     def mark_ready(self) -> None:
         # (pid, create time): a pid reused later by another process is not "ours from setup".
@@ -186,11 +202,163 @@ class ProcessWorker:
             self.sentinel = -1
 
 
+class SpawnedWorker(ProcessWorker):
+    """A worker started with fork+exec: this process is its parent."""
+
+    def __init__(self, site: str, name: str, popen: subprocess.Popen[bytes], output: int) -> None:
+        super().__init__(site, name, popen.pid, output)
+        self._popen = popen
+
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def reap(self, timeout: float) -> int | None:
+        try:
+            return self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class ForkedWorker(ProcessWorker):
+    """A worker forked by the forkserver, which reaps it and reports its exit code."""
+
+    def __init__(self, site: str, name: str, pid: int, output: int, server: ForkServer) -> None:
+        super().__init__(site, name, pid, output)
+        self._server = server
+
+    def exitcode(self) -> int | None:
+        code = self._server.exitcode(self._pid)
+        if code is None and self._sentinel_owned and _readable(self.sentinel):
+            # Gone (the pidfd says so): its code is on its way from the forkserver.
+            code = self._server.wait_exit(self._pid, 1.0)
+        return code
+
+    def reap(self, timeout: float) -> int | None:
+        return self._server.wait_exit(self._pid, timeout)
+
+
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _worker_env(env: dict[str, str]) -> dict[str, str]:
+    child_env = dict(os.environ)
+    child_env.update(env)
+    path = child_env.get("PYTHONPATH")
+    child_env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + path if path else "")
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    return child_env
+
+
+class ForkServer:
+    """The client's end of the forkserver (see :mod:`federation.backends._zygote`).
+
+    Thread-safe: the pool starts workers from the constructor's thread and
+    replaces them from the router thread.
+    """
+
+    def __init__(self, preload: tuple[str, ...], timeout: float) -> None:
+        self._lock = threading.Lock()
+        self._exits: dict[int, int] = {}
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._popen = subprocess.Popen(
+                [sys.executable, "-c", _ZYGOTE, str(theirs.fileno()), json.dumps(list(preload))],
+                pass_fds=[theirs.fileno()],
+                env=_worker_env({}),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        finally:
+            theirs.close()
+        reply = self._receive(timeout, "ready")
+        if reply is None or "ready" not in reply:
+            self.close()
+            if reply is not None:  # its preload raised: the traceback says which and why
+                raise SiteStartError(
+                    f"the forkserver could not preload {list(preload)}; every site's workers need it",
+                    site=_EVERY_SITE,
+                    remote_traceback=str(reply.get("error")),
+                )
+            raise SiteStartError(f"the forkserver did not start within {timeout} s", site=_EVERY_SITE)
+
+    def _receive(self, timeout: float, want: str, pid: int | None = None) -> dict[str, Any] | None:
+        """Read messages until one with key ``want`` (for ``pid``, if given); keep exit codes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if want == "exit" and pid in self._exits:
+                return {"exit": pid, "code": self._exits[pid]}
+            remaining = deadline - time.monotonic()
+            if remaining < 0 or not select.select([self._sock], [], [], remaining)[0]:
+                return None
+            try:
+                data = self._sock.recv(_MAX_MESSAGE)
+            except OSError:
+                data = b""
+            if not data:
+                return None  # the forkserver is gone
+            message = json.loads(data)
+            if "exit" in message:
+                self._exits[int(message["exit"])] = int(message["code"])
+                continue
+            if want in message or "error" in message:
+                return dict(message)
+
+    def fork(self, site: str, request: dict[str, Any], fds: list[int], timeout: float) -> int:
+        """Ask for a worker of ``site``; its pid."""
+        with self._lock:
+            try:
+                socket.send_fds(self._sock, [json.dumps(request).encode()], fds)
+            except OSError as exc:
+                raise SiteStartError(f"the forkserver is gone: {exc}", site=site) from exc
+            reply = self._receive(timeout, "pid")
+        if reply is None or "pid" not in reply:
+            detail = reply.get("error", "") if reply else "no answer (it is gone, or hung)"
+            raise SiteStartError(f"the forkserver could not start a worker: {detail}", site=site)
+        return int(reply["pid"])
+
+    def exitcode(self, pid: int) -> int | None:
+        """``pid``'s exit code if the forkserver has reported it (reads what has arrived)."""
+        with self._lock:
+            self._receive(0.0, "exit", pid)
+            return self._exits.get(pid)
+
+    def wait_exit(self, pid: int, timeout: float) -> int | None:
+        """Wait up to ``timeout`` for ``pid``'s exit code."""
+        with self._lock:
+            self._receive(timeout, "exit", pid)
+            return self._exits.get(pid)
+
+    def close(self) -> None:
+        """Stop the forkserver (workers it started run on until they are stopped)."""
+        with self._lock:
+            self._sock.close()
+        try:
+            self._popen.wait(5.0)
+        except subprocess.TimeoutExpired:
+            self._popen.kill()
+            self._popen.wait(5.0)
+
+
 class ProcessBackend:
-    """Starts every worker as its own spawned process."""
+    """Starts every worker as a process of its own: spawned, or forked by a forkserver."""
 
     name = "process"
     client_closes_child_fds = True
+
+    def __init__(
+        self, start_method: str = "spawn", preload: tuple[str, ...] = (), timeout: float = 60.0
+    ) -> None:
+        self.start_method = start_method
+        self._preload = preload
+        self._timeout = timeout
+        self._server: ForkServer | None = None
+        self._server_lock = threading.Lock()
 
     def start(
         self,
@@ -211,18 +379,15 @@ class ProcessBackend:
             "siblings_in": siblings_in,
             "siblings_out": siblings_out,
         }
-        child_env = dict(os.environ)
-        child_env.update(env)
-        path = child_env.get("PYTHONPATH")
-        child_env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + path if path else "")
-        child_env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.start_method == "forkserver":
+            return self._fork(site, name, env, args)
         fds = [control_fd, events_fd, lifeline_fd, *siblings_in.values(), *siblings_out.values()]
         out_r, out_w = os.pipe()
         try:
             popen = subprocess.Popen(
                 [sys.executable, "-c", _BOOT, json.dumps(args), name],
                 pass_fds=fds,
-                env=child_env,
+                env=_worker_env(env),
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
@@ -234,4 +399,44 @@ class ProcessBackend:
             raise
         finally:
             os.close(out_w)
-        return ProcessWorker(site, name, popen, out_r)
+        return SpawnedWorker(site, name, popen, out_r)
+
+    def _fork(self, site: str, name: str, env: dict[str, str], args: dict[str, Any]) -> ProcessWorker:
+        with self._server_lock:
+            if self._server is None:
+                self._server = ForkServer(self._preload, self._timeout)
+            server = self._server
+        out_r, out_w = os.pipe()
+        try:
+            # The fds travel by index into the list sent with the request.
+            fds = [args["control"], args["events"], args["lifeline"], out_w]
+            index = {fd: i for i, fd in enumerate(fds)}
+            for fd in [*args["siblings_in"].values(), *args["siblings_out"].values()]:
+                index[fd] = len(fds)
+                fds.append(fd)
+            request = {
+                "name": name,
+                "env": {**env, "PYTHONUNBUFFERED": "1"},
+                "output": index[out_w],
+                "args": {
+                    "control": index[args["control"]],
+                    "events": index[args["events"]],
+                    "lifeline": index[args["lifeline"]],
+                    "siblings_in": {s: index[fd] for s, fd in args["siblings_in"].items()},
+                    "siblings_out": {s: index[fd] for s, fd in args["siblings_out"].items()},
+                },
+            }
+            pid = server.fork(site, request, fds, self._timeout)
+        except BaseException:
+            os.close(out_r)
+            raise
+        finally:
+            os.close(out_w)
+        return ForkedWorker(site, name, pid, out_r, server)
+
+    def close(self) -> None:
+        """Stop the forkserver, if one was started."""
+        with self._server_lock:
+            server, self._server = self._server, None
+        if server is not None:
+            server.close()

@@ -84,6 +84,9 @@ class ThreadBackend:
     name = "thread"
     client_closes_child_fds = False
 
+    def close(self) -> None:
+        """Nothing to release: every worker thread ends with its pipes."""
+
     def start(
         self,
         *,
