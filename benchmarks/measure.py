@@ -207,6 +207,8 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "pool-start", "all_ready_s", "all 12 ready", "s", "lower", "<= 1.0 s", (Check(limit=1.0),), digits=3
     ),
+    Metric("pool-start", "forkserver_first_job_s", "first job done, forkserver", "s", "lower", digits=3),
+    Metric("pool-start", "forkserver_all_ready_s", "all 12 ready, forkserver", "s", "lower", digits=3),
     Metric(
         "failure",
         "sigkill_to_error_ms",

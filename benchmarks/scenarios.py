@@ -230,14 +230,32 @@ class FederationEngine:
             federation = self._federation(s.sites, s.slots, wait_ready=True)
             ready.append(time.perf_counter() - started)
             federation.close()
+        forked_first: list[float] = []
+        forked_ready: list[float] = []
+        for _ in range(s.start_repeats):
+            # The forkserver starts with the federation: its own start is counted.
+            started = time.perf_counter()
+            federation = self._federation(s.sites, s.slots, wait_ready=False, start_method="forkserver")
+            try:
+                federation.submit(pipeline, x=1).result(timeout=s.timeout)
+                forked_first.append(time.perf_counter() - started)
+            finally:
+                federation.close()
+            started = time.perf_counter()
+            federation = self._federation(s.sites, s.slots, wait_ready=True, start_method="forkserver")
+            forked_ready.append(time.perf_counter() - started)
+            federation.close()
         self.notes.setdefault("pool-start", []).append(
             "federation: 'slots still starting then' = slots of the wait_ready=False pool still starting "
-            f"when its first job had finished (federation.stats()), of {s.slots}"
+            f"when its first job had finished (federation.stats()), of {s.slots}; "
+            "'forkserver' rows: start_method='forkserver' (spawn is the default)"
         )
         return {
             "first_job_s": median(first),
             "starting_at_first_job": median(starting),
             "all_ready_s": median(ready),
+            "forkserver_first_job_s": median(forked_first),
+            "forkserver_all_ready_s": median(forked_ready),
         }
 
     # -- 6. failure detection ----------------------------------------------------------------
