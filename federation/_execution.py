@@ -164,7 +164,7 @@ class JobExecution:
             outbox.close()  # a thread worker sees EOF and ends when it can
 
     def alive(self) -> list[WorkerHandle]:
-        return [w for w in self.workers.values() if w.exitcode() is None]
+        return [w for w in self.workers.values() if w.alive()]
 
     def close(self) -> None:
         """Release the client's ends of every pipe and the workers' sentinels."""

@@ -244,8 +244,7 @@ def collect_stats(router: Router, closed: bool) -> FederationStats:
 
 def _measure(router: Router, handle: Any, now: float) -> dict[str, Any]:
     """Liveness, memory and CPU of one worker; memory and CPU only if it is a process of its own."""
-    exitcode = handle.exitcode()
-    alive = exitcode is None
+    alive = handle.alive()
     result: dict[str, Any] = {"alive": alive}
     if not alive:
         return result

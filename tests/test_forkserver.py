@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -182,3 +183,23 @@ def test_forkserver_and_workers_exit_when_the_client_is_killed(tmp_path: Path) -
     finally:
         client.kill()
         client.communicate(timeout=T)
+
+
+@process_only
+def test_a_killed_forkserver_is_started_again_for_new_workers(make_federation) -> None:
+    federation = _forkserver(make_federation, pool_size=1, shutdown_timeout=30.0)
+    server, _ = _tree()
+    server.send_signal(signal.SIGKILL)
+    server.wait(T)
+    # Its workers run on; the one that dies now is replaced by a new forkserver's fork.
+    with pytest.raises(fed.WorkerDiedError) as info:
+        federation.submit(failing_pipeline("exit"), x=1).result(timeout=T)
+    assert info.value.site == "a"
+    assert federation.submit(chain_pipeline(), x=4).result(timeout=T) == 9
+    new_server, workers = _tree()
+    assert new_server.pid != server.pid and len(workers) == 2
+    # Workers whose exit codes will never come still count as gone once their pidfd
+    # says so: close() does not sit out its 30 s shutdown_timeout waiting for them.
+    started = time.monotonic()
+    federation.close()
+    assert time.monotonic() - started < 10.0

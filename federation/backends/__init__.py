@@ -29,6 +29,10 @@ class WorkerHandle(Protocol):
         """The exit code once the worker is gone (negative: killed by that signal)."""
         ...
 
+    def alive(self) -> bool:
+        """Whether the worker is still running."""
+        ...
+
     def kill(self) -> None:
         """Kill the worker and every process it started, without waiting."""
         ...

@@ -149,11 +149,11 @@ class ProcessWorker:
     def reap(self, timeout: float) -> int | None:
         raise NotImplementedError
 
-    def _alive(self) -> bool:
+    def alive(self) -> bool:
         return self.exitcode() is None
 
     def kill(self) -> None:
-        if self._alive():
+        if self.alive():
             kill_process_tree(self._pid)
         else:
             # The worker is gone, but processes it started may not be.
@@ -236,6 +236,14 @@ class ForkedWorker(ProcessWorker):
     def reap(self, timeout: float) -> int | None:
         return self._server.wait_exit(self._pid, timeout)
 
+    def alive(self) -> bool:
+        if self._server.exitcode(self._pid) is not None:
+            return False
+        if self._sentinel_owned:
+            # Exited, even if its code never comes (a forkserver killed from outside).
+            return not _readable(self.sentinel)
+        return bool(psutil.pid_exists(self._pid))
+
 
 def _readable(fd: int) -> bool:
     poller = select.poll()
@@ -262,6 +270,7 @@ class ForkServer:
     def __init__(self, preload: tuple[str, ...], timeout: float) -> None:
         self._lock = threading.Lock()
         self._exits: dict[int, int] = {}
+        self.gone = False  # it exited (killed from outside?): a new one is needed for new workers
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._popen = subprocess.Popen(
@@ -288,20 +297,28 @@ class ForkServer:
             raise SiteStartError(f"the forkserver did not start within {timeout} s", site=_EVERY_SITE)
 
     def _receive(self, timeout: float, want: str, pid: int | None = None) -> dict[str, Any] | None:
-        """Read messages until one with key ``want`` (for ``pid``, if given); keep exit codes."""
+        """Read messages until one with key ``want`` (for ``pid``, if given); keep exit codes.
+
+        With ``timeout`` 0, reads what has arrived and returns.
+        """
         deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
         while True:
             if want == "exit" and pid in self._exits:
                 return {"exit": pid, "code": self._exits[pid]}
-            remaining = deadline - time.monotonic()
-            if remaining < 0 or not select.select([self._sock], [], [], remaining)[0]:
+            if self.gone:
+                return None  # no more codes will come
+            remaining = max(0.0, deadline - time.monotonic())
+            if not poller.poll(int(remaining * 1000)):
                 return None
             try:
                 data = self._sock.recv(_MAX_MESSAGE)
             except OSError:
                 data = b""
             if not data:
-                return None  # the forkserver is gone
+                self.gone = True
+                return None
             message = json.loads(data)
             if "exit" in message:
                 self._exits[int(message["exit"])] = int(message["code"])
@@ -315,6 +332,7 @@ class ForkServer:
             try:
                 socket.send_fds(self._sock, [json.dumps(request).encode()], fds)
             except OSError as exc:
+                self.gone = True
                 raise SiteStartError(f"the forkserver is gone: {exc}", site=site) from exc
             reply = self._receive(timeout, "pid")
         if reply is None or "pid" not in reply:
@@ -358,6 +376,7 @@ class ProcessBackend:
         self._preload = preload
         self._timeout = timeout
         self._server: ForkServer | None = None
+        self._old_servers: list[ForkServer] = []  # gone, but their workers' exit codes may come
         self._server_lock = threading.Lock()
 
     def start(
@@ -403,6 +422,9 @@ class ProcessBackend:
 
     def _fork(self, site: str, name: str, env: dict[str, str], args: dict[str, Any]) -> ProcessWorker:
         with self._server_lock:
+            if self._server is not None and self._server.gone:
+                self._old_servers.append(self._server)
+                self._server = None
             if self._server is None:
                 self._server = ForkServer(self._preload, self._timeout)
             server = self._server
@@ -437,6 +459,7 @@ class ProcessBackend:
     def close(self) -> None:
         """Stop the forkserver, if one was started."""
         with self._server_lock:
-            server, self._server = self._server, None
-        if server is not None:
+            servers = [*self._old_servers, *([self._server] if self._server else [])]
+            self._server, self._old_servers = None, []
+        for server in servers:
             server.close()

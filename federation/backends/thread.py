@@ -52,6 +52,9 @@ class ThreadWorker:
     def exitcode(self) -> int | None:
         return None if self._thread.is_alive() else self._exitcode
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def kill(self) -> None:
         """A thread cannot be killed; the execution closes its pipes so it ends when it can."""
 
