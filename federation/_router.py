@@ -76,6 +76,7 @@ class Router:
         self.backend = get_backend(config)
         self.log = get_logger("router")
         self.slots: list[JobExecution | None] = [None] * config.pool_size
+        self.unstarted: list[int] = []  # slot indices waiting for the first wave to be ready
         self.free: deque[JobExecution] = deque()
         self.queue: deque[Job] = deque()
         self.running: dict[int, tuple[Job, JobExecution]] = {}
@@ -123,8 +124,12 @@ class Router:
         """
         try:
             with self.lock:
+                first = self._first_wave()
                 for index in range(self.config.pool_size):
-                    self._start_slot(index)
+                    if index < first:
+                        self._start_slot(index)
+                    else:
+                        self.unstarted.append(index)
         except BaseException:
             self._abandon()
             raise
@@ -149,6 +154,34 @@ class Router:
             raise error
         with self.lock:
             self.started = True
+
+    def _first_wave(self) -> int:
+        """How many slots to start at once; the rest start when the first is ready.
+
+        Workers starting together share the CPUs: started all at once on 2 cores,
+        every slot becomes ready at the same moment, late. A first wave that fits
+        the CPUs is ready early, so the first job runs while the rest start.
+        """
+        if self.backend.name == "thread":
+            return self.config.pool_size
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            cpus = os.cpu_count() or 1
+        return max(1, cpus // len(self.config.sites))
+
+    def _start_unstarted(self) -> None:
+        while self.unstarted and not self.closing:
+            index = self.unstarted.pop(0)
+            try:
+                self._start_slot(index)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of file descriptors
+                error = SiteStartError(f"could not start slot {index}: {exc!r}", site="*")
+                if not self.started:
+                    self.start_error = self.start_error or error
+                    self.changed.notify_all()
+                    return
+                self.log.error("could not start a slot", slot=index, error=repr(exc))
 
     def _start_slot(self, index: int) -> JobExecution:
         self._generation += 1
@@ -579,6 +612,7 @@ class Router:
                     "slot ready", slot=slot.index, seconds=round(time.monotonic() - slot.started_at, 3)
                 )
                 self._dispatch_queued()
+                self._start_unstarted()  # after the dispatch: a first job runs meanwhile
         elif tag == m.START_FAILED:
             self._on_start_failed(slot, site, f"a worker of site {site!r} failed to start", message[1])
 
@@ -951,6 +985,7 @@ class Router:
             if self.log_files is not None:
                 self.log_files.close()
             self.slots = [None] * len(self.slots)
+            self.unstarted.clear()
             self._retired.clear()
             self._deferred.clear()
             self.free.clear()

@@ -176,9 +176,9 @@ def collect_stats(router: Router, closed: bool) -> FederationStats:
     workers: list[tuple[Any, dict[str, Any]]] = []
     with router.lock:
         counts = {"idle": 0, "busy": 0, "starting": 0, "other": 0}
-        for slot in router.slots:
+        for index, slot in enumerate(router.slots):
             if slot is None:
-                counts["other"] += 1
+                counts["starting" if index in router.unstarted else "other"] += 1
                 continue
             state = slot.state.value
             counts[state if state in counts else "other"] += 1

@@ -8,7 +8,7 @@ import os
 import threading
 
 import pytest
-from conftest import wait_until
+from conftest import wait_until, worker_processes
 from pipelines import (
     aggregator_pipeline,
     chain_pipeline,
@@ -389,3 +389,15 @@ def test_invalid_config_raises_config_error() -> None:
         fed.Site("has space")
     with pytest.raises(fed.ConfigError, match="no_such_option"):
         fed.Federation(["a"], no_such_option=1)
+
+
+@pytest.mark.parametrize("backend", ["process"])
+def test_slots_start_in_waves_and_all_come_up(make_federation) -> None:
+    # Slots beyond what the CPUs can start at once wait for the first to be ready,
+    # so that a first job runs early; none of them may be forgotten.
+    federation = make_federation(["a", "b", "hub"], pool_size=3, wait_ready=False)
+    slots = federation.stats().slots
+    assert slots.starting + slots.free + slots.busy == 3
+    assert federation.submit(chain_pipeline(), x=1).result(timeout=T) == 3
+    assert wait_until(lambda: federation.stats().slots.free == 3, timeout=T)
+    assert len(worker_processes()) == 9
