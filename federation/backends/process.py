@@ -26,6 +26,7 @@ process, is the workers' parent, so it reports their exit codes here.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import select
@@ -74,7 +75,7 @@ def _child_pids(pid: int) -> list[int] | None:
 
 
 def descendants(pid: int) -> list[psutil.Process]:
-    """Every live descendant of ``pid`` (children first).
+    """Every live descendant of ``pid``.
 
     Walks ``/proc/PID/task/*/children`` where Linux has it: ~50 us for a worker,
     where psutil's ``children(recursive=True)`` reads the stat file of every
@@ -125,8 +126,11 @@ def _created(proc: psutil.Process) -> float:
         return 0.0
 
 
-class ProcessWorker:
-    """A worker process that this process started (and so can wait for)."""
+class ProcessWorker(abc.ABC):
+    """A worker process: its pid, its pidfd sentinel and its output pipe.
+
+    How its exit code is learnt depends on who its parent is: see the subclasses.
+    """
 
     def __init__(self, site: str, name: str, pid: int, output: int) -> None:
         self.site = site
@@ -143,11 +147,13 @@ class ProcessWorker:
             self.sentinel = output
             self._sentinel_owned = False
 
+    @abc.abstractmethod
     def exitcode(self) -> int | None:
-        raise NotImplementedError
+        """The exit code once the worker is gone (negative: killed by that signal)."""
 
+    @abc.abstractmethod
     def reap(self, timeout: float) -> int | None:
-        raise NotImplementedError
+        """Wait up to ``timeout`` for the worker to end; its exit code, or ``None``."""
 
     def alive(self) -> bool:
         return self.exitcode() is None
@@ -376,7 +382,7 @@ class ProcessBackend:
         self._preload = preload
         self._timeout = timeout
         self._server: ForkServer | None = None
-        self._old_servers: list[ForkServer] = []  # gone, but their workers' exit codes may come
+        self._old_servers: list[ForkServer] = []  # gone (killed from outside); closed with us
         self._server_lock = threading.Lock()
 
     def start(
