@@ -288,11 +288,23 @@ def _add_federation_options(parser: argparse.ArgumentParser, default_pool: int) 
         help="where sites run (default: process)",
     )
     parser.add_argument(
+        "--start-method",
+        choices=("spawn", "forkserver"),
+        default="spawn",
+        help="how process workers start: a fresh interpreter each, or forked from a forkserver "
+        "(default: spawn)",
+    )
+    parser.add_argument(
         "--pool-size",
         type=_positive_int,
         default=default_pool,
         help=f"job executions to keep ready (default {default_pool})",
     )
+
+
+def _start_options(args: argparse.Namespace) -> dict[str, Any]:
+    # Only when asked: with --backend thread the default is no option at all, not an error.
+    return {"start_method": args.start_method} if args.start_method != "spawn" else {}
 
 
 def _positive_int(text: str) -> int:
@@ -357,7 +369,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     clinics = ", ".join(_demo.CLINICS)
     print(f"A federated mean: {clinics} keep their data; only counts and sums travel to {_demo.HUB}.")
     started = time.perf_counter()
-    with Federation(sites=_demo.build_sites(), backend=args.backend, pool_size=args.pool_size) as federation:
+    with Federation(
+        sites=_demo.build_sites(),
+        backend=args.backend,
+        pool_size=args.pool_size,
+        **_start_options(args),
+    ) as federation:
         ready = time.perf_counter() - started
         workers = f"{args.pool_size} slot(s) of {len(federation.sites)} {args.backend} workers"
         print(f"Started {workers} in {ready:.2f} s.")
@@ -435,7 +452,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     sites = args.sites
     if sites is None:
         sites = list(dict.fromkeys(site for step in pipeline.steps.values() for site in step.sites))
-    with Federation(sites=sites, backend=args.backend, pool_size=args.pool_size) as federation:
+    with Federation(
+        sites=sites, backend=args.backend, pool_size=args.pool_size, **_start_options(args)
+    ) as federation:
         job = federation.submit(pipeline, inputs=inputs)
         try:
             result = job.result(timeout=args.timeout)
@@ -566,7 +585,8 @@ def doctor_report() -> dict[str, Any]:
         "platform": platform.platform(),
         "start_method": multiprocessing.get_start_method(allow_none=True)
         or multiprocessing.get_context().get_start_method(),
-        "worker_start": "fork+exec of the interpreter (like spawn)",
+        "worker_start": "spawn: fork+exec of the interpreter (default); "
+        "forkserver: forked from a preloaded forkserver",
         "pidfd": hasattr(os, "pidfd_open"),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": affinity,

@@ -106,6 +106,23 @@ def test_demo_prints_results_and_a_timeline_summary(backend: str, tmp_path: Path
     assert timeline.is_file() and 'data-site="clinic-a"' in timeline.read_text()
 
 
+def test_demo_runs_on_forked_workers() -> None:
+    """--start-method forkserver gives the same federated mean as spawned workers."""
+    result = run_cli("demo", "--start-method", "forkserver", "--jobs", "1")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.split("mean of the values above 0.3: ")[1].split()[0] == (
+        out.split("all the data in one place: ")[1].split()[0]
+    )
+
+
+def test_a_start_method_the_backend_cannot_use_is_a_config_error() -> None:
+    """A forkserver for thread workers is a usage error: exit 2, one line saying what is needed."""
+    result = run_cli("demo", "--backend", "thread", "--start-method", "forkserver")
+    assert result.returncode == 2
+    assert "needs backend='process'" in one_error_line(result)
+
+
 # -- run ----------------------------------------------------------------------------------
 
 
