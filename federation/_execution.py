@@ -69,6 +69,7 @@ class JobExecution:
         self.control: dict[str, Outbox] = {}
         self.events: dict[str, FrameReader] = {}
         self.ready: set[str] = set()
+        self.booted: set[str] = set()
         self.plans: dict[str, set[bytes]] = {site: set() for site in self.sites}
         self.job: Job | None = None
         self.pending_sites: set[str] = set()

@@ -37,6 +37,7 @@ DONE = 13  # (DONE, job_id, ok, info)
 FAILED = 14  # (FAILED, job_id, step, exception_bytes, traceback_text)
 SEND_TO_JOB = 15  # (SEND_TO_JOB, request_id, from_job, to_job, input, payload, close)
 LOG = 16  # (LOG, [(level, event, fields), ...])
+BOOTED = 17  # (BOOTED,)  the interpreter is up; the site's setup runs next
 
 # Token kinds: an item; the last item from its source; the end of a stream with no item.
 ITEM = 0

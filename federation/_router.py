@@ -134,7 +134,10 @@ class Router:
             self._abandon()
             raise
         self.thread.start()
-        deadline = time.monotonic() + self.config.start_timeout + 1.0
+        # Each worker has start_timeout (the router enforces it per slot); waves
+        # start one after another, so the whole pool may take twice as long.
+        waves = 2 if self.unstarted else 1
+        deadline = time.monotonic() + waves * (self.config.start_timeout + 1.0)
         with self.lock:
             ok = self.changed.wait_for(
                 lambda: (
@@ -156,11 +159,13 @@ class Router:
             self.started = True
 
     def _first_wave(self) -> int:
-        """How many slots to start at once; the rest start when the first is ready.
+        """How many slots to start at once; the rest start once the first has booted.
 
         Workers starting together share the CPUs: started all at once on 2 cores,
         every slot becomes ready at the same moment, late. A first wave that fits
-        the CPUs is ready early, so the first job runs while the rest start.
+        the CPUs boots early, so the first job can run while the rest start. The
+        rest start as soon as the first wave's interpreters are up (BOOTED), not
+        when its setups are done: a setup that waits on I/O holds nobody back.
         """
         if self.backend.name == "thread":
             return self.config.pool_size
@@ -601,6 +606,12 @@ class Router:
                     + " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("site", "pid", "worker"))
                 )
                 log_worker_record(site, level, event, fields)
+        elif tag == m.BOOTED:
+            slot.booted.add(site)
+            if self.unstarted and slot.booted == set(slot.sites):
+                # The CPU-heavy part of this wave's start is over; its setups may be
+                # slow but need not hold the next wave back.
+                self._start_unstarted()
         elif tag == m.READY:
             slot.ready.add(site)
             slot.workers[site].mark_ready()
@@ -612,7 +623,6 @@ class Router:
                     "slot ready", slot=slot.index, seconds=round(time.monotonic() - slot.started_at, 3)
                 )
                 self._dispatch_queued()
-                self._start_unstarted()  # after the dispatch: a first job runs meanwhile
         elif tag == m.START_FAILED:
             self._on_start_failed(slot, site, f"a worker of site {site!r} failed to start", message[1])
 

@@ -830,6 +830,7 @@ def run_worker(
             worker._inbox.append(pickle.loads(frame))
         if spec.data_dir:
             os.makedirs(spec.data_dir, exist_ok=True)
+        events.send(pickle.dumps((m.BOOTED,), protocol=5))
         try:
             if spec.setup is not None:
                 worker.state = spec.setup()

@@ -111,9 +111,8 @@ def test_demo_runs_on_forked_workers() -> None:
     result = run_cli("demo", "--start-method", "forkserver", "--jobs", "1")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert out.split("mean of the values above 0.3: ")[1].split()[0] == (
-        out.split("all the data in one place: ")[1].split()[0]
-    )
+    federated = out.split("mean of the values above 0.3: ")[1].split()[0]
+    assert federated == out.split("all the data in one place: ")[1].split()[0]
 
 
 def test_a_start_method_the_backend_cannot_use_is_a_config_error() -> None:

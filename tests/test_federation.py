@@ -401,3 +401,31 @@ def test_slots_start_in_waves_and_all_come_up(make_federation) -> None:
     assert federation.submit(chain_pipeline(), x=1).result(timeout=T) == 3
     assert wait_until(lambda: federation.stats().slots.free == 3, timeout=T)
     assert len(worker_processes()) == 9
+
+
+@pytest.mark.parametrize("backend", ["process"])
+def test_a_slow_setup_does_not_hold_back_the_next_wave(make_federation, tmp_path) -> None:
+    # Every setup waits for a flag file: the second wave of slots must start while
+    # the first wave's setups are still waiting (after its interpreters are up).
+    flag = tmp_path / "go"
+
+    def wait_for_flag() -> None:
+        import os
+        import time
+
+        deadline = time.monotonic() + 30
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the workload: a setup waiting on something outside
+
+    sites = [fed.Site(name, setup=wait_for_flag) for name in ("a", "b", "hub")]
+    made: list[fed.Federation] = []
+    builder = threading.Thread(target=lambda: made.append(make_federation(sites, pool_size=3)))
+    builder.start()
+    try:
+        assert wait_until(lambda: len(worker_processes()) == 9, timeout=T)
+        assert not made  # still starting: no setup has finished
+    finally:
+        flag.touch()
+        builder.join(T)
+    (federation,) = made
+    assert federation.submit(chain_pipeline(), x=1).result(timeout=T) == 3

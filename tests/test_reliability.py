@@ -219,22 +219,29 @@ def test_start_timeout(backend) -> None:
 
 
 @process_only
-def test_cancel_a_hung_step_kills_its_process_tree_after_the_grace(make_federation) -> None:
+def test_cancel_a_hung_step_kills_its_process_tree_after_the_grace(make_federation, tmp_path) -> None:
     federation = make_federation(["a", "b"], pool_size=1, cancel_grace=0.2)
     pipeline = fed.Pipeline("hung")
 
     @pipeline.step(site="a")
-    def hang():
+    def hang(pid_file):
+        import os
         import subprocess
         import time
 
         child = subprocess.Popen(["sleep", "300"])
-        yield child.pid
+        # Not a yield: an abort arriving while a value is sent would stop the step
+        # cooperatively. Past this line nothing can notice the abort: only a kill ends it.
+        with open(pid_file + ".tmp", "w") as file:
+            file.write(str(child.pid))
+        os.replace(pid_file + ".tmp", pid_file)
         time.sleep(300)
 
     pipeline.output(hang)
-    job = federation.submit(pipeline)
-    grandchild = next(iter(job.results(timeout=T))).value
+    pid_file = tmp_path / "grandchild"
+    job = federation.submit(pipeline, pid_file=str(pid_file))
+    assert wait_until(pid_file.exists, timeout=T)
+    grandchild = int(pid_file.read_text())
     (worker,) = worker_processes("a/slot-0")
     job.cancel()
     with pytest.raises(fed.JobCancelledError):
