@@ -449,22 +449,24 @@ CLIENT = textwrap.dedent(
     job = federation.submit(slow_pipeline(cooperative=False), seconds=120)
     while job.status is not fed.JobStatus.RUNNING:
         time.sleep(0.01)
-    print("ready", flush=True)
     mode = sys.argv[1]
-    if mode in ("exit", "atexit"):
-        sys.stdin.readline()  # the test has seen the workers; now go
-    if mode == "exit":
-        os._exit(0)
-    if mode == "atexit":
-        sys.exit(0)  # no close(): interpreter exit closes the federation
-    if mode == "sigint":
-        try:
+    try:  # from before "ready": Ctrl+C may come the moment the test reads it
+        print("ready", flush=True)
+        if mode in ("exit", "atexit"):
+            sys.stdin.readline()  # the test has seen the workers; now go
+        if mode == "exit":
+            os._exit(0)
+        if mode == "atexit":
+            sys.exit(0)  # no close(): interpreter exit closes the federation
+        if mode == "sigint":
             job.result(timeout=60)
-        except KeyboardInterrupt:
-            federation.close(cancel_pending=True)
-            print("closed cleanly", flush=True)
-            sys.exit(0)
-    time.sleep(120)
+        time.sleep(120)
+    except KeyboardInterrupt:
+        if mode != "sigint":
+            raise
+        federation.close(cancel_pending=True)
+        print("closed cleanly", flush=True)
+        sys.exit(0)
     """
 )
 
