@@ -29,10 +29,12 @@ from collections.abc import Callable
 __all__ = ["ChannelClosedError", "FrameReader", "Outbox", "make_pipe"]
 
 _HEADER = struct.Struct("!Q")
-# One read takes up to this much. It lands in the reader's own reusable buffer:
-# ``os.read`` of this size would allocate (mmap) and free a fresh 256 KiB object on
-# every call, ~13 us against ~1 us, on every hop of every job.
+# One read takes up to this much. It lands in a reusable buffer, one per thread
+# (a reader is only ever read by one thread at a time): ``os.read`` of this size
+# would allocate (mmap) and free a fresh 256 KiB object on every call, ~13 us
+# against ~1 us, on every hop of every job.
 _READ_SIZE = 1 << 18
+_scratch = threading.local()
 # Frames at least this large are read straight into their own buffer, not via the
 # shared read buffer, so a 256 MiB payload is copied once, not re-concatenated.
 _DIRECT = 1 << 20
@@ -164,7 +166,7 @@ class Outbox:
 class FrameReader:
     """The reading end of a pipe: returns the complete frames that have arrived."""
 
-    __slots__ = ("_big", "_big_filled", "_buffer", "_fd", "_scratch", "eof")
+    __slots__ = ("_big", "_big_filled", "_buffer", "_fd", "eof")
 
     def __init__(self, fd: int) -> None:
         os.set_blocking(fd, False)
@@ -172,7 +174,6 @@ class FrameReader:
         self._buffer = bytearray()
         self._big: bytearray | None = None
         self._big_filled = 0
-        self._scratch: memoryview | None = None  # made on first read: idle readers cost nothing
         self.eof = False
 
     def fileno(self) -> int:
@@ -188,9 +189,9 @@ class FrameReader:
         frames: list[bytes | bytearray] = []
         if self._big is not None and not self._fill_big(frames):
             return frames
-        scratch = self._scratch
+        scratch: memoryview | None = getattr(_scratch, "view", None)
         if scratch is None:
-            scratch = self._scratch = memoryview(bytearray(_READ_SIZE))
+            scratch = _scratch.view = memoryview(bytearray(_READ_SIZE))
         try:
             got = os.readv(self._fd, [scratch])
         except BlockingIOError:

@@ -76,7 +76,7 @@ class Router:
         self.backend = get_backend(config)
         self.log = get_logger("router")
         self.slots: list[JobExecution | None] = [None] * config.pool_size
-        self.unstarted: list[int] = []  # slot indices waiting for the first wave to be ready
+        self.unstarted: list[int] = []  # slot indices waiting for the first wave to boot
         self.free: deque[JobExecution] = deque()
         self.queue: deque[Job] = deque()
         self.running: dict[int, tuple[Job, JobExecution]] = {}
@@ -108,9 +108,9 @@ class Router:
         self._retired: list[JobExecution] = []  # out of the pool, waiting for their workers to end
         self.log_files = SiteLogFiles(config.log_dir) if config.log_dir is not None else None
         self._released: list[tuple[str, str]] = []
+        self._pending_out: set[Outbox] = set()  # control pipes with bytes waiting for room
         # Results are copied out of workers' segments at once, so a job handle the
         # user keeps never pins a worker's shared memory.
-        self._pending_out: set[Outbox] = set()  # control pipes with bytes waiting for room
         self._views = SegmentViews(lambda creator, name: self._released.append((creator, name)))
         self.thread = threading.Thread(target=self._run, name="federation-router", daemon=True)
 
@@ -489,8 +489,13 @@ class Router:
                     while self._deferred:
                         self._retire(self._deferred.pop(0), graceful=False)
                     timeout = self._next_timeout()
+                    pending = []
                     # A copy: other threads add to the set (under the GIL) at any time.
-                    pending = [outbox for outbox in list(self._pending_out) if not outbox.closed]
+                    for outbox in list(self._pending_out):
+                        if outbox.closed:  # its worker is gone: nothing will ever drain it
+                            self._pending_out.discard(outbox)
+                        else:
+                            pending.append(outbox)
                 for outbox in pending:
                     self._poller.register(outbox.fileno(), select.POLLOUT)
                 try:
