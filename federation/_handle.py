@@ -287,8 +287,7 @@ class Job:
                 self._status = status
                 self._cond.notify_all()
 
-    def _start_attempt(self, slot: int) -> None:
-        now = time.time()
+    def _start_attempt(self, slot: int, now: float) -> None:
         with self._cond:
             if self.started is None:
                 self.started = now
@@ -296,7 +295,7 @@ class Job:
             if not self._status.ended:
                 self._status = JobStatus.RUNNING
             self._cond.notify_all()
-        self._record("started", slot=slot, attempt=len(self._attempts))
+        self._events.append((now, "started", {"slot": slot, "attempt": len(self._attempts)}))
 
     def _end_attempt(self, error: str | None) -> None:
         with self._cond:

@@ -274,9 +274,7 @@ class Router:
         slot.pending_sites = set(compiled.participants)
         slot.kill_deadline = None
         self.running[job.id] = (job, slot)
-        if job.status is JobStatus.QUEUED:
-            self._count(JobStatus.RUNNING, JobStatus.QUEUED)
-        job._start_attempt(slot.index)  # stamped before any site can start
+        started = time.time()  # the attempt's start: before any site can start
         for site in compiled.participants:
             digest, plan = compiled.plans[site]
             if digest not in slot.plans[site]:
@@ -286,6 +284,11 @@ class Router:
                 name: inputs[name] for name in compiled.site_inputs.get(site, ()) if name in inputs
             }
             slot.send(site, (m.START, job.id, digest, site_inputs))
+        # Bookkeeping after the sends: the workers start meanwhile. Their replies are
+        # read under the lock this holds, so none can overtake it.
+        if job.status is JobStatus.QUEUED:
+            self._count(JobStatus.RUNNING, JobStatus.QUEUED)
+        job._start_attempt(slot.index, started)
         if job.timeout is not None:
             self._deadlines[job.id] = time.monotonic() + job.timeout
         if job.timeout is not None or self.config.max_worker_memory is not None:
