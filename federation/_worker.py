@@ -243,11 +243,11 @@ class Worker:
         self.pid = os.getpid()
         self._control = control
         self._events = events
-        self._readers = [control, *siblings_in.values()]
+        self._readers = {reader.fileno(): reader for reader in (control, *siblings_in.values())}
         self._siblings_out = siblings_out
         self._inbox: deque[tuple[Any, ...]] = deque()
         self._poller = select.poll()
-        for reader in self._readers:
+        for reader in self._readers.values():
             self._poller.register(reader.fileno(), _POLLIN)
         self._plans: dict[bytes, m.SitePlan] = {}
         self._run: _JobRun | None = None
@@ -344,9 +344,8 @@ class Worker:
                     self._poller.unregister(outbox.fileno())
                 except (KeyError, ValueError):
                     pass
-        by_fd = {reader.fileno(): reader for reader in self._readers}
         for fd, _mask in ready:
-            reader = by_fd.get(fd)
+            reader = self._readers.get(fd)
             if reader is None:
                 continue
             for frame in reader.read():
@@ -366,7 +365,7 @@ class Worker:
                 self._inbox.append(message)
             if reader.eof:
                 self._poller.unregister(fd)
-                self._readers.remove(reader)
+                del self._readers[fd]
                 if reader is self._control:
                     raise SystemExit(0)  # the client closed our control pipe: it is gone
         for outbox in pending:
