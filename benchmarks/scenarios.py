@@ -211,6 +211,24 @@ class FederationEngine:
 
     def pool_start(self) -> Measured:
         """4 slots x 3 sites: until a 3-site job has run (wait_ready=False), until all are ready."""
+        first, starting, ready = self._start_times("spawn")
+        # The forkserver starts with the federation: its own start is counted.
+        forked_first, _, forked_ready = self._start_times("forkserver")
+        self.notes.setdefault("pool-start", []).append(
+            "federation: 'slots still starting then' = slots of the wait_ready=False pool still starting "
+            f"when its first job had finished (federation.stats()), of {self.settings.slots}; "
+            "'forkserver' rows: start_method='forkserver' (spawn is the default)"
+        )
+        return {
+            "first_job_s": first,
+            "starting_at_first_job": starting,
+            "all_ready_s": ready,
+            "forkserver_first_job_s": forked_first,
+            "forkserver_all_ready_s": forked_ready,
+        }
+
+    def _start_times(self, start_method: str) -> tuple[float, float, float]:
+        """Medians: until the first job is done, slots still starting then, until all are ready."""
         s = self.settings
         pipeline = fan_out_pipeline()
         pipeline.compile(SITES)  # compiled once, up front: this measures the pool, not cloudpickle
@@ -219,7 +237,7 @@ class FederationEngine:
         starting: list[int] = []
         for _ in range(s.start_repeats):
             started = time.perf_counter()
-            federation = self._federation(s.sites, s.slots, wait_ready=False)
+            federation = self._federation(s.sites, s.slots, wait_ready=False, start_method=start_method)
             try:
                 federation.submit(pipeline, x=1).result(timeout=s.timeout)
                 first.append(time.perf_counter() - started)
@@ -227,36 +245,10 @@ class FederationEngine:
             finally:
                 federation.close()
             started = time.perf_counter()
-            federation = self._federation(s.sites, s.slots, wait_ready=True)
+            federation = self._federation(s.sites, s.slots, wait_ready=True, start_method=start_method)
             ready.append(time.perf_counter() - started)
             federation.close()
-        forked_first: list[float] = []
-        forked_ready: list[float] = []
-        for _ in range(s.start_repeats):
-            # The forkserver starts with the federation: its own start is counted.
-            started = time.perf_counter()
-            federation = self._federation(s.sites, s.slots, wait_ready=False, start_method="forkserver")
-            try:
-                federation.submit(pipeline, x=1).result(timeout=s.timeout)
-                forked_first.append(time.perf_counter() - started)
-            finally:
-                federation.close()
-            started = time.perf_counter()
-            federation = self._federation(s.sites, s.slots, wait_ready=True, start_method="forkserver")
-            forked_ready.append(time.perf_counter() - started)
-            federation.close()
-        self.notes.setdefault("pool-start", []).append(
-            "federation: 'slots still starting then' = slots of the wait_ready=False pool still starting "
-            f"when its first job had finished (federation.stats()), of {s.slots}; "
-            "'forkserver' rows: start_method='forkserver' (spawn is the default)"
-        )
-        return {
-            "first_job_s": median(first),
-            "starting_at_first_job": median(starting),
-            "all_ready_s": median(ready),
-            "forkserver_first_job_s": median(forked_first),
-            "forkserver_all_ready_s": median(forked_ready),
-        }
+        return median(first), median(starting), median(ready)
 
     # -- 6. failure detection ----------------------------------------------------------------
 

@@ -143,7 +143,10 @@ class FederationConfig(BaseModel):
             raise ValueError("preload needs start_method='forkserver' (spawned workers import per worker)")
         for name in self.preload:
             if not name or not all(part.isidentifier() for part in name.split(".")):
-                raise ValueError(f"preload: {name!r} is not a module name")
+                raise ValueError(
+                    f"preload: {name!r} is not a module name; give importable names such as "
+                    "'numpy' or 'scipy.sparse'"
+                )
         return self
 
     @model_validator(mode="after")

@@ -233,7 +233,7 @@ class ForkedWorker(ProcessWorker):
         self._server = server
 
     def exitcode(self) -> int | None:
-        code = self._server.exitcode(self._pid)
+        code = self._server.wait_exit(self._pid, 0.0)
         if code is None and self._sentinel_owned and _readable(self.sentinel):
             # Gone (the pidfd says so): its code is on its way from the forkserver.
             code = self._server.wait_exit(self._pid, 1.0)
@@ -243,7 +243,7 @@ class ForkedWorker(ProcessWorker):
         return self._server.wait_exit(self._pid, timeout)
 
     def alive(self) -> bool:
-        if self._server.exitcode(self._pid) is not None:
+        if self._server.wait_exit(self._pid, 0.0) is not None:
             return False
         if self._sentinel_owned:
             # Exited, even if its code never comes (a forkserver killed from outside).
@@ -346,14 +346,8 @@ class ForkServer:
             raise SiteStartError(f"the forkserver could not start a worker: {detail}", site=site)
         return int(reply["pid"])
 
-    def exitcode(self, pid: int) -> int | None:
-        """``pid``'s exit code if the forkserver has reported it (reads what has arrived)."""
-        with self._lock:
-            self._receive(0.0, "exit", pid)
-            return self._exits.get(pid)
-
     def wait_exit(self, pid: int, timeout: float) -> int | None:
-        """Wait up to ``timeout`` for ``pid``'s exit code."""
+        """Wait up to ``timeout`` for ``pid``'s exit code (0: read only what has arrived)."""
         with self._lock:
             self._receive(timeout, "exit", pid)
             return self._exits.get(pid)
