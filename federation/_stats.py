@@ -88,7 +88,7 @@ class LinkStats(BaseModel):
         source: the sending site.
         target: the receiving site.
         tokens: tokens sent.
-        bytes: pickled bytes sent.
+        bytes: bytes sent: the pickles and the buffers that went out of band through shared memory.
     """
 
     model_config = ConfigDict(frozen=True)

@@ -15,7 +15,7 @@ exporters turn them into
 
 What a worker reports, per site, when it is done with a job: each step run
 (start, end, items produced), the tokens it sent to each other site (count and
-pickled bytes), and, when the worker records them, each batch of tokens with its
+bytes, out-of-band buffers included), and, when the worker records them, each batch of tokens with its
 send time (``sends``). Without per-batch records a site's traffic to a target is
 one :attr:`TimelineKind.SEND` record placed at the end of the site's last step
 and marked ``estimated``: the totals are exact, the moment is not.
@@ -149,7 +149,7 @@ class TimelineEvent(BaseModel):
         slot: the pool slot an attempt ran on.
         target: the receiving site, for a :attr:`TimelineKind.SEND`.
         count: items a step produced, tokens sent, or results received.
-        nbytes: pickled bytes sent, for a :attr:`TimelineKind.SEND`.
+        nbytes: bytes sent (pickles and out-of-band buffers), for a :attr:`TimelineKind.SEND`.
         ok: for ``SITE_DONE``, whether the site finished its work (False: it stopped early,
             because a step raised or the job was aborted). For ``STEP``, True if the step ran
             to its end, False if it raised, ``None`` if unknown: the last step of a site that

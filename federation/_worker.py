@@ -287,11 +287,18 @@ class Worker:
         self._batches[site] = []
         outbox = self._siblings_out[site]
         data = pickle.dumps((m.TOKENS, self._run.job_id, batch), protocol=5)
+        # Every byte the frame carries: its pickle, and the buffers its tokens sent out
+        # of band through shared memory (a large array is a few hundred bytes of pickle).
+        size = len(data)
+        for token in batch:
+            payload = token[4]
+            if payload is not None and not isinstance(payload, bytes):
+                size += payload_size(payload) - len(payload[0])
         link = self._links.setdefault(site, [0, 0])
         link[0] += len(batch)
-        link[1] += len(data)
+        link[1] += size
         if len(self._sends) < _SENDS_PER_JOB:
-            self._sends.append((time.time(), site, len(batch), len(data)))
+            self._sends.append((time.time(), site, len(batch), size))
         try:
             outbox.send(data)
         except ChannelClosedError:

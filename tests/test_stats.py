@@ -147,3 +147,28 @@ def test_stats_after_close(make_federation: Callable[..., fed.Federation]) -> No
     federation.close()
     stats = federation.stats()
     assert stats.closed and stats.workers == () and stats.jobs["finished"] == 1
+
+
+def test_link_bytes_count_buffers_sent_out_of_band(make_federation: Callable[..., fed.Federation]) -> None:
+    """A large array goes through shared memory, not the pipe; stats and the timeline still count it."""
+    pipeline = fed.Pipeline("big-array")
+
+    @pipeline.step(site="a")
+    def make(n: int) -> Any:
+        import numpy as np
+
+        return np.ones(n, dtype=np.uint8)
+
+    @pipeline.step(site="b")
+    def size(make: Any) -> int:
+        return int(make.nbytes)
+
+    pipeline.output(size)
+    federation = make_federation(["a", "b"], pool_size=1)
+    nbytes = 4 << 20  # well over the out-of-band threshold
+    job = federation.submit(pipeline, n=nbytes)
+    assert job.result(timeout=30) == nbytes
+    link = federation.stats().link("a", "b")
+    assert link.tokens == 1 and link.bytes >= nbytes
+    sends = [e for e in job.timeline() if e.kind == "send" and e.site == "a" and e.target == "b"]
+    assert sends and sum(e.nbytes or 0 for e in sends) >= nbytes
