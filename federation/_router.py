@@ -30,7 +30,9 @@ Ordering and races it relies on:
 
 from __future__ import annotations
 
+import bisect
 import errno
+import itertools
 import os
 import pickle
 import select
@@ -65,6 +67,12 @@ _EVENTS, _SENTINEL, _OUTPUT, _WAKE = range(4)
 _MEMORY_CHECK_EVERY = 0.25  # seconds between RSS checks of busy workers
 _CLOSE_NOTICE = 10.0  # seconds between warnings while close() waits for jobs
 
+# Job ids are unique in the process, not per federation: two federations in one
+# process would otherwise both log "job 1", "job 2"..., and nothing would tell
+# their records apart.
+_job_ids = itertools.count(1)
+_job_ids_lock = threading.Lock()
+
 
 class Router:
     """The pool, the job queue and the router thread of one federation."""
@@ -81,6 +89,9 @@ class Router:
         self.queue: deque[Job] = deque()
         self.running: dict[int, tuple[Job, JobExecution]] = {}
         self.last_job_id = 0
+        # The ids this federation issued, as runs [first, last] of consecutive ids:
+        # usually one run; one per job only while another federation submits in between.
+        self._issued: list[list[int]] = []
         self.closing = False
         self.stopped = False
         self.start_error: SiteStartError | None = None
@@ -235,9 +246,21 @@ class Router:
     # -- submitting ------------------------------------------------------------------------
 
     def next_job_id(self) -> int:
+        """A new job id, unique among every federation of this process."""
         with self.lock:
-            self.last_job_id += 1
-            return self.last_job_id
+            with _job_ids_lock:
+                job_id = next(_job_ids)
+            if self._issued and self._issued[-1][1] == job_id - 1:
+                self._issued[-1][1] = job_id
+            else:
+                self._issued.append([job_id, job_id])
+            self.last_job_id = job_id
+            return job_id
+
+    def issued(self, job_id: int) -> bool:
+        """Whether this federation gave out ``job_id`` (ids of other federations are not its jobs)."""
+        index = bisect.bisect_right(self._issued, [job_id, float("inf")]) - 1
+        return index >= 0 and self._issued[index][0] <= job_id <= self._issued[index][1]
 
     def submit(self, job: Job, inputs: dict[str, bytes], block: bool, timeout: float | None) -> None:
         """Queue ``job``, or start it at once on a free slot."""
@@ -349,11 +372,7 @@ class Router:
         target = self._find_job(to_job)
         reason: str | None
         if target is None:
-            reason = (
-                f"job {to_job} has ended"
-                if 0 < to_job <= self.last_job_id
-                else f"job {to_job} does not exist"
-            )
+            reason = f"job {to_job} has ended" if self.issued(to_job) else f"job {to_job} does not exist"
         else:
             reason = self.send_input(target, name, payload, close)
         slot.send(site, (m.REPLY, request, reason))

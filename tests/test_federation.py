@@ -145,6 +145,21 @@ def test_inter_job_token_to_an_ended_or_unknown_job_is_rejected(make_federation)
         assert reason in str(info.value.__cause__)
 
 
+def test_job_ids_are_unique_in_the_process(make_federation) -> None:
+    """Two federations in one process never share a job id; one's ids are not the other's jobs."""
+    first = make_federation(["a", "b", "hub"], pool_size=1)
+    second = make_federation(["a", "b", "hub"], pool_size=1)
+    aggregator = first.submit(aggregator_pipeline())
+    reporter = second.submit(reporter_pipeline(), target=aggregator.id, value=1)
+    assert reporter.id != aggregator.id
+    with pytest.raises(fed.StepFailedError) as info:
+        reporter.result(timeout=T)
+    assert isinstance(info.value.__cause__, fed.TokenRejectedError)
+    assert f"job {aggregator.id} does not exist" in str(info.value.__cause__)
+    aggregator.close("reports")
+    assert aggregator.result(timeout=T) == []
+
+
 def test_submit_errors_are_raised_in_the_callers_thread(make_federation) -> None:
     federation = make_federation(mean_sites())
     pipeline = mean_pipeline()
