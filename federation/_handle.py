@@ -93,6 +93,8 @@ class Job:
         self._future: concurrent.futures.Future[Any] | None = None
         self._attempts: list[Attempt] = []
         self._inputs: dict[str, bytes] = {}  # pickled value inputs, kept for retries
+        # Set by the router at submit: why the job still waits, for a timeout's message.
+        self._why_queued: Callable[[Job], str | None] | None = None
         self._events: list[tuple[float, str, dict[str, Any]]] = [(time.time(), "queued", {})]
         self.submitted = time.time()
         self.started: float | None = None
@@ -130,7 +132,7 @@ class Job:
             TimeoutError: the job has not ended within ``timeout``.
         """
         if not self.wait(timeout):
-            raise TimeoutError(f"job {self.id} has not ended within {timeout} s")
+            raise self._timeout_error(timeout, "")
         return self._error
 
     def result(self, timeout: float | None = None) -> Any:
@@ -143,10 +145,20 @@ class Job:
             StepFailedError, WorkerDiedError, JobCancelledError: how the job failed.
         """
         if not self.wait(timeout):
-            raise TimeoutError(f"job {self.id} has not ended within {timeout} s; it keeps running")
+            raise self._timeout_error(timeout, "; it keeps running")
         if self._error is not None:
             raise self._error
         return self._assemble()
+
+    def _timeout_error(self, timeout: float | None, running: str) -> TimeoutError:
+        why = (
+            self._why_queued(self)
+            if self._why_queued is not None and self._status is JobStatus.QUEUED
+            else None
+        )
+        if why is not None:
+            return TimeoutError(f"{why} (waited {timeout} s; it keeps its place in the queue)")
+        return TimeoutError(f"job {self.id} has not ended within {timeout} s{running}")
 
     def _assemble(self) -> Any:
         outputs = self._compiled.outputs

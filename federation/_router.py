@@ -265,6 +265,7 @@ class Router:
     def submit(self, job: Job, inputs: dict[str, bytes], block: bool, timeout: float | None) -> None:
         """Queue ``job``, or start it at once on a free slot."""
         job._inputs = inputs
+        job._why_queued = self.why_queued
         with self.lock:
             if len(self.queue) >= self.config.max_queued and not self.changed.wait_for(
                 lambda: self.closing or len(self.queue) < self.config.max_queued,
@@ -283,6 +284,42 @@ class Router:
                 self._dispatch(job, self.free.popleft())
             else:
                 self.queue.append(job)
+
+    def why_queued(self, job: Job) -> str | None:
+        """Why ``job`` still waits in the queue, in a line; None if it is not queued.
+
+        Only for messages (a ``result(timeout=)`` that ran out): it walks the queue.
+        """
+        with self.lock:
+            try:
+                ahead = self.queue.index(job)
+            except ValueError:
+                return None
+            reasons = []
+            busy = sorted(self.running)
+            starting = len(self.unstarted) + sum(
+                1 for slot in self.slots if slot is not None and slot.state is SlotState.STARTING
+            )
+            if busy:
+                shown = ", ".join(f"job {job_id}" for job_id in busy[:5]) + (", ..." if len(busy) > 5 else "")
+                count = (
+                    f"all {len(busy)}"
+                    if len(busy) >= len(self.slots)
+                    else f"{len(busy)} of {len(self.slots)}"
+                )
+                reasons.append(f"{count} slot(s) are busy ({shown})")
+            if starting:
+                reasons.append(f"{starting} slot(s) are still starting")
+            if ahead:
+                reasons.append(f"{ahead} job(s) are ahead of it in the queue")
+            fed_by_streams = [job_id for job_id in busy if self.running[job_id][0]._compiled.stream_inputs]
+            if fed_by_streams:
+                reasons.append(
+                    "a job fed by stream inputs holds its slot until they are closed "
+                    f"(job(s) {fed_by_streams[:5]}); pool_size must exceed the number of such jobs"
+                )
+            detail = "; ".join(reasons) or "waiting for a free slot"
+            return f"job {job.id} is still queued: {detail}"
 
     def _count(self, status: JobStatus, previous: JobStatus | None = None) -> None:
         if previous is not None:

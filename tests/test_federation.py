@@ -160,6 +160,26 @@ def test_job_ids_are_unique_in_the_process(make_federation) -> None:
     assert aggregator.result(timeout=T) == []
 
 
+def test_result_timeout_of_a_queued_job_says_why_it_waits(make_federation) -> None:
+    """A job still queued when result(timeout=) runs out names the jobs holding the slots."""
+    federation = make_federation(["a", "b", "hub"], pool_size=1)
+    aggregator = federation.submit(aggregator_pipeline())  # holds its slot until "reports" is closed
+    job = federation.submit(stream_input_pipeline())
+    expected = rf"job {job.id} is still queued: all 1 slot\(s\) are busy \(job {aggregator.id}\)"
+    with pytest.raises(TimeoutError, match=expected) as info:
+        job.result(timeout=0.05)
+    assert "fed by stream inputs holds its slot" in str(info.value)
+    with pytest.raises(TimeoutError, match=expected):
+        job.exception(timeout=0.05)
+    # A running job that is not done says only that.
+    with pytest.raises(TimeoutError, match=f"job {aggregator.id} has not ended within"):
+        aggregator.result(timeout=0.05)
+    aggregator.close("reports")
+    job.close("values")
+    assert aggregator.result(timeout=T) == []
+    assert job.result(timeout=T) == {"doubled": [], "total": 0}
+
+
 def test_submit_errors_are_raised_in_the_callers_thread(make_federation) -> None:
     federation = make_federation(mean_sites())
     pipeline = mean_pipeline()
