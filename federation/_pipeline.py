@@ -16,6 +16,7 @@ ships only the digest and the inputs.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import inspect
 import threading
@@ -40,6 +41,36 @@ __all__ = ["Compiled", "Input", "OutputSpec", "Pipeline", "Step", "collect"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _MISSING: Any = object()
+
+
+def _did_you_mean(name: str, choices: Iterable[str], what: str = "") -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {what}{close[0]!r}?)" if close else ""
+
+
+def _looks_like_a_typo_of(name: str, steps: Iterable[str]) -> str | None:
+    """The step ``name`` was most likely meant to be (``frist`` for ``first``), if any.
+
+    Stricter than a "did you mean": a parameter that matches no step becomes a value
+    input, so this decides whether to refuse it. A name that extends another
+    (``counts`` beside a step ``count``) is taken as meant.
+    """
+    for candidate in difflib.get_close_matches(name, list(steps), n=3, cutoff=0.8):
+        if not (candidate.startswith(name) or name.startswith(candidate)):
+            return candidate
+    return None
+
+
+def _check_site_name(label: str, site: str) -> None:
+    """Refuse, as the step is built, a site name no federation could ever have."""
+    from ._config import _SITE_NAME  # the one rule for site names
+
+    if not _SITE_NAME.fullmatch(site):
+        raise PipelineError(
+            f"step {label!r}: {site!r} can never be a site's name: site names are 1 to 64 ASCII "
+            "letters, digits or '_.:-', starting with a letter or digit"
+        )
 
 
 class Input:
@@ -300,6 +331,7 @@ class Pipeline:
         if site is not None:
             if not isinstance(site, str) or not site:
                 raise PipelineError(f"step {label!r}: site must be a site name, not {site!r}")
+            _check_site_name(label, site)
             pinned: tuple[str, ...] = (site,)
         else:
             if isinstance(sites, str) or not sites:
@@ -309,6 +341,8 @@ class Pipeline:
             pinned = tuple(sites)
             if len(set(pinned)) != len(pinned) or not all(isinstance(s, str) and s for s in pinned):
                 raise PipelineError(f"step {label!r}: sites must be distinct site names: {sites!r}")
+            for one in pinned:
+                _check_site_name(label, one)
         if not label.isidentifier():
             raise PipelineError(
                 f"step name {label!r} is not a Python identifier; pass name='...' (lambdas need one)"
@@ -371,8 +405,9 @@ class Pipeline:
             return step
         if isinstance(step, str) and step in self._steps:
             return self._steps[step]
+        hint = _did_you_mean(step, self._steps) if isinstance(step, str) else ""
         raise PipelineError(
-            f"{what}: {step!r} is not a step of pipeline {self.name!r}; steps: {list(self._steps)}"
+            f"{what}: {step!r} is not a step of pipeline {self.name!r}{hint}; steps: {list(self._steps)}"
         )
 
     def _touch(self) -> None:
@@ -409,9 +444,18 @@ class Pipeline:
                     is_stream = self._inputs[target].stream
                     params[pname] = _Binding(P_INPUT, target, want_collect, is_stream, has_default)
                 elif pname in step.bind:
+                    hint = _did_you_mean(str(target), [*self._steps, *self._inputs])
                     raise PipelineError(
-                        f"step {step.name!r}: parameter {pname!r} is bound to {target!r}, which is "
+                        f"step {step.name!r}: parameter {pname!r} is bound to {target!r}{hint}, which is "
                         f"neither a step ({list(self._steps)}) nor a declared input ({list(self._inputs)})"
+                    )
+                elif not has_default and (meant := _looks_like_a_typo_of(target, self._steps)):
+                    # It would become a value input that submit() then asks for: say what
+                    # was most likely meant instead, and how to keep it as an input.
+                    raise PipelineError(
+                        f"step {step.name!r}: parameter {pname!r} names no step and no declared input "
+                        f"(did you mean step {meant!r}?); if it is a value input, declare it: "
+                        f"pipeline.input({pname!r})"
                     )
                 else:
                     # An undeclared name is a value input given at submit.
@@ -456,7 +500,8 @@ class Pipeline:
                 for site in step.sites:
                     if site not in known:
                         raise PipelineError(
-                            f"step {step.name!r} is pinned to unknown site {site!r}; "
+                            f"step {step.name!r} is pinned to unknown site {site!r}"
+                            f"{_did_you_mean(site, known)}; "
                             f"this federation's sites are {known}"
                         )
 

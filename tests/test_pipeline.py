@@ -90,6 +90,43 @@ def test_unknown_site_is_reported_against_the_federation() -> None:
     p.validate(["a", "b"])
 
 
+def test_misspelled_site_gets_a_suggestion() -> None:
+    p = fed.Pipeline("p")
+    p.step(site="hbu", name="total")(lambda: 1)
+    with pytest.raises(fed.PipelineError, match=r"unknown site 'hbu' \(did you mean 'hub'\?\)"):
+        p.validate(["a", "b", "hub"])
+
+
+def test_parameter_that_looks_like_a_step_name_gets_a_suggestion() -> None:
+    p = fed.Pipeline("p")
+
+    @p.step(site="a")
+    def first():
+        return 1
+
+    @p.step(site="b")
+    def second(frist):
+        return frist
+
+    with pytest.raises(fed.PipelineError, match=r"parameter 'frist' .*did you mean step 'first'\?"):
+        p.validate(["a", "b"])
+    # Declared, it is an input, as asked; a name that extends a step's is taken as meant.
+    p.input("frist")
+    p.validate(["a", "b"])
+    p.step(site="b", name="third")(lambda firsts: firsts)
+    p.validate(["a", "b"])
+
+
+def test_pinned_site_name_that_can_never_be_valid_is_refused_at_build() -> None:
+    p = fed.Pipeline("p")
+    with pytest.raises(fed.PipelineError, match=r"'clinic a' can never be a site's name: .*ASCII letters"):
+        p.step(site="clinic a", name="f")(lambda: 1)
+    with pytest.raises(fed.PipelineError, match="'b c' can never be a site's name"):
+        p.step(sites=["a", "b c"], name="g")(lambda: 1)
+    assert not p.steps
+    p.step(site="clinic-a.1", name="h")(lambda: 1)
+
+
 def test_explicit_binding_to_unknown_name_is_an_error() -> None:
     p = fed.Pipeline("p")
 
