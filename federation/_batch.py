@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["run_batch", "show_progress"]
 
-_VIZ_HINT = "pip install 'federation-executor[viz]'"
+_VIZ_HINT = "pip install rich (or, in a checkout of federation, pip install '.[viz]')"
 
 
 class _Bar(Protocol):

@@ -639,7 +639,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         ("/dev/shm", f"{_bytes(shm['total'])} ({_bytes(shm['free'])} free)" if shm else "missing"),
         (
             "extras",
-            "unknown (federation-executor is not installed; running from source)"
+            "unknown (running from a source tree that is not installed; in the checkout: pip install .)"
             if extras is None
             else ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in sorted(extras.items()))
             or "none",

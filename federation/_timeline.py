@@ -61,7 +61,9 @@ PathArg = Union[str, "os.PathLike[str]"]
 #: Parentheses are not allowed in site names, so no site can take this row.
 JOB_ROW = "(job)"
 
-_VIZ_HINT = "pip install 'federation-executor[viz]'"
+# The ``viz`` extra. The distribution is not on PyPI (and the unrelated PyPI project named
+# ``federation`` is another package): install matplotlib itself, or the extra from a checkout.
+_VIZ_HINT = "pip install matplotlib (or, in a checkout of federation, pip install '.[viz]')"
 
 # Colours per step, in order of first appearance (matplotlib's tab10, then tab20's light half).
 PALETTE = (
@@ -574,6 +576,43 @@ def default_title(events: Sequence[TimelineEvent], *, pipeline: str | None = Non
     return f"{job}: {end.kind.value} after {_format_ms(end.time - start)}"
 
 
+# -- marks and legends ---------------------------------------------------------------------
+
+# The pictures' colours besides the steps' own.
+_QUEUED_FILL = "#cccccc"
+_ATTEMPT_FILL = "#9aa5b1"
+_BUSY_FILL = "#dde3ea"
+_INK = "#333333"
+_ALARM = "#d62728"
+_END_COLOURS = {"finished": "#2ca02c", "retry": "#ff7f0e", "failed": _ALARM, "cancelled": _ALARM}
+
+#: What each mark other than a step's bar means, in the order both legends list them.
+#: A legend lists a step's colour per step, then these, for the marks its picture drew.
+_MARKS = {
+    "queued": "job queued",
+    "attempt": "job on a slot (an attempt)",
+    "retry": "attempt lost, job queued again",
+    "finished": "job finished",
+    "failed": "job failed",
+    "cancelled": "job cancelled",
+    "raised": "step raised",
+    "site-busy": "site busy with the job",
+    "site-done": "site done",
+    "site-stopped": "site stopped early",
+    "tokens": "tokens sent",
+    "tokens-estimated": "tokens sent, time estimated",
+}
+
+
+def _job_span_mark(label: str) -> str:
+    return "queued" if label == "queued" else "attempt"
+
+
+def _legend_marks(drawn: set[str]) -> list[str]:
+    """The marks a picture drew, in legend order."""
+    return [mark for mark in _MARKS if mark in drawn]
+
+
 # -- Chrome trace -------------------------------------------------------------------------
 
 
@@ -759,6 +798,37 @@ _TOP = 40
 _BOTTOM = 70
 
 
+def _svg_paint(mark: str, colour: str | None = None) -> str:
+    """The paint attributes of a mark: the chart and its legend draw each mark with the same ones."""
+    if mark == "raised":
+        return f'fill="{colour or "#ffffff"}" stroke="{_ALARM}" stroke-width="2"'
+    if mark in ("site-done", "site-stopped"):
+        return f'stroke="{_INK if mark == "site-done" else _ALARM}" stroke-width="2"'
+    if mark in ("tokens", "tokens-estimated"):
+        dash = ' stroke-dasharray="4 3"' if mark == "tokens-estimated" else ""
+        return f'stroke="{_INK}" stroke-width="1.4"{dash} marker-end="url(#arrowhead)"'
+    fill = {"queued": _QUEUED_FILL, "attempt": _ATTEMPT_FILL, "site-busy": _BUSY_FILL, **_END_COLOURS}
+    return f'fill="{colour or fill[mark]}"'
+
+
+def _svg_icon(mark: str, colour: str | None = None) -> str:
+    """A legend's small picture of a mark (``mark`` "step" is a step's bar in ``colour``)."""
+    paint = _svg_paint(mark, colour)
+    if mark in ("step", "raised"):
+        shape = f'<rect x="2" y="1" width="18" height="12" rx="2" {paint}/>'
+    elif mark in ("queued", "attempt"):
+        shape = f'<rect x="2" y="2.5" width="18" height="9" {paint}/>'
+    elif mark == "site-busy":
+        shape = f'<rect x="2" y="4" width="18" height="6" {paint}/>'
+    elif mark in ("site-done", "site-stopped"):
+        shape = f'<line x1="11" y1="0" x2="11" y2="14" {paint}/>'
+    elif mark in ("tokens", "tokens-estimated"):
+        shape = f'<line x1="1" y1="7" x2="20" y2="7" {paint}/>'
+    else:  # the job's end or a retry: a dot on the job row
+        shape = f'<circle cx="11" cy="7" r="5" {paint}/>'
+    return f'<svg class="icon" width="22" height="14" viewBox="0 0 22 14" aria-hidden="true">{shape}</svg>'
+
+
 def _nice_step(span: float, target_ticks: int = 8) -> float:
     raw = span / target_ticks
     magnitude = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
@@ -833,19 +903,23 @@ def to_html(events: Sequence[TimelineEvent], *, title: str | None = None) -> str
         'text-anchor="middle">'
         "milliseconds since the job was submitted</text>"
     )
+    # Every kind of mark drawn, for the legend.
+    drawn: set[str] = set()
     # The job row: queue wait and attempts.
     for label, start, end in _job_spans(events):
-        fill = "#cccccc" if label == "queued" else "#9aa5b1"
+        mark = _job_span_mark(label)
+        drawn.add(mark)
         parts.append(
             f'<rect class="job-span" x="{x(start)}" y="{y[JOB_ROW] + 9}" '
-            f'width="{max(1.0, x(end) - x(start))}" height="{_ROW_HEIGHT - 18}" fill="{fill}">'
+            f'width="{max(1.0, x(end) - x(start))}" height="{_ROW_HEIGHT - 18}" {_svg_paint(mark)}>'
             f"<title>{esc(label)}: {_format_ms(end - start)}</title></rect>"
         )
     # When each site was busy with the job, under its steps.
     for site, start, end in _site_spans(events):
+        drawn.add("site-busy")
         parts.append(
             f'<rect class="site-span" x="{x(start)}" y="{y[site] + 12}" '
-            f'width="{max(1.0, x(end) - x(start))}" height="{_ROW_HEIGHT - 24}" fill="#dde3ea">'
+            f'width="{max(1.0, x(end) - x(start))}" height="{_ROW_HEIGHT - 24}" {_svg_paint("site-busy")}>'
             f"<title>{esc(site)} busy with the job: {_format_ms(end - start)}</title></rect>"
         )
     # Steps and site events.
@@ -858,28 +932,31 @@ def to_html(events: Sequence[TimelineEvent], *, title: str | None = None) -> str
                 + (f", attempt {event.attempt}" if event.attempt and event.attempt > 1 else "")
                 + _step_note(event.ok, ", ")
             )
-            stroke = ' stroke="#d62728" stroke-width="2"' if event.ok is False else ""
+            mark = "raised" if event.ok is False else "step"
+            drawn.add(mark)
             parts.append(
                 f'<rect class="step" data-step="{esc(event.step or "")}" x="{x(event.time)}" y="{top}" '
                 f'width="{max(3.0, x(event.end) - x(event.time))}" height="{_ROW_HEIGHT - 12}" rx="2" '
-                f'fill="{colour}"{stroke}><title>{esc(tip)}</title></rect>'
+                f"{_svg_paint(mark, colour)}><title>{esc(tip)}</title></rect>"
             )
         elif event.kind is TimelineKind.SITE_DONE and event.site is not None:
             top = y[event.site]
-            colour = "#333333" if event.ok else "#d62728"
+            mark = "site-done" if event.ok else "site-stopped"
+            drawn.add(mark)
             parts.append(
                 f'<line class="done" x1="{x(event.time)}" y1="{top + 3}" x2="{x(event.time)}" '
-                f'y2="{top + _ROW_HEIGHT - 3}" stroke="{colour}" stroke-width="2">'
+                f'y2="{top + _ROW_HEIGHT - 3}" {_svg_paint(mark)}>'
                 f"<title>{esc(event.site)} done{'' if event.ok else ' (stopped early)'} "
                 f"at {_format_ms(event.time - origin)}</title></line>"
             )
         elif event.site is None and (event.kind.ends_job or event.kind is TimelineKind.RETRY):
-            colour = {"finished": "#2ca02c", "retry": "#ff7f0e"}.get(event.kind.value, "#d62728")
+            mark = event.kind.value
+            drawn.add(mark)
             cx, cy = x(event.time), y[JOB_ROW] + _ROW_HEIGHT / 2
             tip = event.kind.value + (f": {event.error}" if event.error else "")
             parts.append(
                 f'<circle class="end" data-kind="{event.kind.value}" cx="{cx}" cy="{cy}" r="5" '
-                f'fill="{colour}">'
+                f"{_svg_paint(mark)}>"
                 f"<title>{esc(tip)}</title></circle>"
             )
     # Token arrows, on top.
@@ -887,21 +964,22 @@ def to_html(events: Sequence[TimelineEvent], *, title: str | None = None) -> str
         x1, x2 = x(arrow.send), x(arrow.receive)
         y1 = y[arrow.source] + _ROW_HEIGHT / 2
         y2 = y[arrow.target] + (4 if y[arrow.target] > y1 else _ROW_HEIGHT - 4)
-        dash = ' stroke-dasharray="4 3"' if arrow.estimated else ""
+        mark = "tokens-estimated" if arrow.estimated else "tokens"
+        drawn.add(mark)
         tip = f"{arrow.source} → {arrow.target}: {arrow.tokens} token(s), {_format_bytes(arrow.nbytes)}" + (
             " (time estimated from totals)" if arrow.estimated else ""
         )
         parts.append(
             f'<line class="token" data-source="{esc(arrow.source)}" data-target="{esc(arrow.target)}" '
-            f'x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="#333" stroke-width="1.4"{dash} '
-            f'marker-end="url(#arrowhead)"><title>{esc(tip)}</title></line>'
+            f'x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" {_svg_paint(mark)}><title>{esc(tip)}</title></line>'
         )
     parts.append("</svg>")
+    # The legend: a key per step colour, then one per other kind of mark drawn, with its picture.
+    keys = [(f"step:{step}", _svg_icon("step", colour), step) for step, colour in colours.items()]
+    keys += [(mark, _svg_icon(mark), _MARKS[mark]) for mark in _legend_marks(drawn)]
     legend = "".join(
-        f'<span class="key"><span class="swatch" style="background:{colour}"></span>{esc(step)}</span>'
-        for step, colour in colours.items()
+        f'<span class="key" data-mark="{esc(mark)}">{icon}{esc(text)}</span>' for mark, icon, text in keys
     )
-    legend += '<span class="key"><span class="arrow">&#8594;</span>tokens (dashed: time estimated)</span>'
     body = "\n".join(parts)
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -912,10 +990,8 @@ def to_html(events: Sequence[TimelineEvent], *, title: str | None = None) -> str
 body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px; color: #222; }}
 h1 {{ font-size: 18px; font-weight: 600; margin: 0 0 12px; }}
 .legend {{ margin: 8px 0 16px; font-size: 13px; }}
-.key {{ margin-right: 16px; white-space: nowrap; }}
-.swatch {{ display: inline-block; width: 12px; height: 12px; margin-right: 5px;
-  vertical-align: -1px; border-radius: 2px; }}
-.arrow {{ margin-right: 5px; }}
+.key {{ display: inline-block; margin: 0 16px 4px 0; white-space: nowrap; }}
+.key svg.icon {{ margin-right: 5px; vertical-align: -2px; }}
 svg.timeline {{ font-size: 12px; }}
 svg .label {{ font-weight: 600; fill: #333; }}
 svg .axis {{ stroke: #666; }}
@@ -926,8 +1002,8 @@ svg rect.step:hover, svg line.token:hover {{ opacity: 0.75; }}
 </head>
 <body>
 <h1>{esc(title)}</h1>
-<div class="legend">{legend}</div>
 {body}
+<div class="legend">{legend}</div>
 </body>
 </html>
 """
@@ -942,11 +1018,21 @@ def to_png(
     """Draw the timeline as a Gantt chart and save it as a PNG at ``path``.
 
     One row per site (and a job row on top), a bar per step run coloured by
-    step, an arrow per token transfer (dashed when its time is estimated).
+    step, an arrow per token transfer (dashed when its time is estimated), and
+    a legend for every kind of mark drawn.
 
     Raises:
-        ImportError: matplotlib is not installed (``pip install 'federation-executor[viz]'``).
+        ImportError: matplotlib is not installed (``pip install matplotlib``, or
+            ``pip install '.[viz]'`` in a checkout of federation).
     """
+    figure = _png_figure(events, title=title, dpi=dpi)
+    target = Path(path)
+    figure.savefig(target, format="png")
+    return target
+
+
+def _png_figure(events: Sequence[TimelineEvent], *, title: str | None = None, dpi: int = 120) -> Any:
+    """The matplotlib figure :func:`to_png` saves."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -972,20 +1058,25 @@ def to_png(
         if index % 2 == 0:
             height = level[row]
             axes.axhspan(height - 0.5, height + 0.5, color="#f4f4f4", zorder=0)
+    # Every kind of mark drawn, for the legend.
+    drawn: set[str] = set()
     for label, start, end in _job_spans(events):
+        mark = _job_span_mark(label)
+        drawn.add(mark)
         axes.broken_barh(
             [(ms(start), max(ms(end) - ms(start), 1e-6))],
             (level[JOB_ROW] - 0.25, 0.5),
-            facecolors="#cccccc" if label == "queued" else "#9aa5b1",
+            facecolors=_QUEUED_FILL if mark == "queued" else _ATTEMPT_FILL,
             zorder=2,
         )
     # A bar stays visible however short its step: at least 0.4 % of the picture's width.
     least = max(ms(last), 1e-3) * 0.004
     for site, start, end in _site_spans(events):
+        drawn.add("site-busy")
         axes.broken_barh(
             [(ms(start), max(ms(end) - ms(start), least))],
             (level[site] - 0.12, 0.24),
-            facecolors="#dde3ea",
+            facecolors=_BUSY_FILL,
             zorder=2,
         )
     # One call per (site, step, failed): a streamed step may have run thousands of times.
@@ -995,28 +1086,33 @@ def to_png(
             key = (event.site, event.step or "", event.ok is False)
             bars.setdefault(key, []).append((ms(event.time), max(ms(event.end) - ms(event.time), least)))
     for (site, step, failed), ranges in bars.items():
+        if failed:
+            drawn.add("raised")
         axes.broken_barh(
             ranges,
             (level[site] - 0.32, 0.64),
             facecolors=colours.get(step, "#888888"),
-            edgecolors="#d62728" if failed else "none",
+            edgecolors=_ALARM if failed else "none",
             linewidth=1.5,
             zorder=3,
         )
     for event in events:
         if event.kind is TimelineKind.SITE_DONE and event.site is not None:
+            drawn.add("site-done" if event.ok else "site-stopped")
             axes.vlines(
                 ms(event.time),
                 level[event.site] - 0.4,
                 level[event.site] + 0.4,
-                colors="#333333" if event.ok else "#d62728",
+                colors=_INK if event.ok else _ALARM,
                 linewidth=1.5,
                 zorder=4,
             )
         elif event.site is None and (event.kind.ends_job or event.kind is TimelineKind.RETRY):
-            colour = {"finished": "#2ca02c", "retry": "#ff7f0e"}.get(event.kind.value, "#d62728")
+            drawn.add(event.kind.value)
+            colour = _END_COLOURS[event.kind.value]
             axes.plot([ms(event.time)], [level[JOB_ROW]], marker="o", color=colour, markersize=6, zorder=5)
     arrows = _arrows(events)
+    drawn.update("tokens-estimated" if arrow.estimated else "tokens" for arrow in arrows)
     if len(arrows) > _MAX_DRAWN_ARROWS:
         # Thousands of arrowheads would hide the bars and take seconds to draw: plain lines.
         from matplotlib.collections import LineCollection
@@ -1025,7 +1121,7 @@ def to_png(
             [(ms(arrow.send), level[arrow.source]), (ms(arrow.receive), level[arrow.target])]
             for arrow in arrows
         ]
-        axes.add_collection(LineCollection(segments, colors="#333333", linewidths=0.5, alpha=0.4, zorder=6))
+        axes.add_collection(LineCollection(segments, colors=_INK, linewidths=0.5, alpha=0.4, zorder=6))
         arrows = []
     for arrow in arrows:
         axes.annotate(
@@ -1034,7 +1130,7 @@ def to_png(
             xytext=(ms(arrow.send), level[arrow.source]),
             arrowprops={
                 "arrowstyle": "-|>",
-                "color": "#333333",
+                "color": _INK,
                 "linewidth": 1.1,
                 "linestyle": "--" if arrow.estimated else "-",
                 "shrinkA": 0,
@@ -1053,12 +1149,29 @@ def to_png(
     axes.set_axisbelow(True)
     for side in ("top", "right"):
         axes.spines[side].set_visible(False)
+    # The legend: a key per step colour, then one per other kind of mark drawn, each drawn as in the chart.
     handles: list[Any] = [Patch(facecolor=colour, label=step) for step, colour in colours.items()]
-    handles += [
-        Patch(facecolor="#dde3ea", label="site busy"),
-        Line2D([], [], color="#333333", linewidth=1.5, label="site done"),
-        Line2D([], [], color="#333333", linewidth=1.1, marker=">", markersize=5, label="tokens"),
-    ]
+    for mark in _legend_marks(drawn):
+        label = _MARKS[mark]
+        if mark in ("queued", "attempt", "site-busy"):
+            fill = {"queued": _QUEUED_FILL, "attempt": _ATTEMPT_FILL, "site-busy": _BUSY_FILL}[mark]
+            handles.append(Patch(facecolor=fill, label=label))
+        elif mark == "raised":
+            handles.append(Patch(facecolor="#ffffff", edgecolor=_ALARM, linewidth=1.5, label=label))
+        elif mark in ("site-done", "site-stopped"):
+            colour = _INK if mark == "site-done" else _ALARM
+            handles.append(
+                Line2D([], [], color=colour, linestyle="none", marker="|", markersize=11, label=label)
+            )
+            handles[-1].set_markeredgewidth(1.5)
+        elif mark in ("tokens", "tokens-estimated"):
+            handles.append(Line2D([], [], color=_INK, linewidth=1.1, marker=">", markersize=5, label=label))
+            handles[-1].set_linestyle("--" if mark == "tokens-estimated" else "-")
+        else:  # the job's end or a retry: a dot on the job row
+            colour = _END_COLOURS[mark]
+            handles.append(
+                Line2D([], [], color=colour, linestyle="none", marker="o", markersize=6, label=label)
+            )
     axes.legend(
         handles=handles,
         loc="upper left",
@@ -1067,9 +1180,7 @@ def to_png(
         frameon=False,
     )
     figure.tight_layout()
-    target = Path(path)
-    figure.savefig(target, format="png")
-    return target
+    return figure
 
 
 # -- text ---------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ import importlib.util
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cloudpickle
 import pytest
@@ -277,14 +277,22 @@ def test_png_renders_a_picture(finished_job: fed.Job, tmp_path: Path) -> None:
     assert colours.get((255, 127, 14), 0) > 50
 
 
-def test_png_without_matplotlib_names_the_extra(
+def test_png_without_matplotlib_names_an_install_command_that_works(
     finished_job: fed.Job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without matplotlib, asking for a PNG says which extra to install."""
+    """Without matplotlib, asking for a PNG says what to install, with commands that work.
+
+    The distribution is not on PyPI, so the hint names matplotlib itself and the
+    extra from a checkout, never ``federation-executor`` from PyPI.
+    """
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
-    with pytest.raises(ImportError, match=r"pip install 'federation-executor\[viz\]'"):
+    with pytest.raises(ImportError) as caught:
         finished_job.export_timeline(tmp_path / "timeline.png")
+    message = str(caught.value)
+    assert "federation-executor" not in message
+    assert "pip install matplotlib" in message
+    assert "pip install '.[viz]'" in message
 
 
 def test_export_rejects_an_unknown_suffix(finished_job: fed.Job, tmp_path: Path) -> None:
@@ -412,3 +420,213 @@ def test_pictures_of_a_long_stream_stay_readable(tmp_path: Path) -> None:
     if importlib.util.find_spec("matplotlib") is not None:
         path = to_png(events, tmp_path / "stream.png")
         assert path.stat().st_size > 10_000
+
+
+# -- legends: every kind of mark a picture draws is explained ----------------------------------
+
+
+def _failed_log() -> list[tuple[float, str, dict[str, Any]]]:
+    """A job whose hub step raised: site a's traffic is estimated from totals, the hub stopped early."""
+    return [
+        (T0, "queued", {}),
+        (T0 + 0.001, "started", {"slot": 0, "attempt": 1}),
+        (
+            T0 + 0.008,
+            "site_done",
+            {
+                "site": "a",
+                "ok": True,
+                "started": T0 + 0.002,
+                "timings": [("prepare", T0 + 0.003, T0 + 0.004, 1)],
+                "links": {"hub": [1, 80]},
+            },
+        ),
+        (T0 + 0.010, "failed", {"error": "StepFailedError('bad value 3')"}),
+        (
+            T0 + 0.011,
+            "site_done",
+            {
+                "site": "hub",
+                "ok": False,
+                "started": T0 + 0.002,
+                "timings": [("explode", T0 + 0.005, T0 + 0.009, 0)],
+                "links": {},
+            },
+        ),
+    ]
+
+
+@pytest.fixture(params=["a-finished-job", "retried", "failed"])
+def legend_events(request: pytest.FixtureRequest) -> list[fed.TimelineEvent]:
+    """A real job's timeline, and two made-up ones that hold every other kind of mark."""
+    if request.param == "retried":
+        return events_from_log(5, _retried_log())
+    if request.param == "failed":
+        return events_from_log(5, _failed_log(), failed_at=("hub", "explode"))
+    with fed.Federation(_sites(), backend="thread", pool_size=1) as federation:
+        job = federation.submit(mean_pipeline(), threshold=0.5)
+        job.result(timeout=30)
+    return job.timeline()
+
+
+def _expected_labels(events: Sequence[fed.TimelineEvent]) -> set[str]:
+    """Words a legend must hold for these events, whatever it draws them with."""
+    labels = {"site busy", "tokens"}
+    kinds = {event.kind for event in events}
+    labels |= {f"job {kind.value}" for kind in kinds if kind.ends_job}
+    if any(event.kind is K.SITE_DONE and event.ok for event in events):
+        labels.add("site done")
+    if any(event.kind is K.SITE_DONE and not event.ok for event in events):
+        labels.add("stopped early")
+    if any(event.kind is K.STEP and event.ok is False for event in events):
+        labels.add("raised")
+    if K.RETRY in kinds:
+        labels.add("queued again")
+    if any(event.kind is K.SEND and event.estimated for event in events):
+        labels.add("estimated")
+    return labels
+
+
+class _Marks(HTMLParser):
+    """The painted elements of the chart, and those of the legend's keys, with their key's text."""
+
+    BACKGROUND: ClassVar[set[str]] = {"band", "label", "axis", "tick", "ticklabel", "axistitle"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chart: list[tuple[str, dict[str, str | None]]] = []
+        self.keys: list[tuple[list[tuple[str, dict[str, str | None]]], str]] = []
+        self.svg: list[str] = []
+        self.in_legend = False
+        self.in_title = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "svg":
+            self.svg.append(attributes.get("class") or "")
+        elif tag == "div" and attributes.get("class") == "legend":
+            self.in_legend = True
+        elif tag == "span" and attributes.get("class") == "key" and self.in_legend:
+            self.keys.append(([], ""))
+        elif tag == "title":
+            self.in_title = True
+        elif self.svg and self.svg[-1] == "timeline":
+            if attributes.get("class") not in (None, *self.BACKGROUND, "row"):
+                self.chart.append((tag, attributes))
+        elif self.svg and self.svg[-1] == "icon" and self.keys:
+            self.keys[-1][0].append((tag, attributes))
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+        if tag == "svg":
+            self.svg.pop()
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "svg":
+            self.svg.pop()
+        elif tag == "div":
+            self.in_legend = False
+        elif tag == "title":
+            self.in_title = False
+
+    def handle_data(self, data: str) -> None:
+        if self.in_legend and self.keys and not self.svg:
+            icons, text = self.keys[-1]
+            self.keys[-1] = (icons, text + data)
+
+
+def _paints(tag: str, attrs: dict[str, str | None]) -> set[tuple[str | None, ...]]:
+    """What an element is drawn with: its fill, and its stroke (colour, width, dashes, head)."""
+    paints: set[tuple[str | None, ...]] = set()
+    if attrs.get("fill") not in (None, "none"):
+        paints.add((tag, "fill", attrs["fill"]))
+    if attrs.get("stroke") not in (None, "none"):
+        stroke = ("stroke-width", "stroke-dasharray", "marker-end")
+        paints.add((tag, "stroke", attrs["stroke"], *(attrs.get(name) for name in stroke)))
+    return paints
+
+
+def test_html_legend_explains_every_mark_drawn(legend_events: list[fed.TimelineEvent]) -> None:
+    """Every colour, line and dot the HTML chart draws has a key in its legend, drawn the same way."""
+    events = legend_events
+    parser = _Marks()
+    parser.feed(to_html(events))
+    parser.close()
+    assert parser.chart and parser.keys
+    explained = set().union(*(_paints(tag, attrs) for icons, _ in parser.keys for tag, attrs in icons))
+    drawn = set().union(*(_paints(tag, attrs) for tag, attrs in parser.chart))
+    assert drawn - explained == set(), "marks drawn without a key in the legend"
+    # A key for something not drawn would be noise.
+    assert explained - drawn - {("rect", "fill", "#ffffff")} == set()
+    texts = " | ".join(text for _, text in parser.keys)
+    for label in _expected_labels(events):
+        assert label in texts
+    steps = {event.step for event in events if event.kind is K.STEP}
+    assert steps <= {text.strip() for _, text in parser.keys}
+
+
+def test_png_legend_explains_every_mark_drawn(
+    legend_events: list[fed.TimelineEvent], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every colour, line and dot the PNG draws has a key in its legend, drawn the same way."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.collections import LineCollection, PolyCollection
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.text import Annotation
+
+    events = legend_events
+    figures: list[Any] = []
+    save = Figure.savefig
+
+    def savefig(self: Any, *args: Any, **kwargs: Any) -> Any:
+        figures.append(self)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    to_png(events, tmp_path / "timeline.png")
+    axes = figures[0].axes[0]
+    legend = axes.get_legend()
+    handles = getattr(legend, "legend_handles", None) or legend.legendHandles
+
+    def visible(colour: Any) -> bool:
+        return colour is not None and len(colour) == 4 and colour[3] > 0
+
+    fills = {to_hex(h.get_facecolor()) for h in handles if isinstance(h, Patch)}
+    edges = {
+        to_hex(h.get_edgecolor())
+        for h in handles
+        if isinstance(h, Patch) and h.get_linewidth() > 0 and visible(h.get_edgecolor())
+    }
+    lines = {
+        (h.get_marker(), to_hex(h.get_color()), h.get_linestyle()) for h in handles if isinstance(h, Line2D)
+    }
+    missing: list[str] = []
+    for collection in axes.collections:
+        if isinstance(collection, LineCollection):  # a site's done tick
+            for colour in collection.get_colors():
+                if not any(m == "|" and c == to_hex(colour) for m, c, _ in lines):
+                    missing.append(f"tick {to_hex(colour)}")
+        elif isinstance(collection, PolyCollection):  # bars: a step, a site busy, the job's spans
+            for colour in collection.get_facecolors():
+                if to_hex(colour) not in fills:
+                    missing.append(f"bar {to_hex(colour)}")
+            widths = collection.get_linewidths()
+            for colour in collection.get_edgecolors():
+                if visible(colour) and max(widths, default=0) > 0 and to_hex(colour) not in edges:
+                    missing.append(f"bar outline {to_hex(colour)}")
+    for line in axes.lines:  # a dot on the job row
+        if not any(m == line.get_marker() and c == to_hex(line.get_color()) for m, c, _ in lines):
+            missing.append(f"dot {to_hex(line.get_color())}")
+    for text in axes.texts:  # token arrows
+        if isinstance(text, Annotation) and text.arrow_patch is not None:
+            arrow = text.arrow_patch
+            key = (">", to_hex(arrow.get_edgecolor()), arrow.get_linestyle())
+            if key not in lines:
+                missing.append(f"arrow {key}")
+    assert missing == [], "marks drawn without a key in the legend"
+    texts = " | ".join(text.get_text() for text in legend.get_texts())
+    for label in _expected_labels(events):
+        assert label in texts
