@@ -76,7 +76,7 @@ class JobExecution:
         self.jobs_run = 0
         self.kill_deadline: float | None = None
         self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=20) for site in self.sites}
-        self.partial_output: dict[str, bytes] = {}
+        self.partial_output: dict[tuple[str, int], bytes] = {}  # (site, fd): a line not yet ended
         self.memory_killed: str | None = None  # the site the memory watchdog killed
         self._on_pending = on_pending
         self._start(config, backend, lifeline_fd, log_level)
@@ -177,6 +177,9 @@ class JobExecution:
             if worker.output is not None and worker.output != worker.sentinel:
                 _close(worker.output)
                 worker.output = None
+            if worker.stdout is not None:
+                _close(worker.stdout)
+                worker.stdout = None
             worker.close()
         self.state = SlotState.STOPPED
 

@@ -63,7 +63,7 @@ from .backends import get_backend
 __all__ = ["Router"]
 
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
-_EVENTS, _SENTINEL, _OUTPUT, _WAKE = range(4)
+_EVENTS, _SENTINEL, _OUTPUT, _STDOUT, _WAKE = range(5)
 _MEMORY_CHECK_EVERY = 0.25  # seconds between RSS checks of busy workers
 _CLOSE_NOTICE = 10.0  # seconds between warnings while close() waits for jobs
 
@@ -215,6 +215,9 @@ class Router:
             self._register(reader.fileno(), _EVENTS, slot, site)
         for site, worker in slot.workers.items():
             self._register(worker.sentinel, _SENTINEL, slot, site)
+            # stdout first: of two lines written in that order, poll() reports it first.
+            if worker.stdout is not None:
+                self._register(worker.stdout, _STDOUT, slot, site)
             if worker.output is not None and worker.output != worker.sentinel:
                 self._register(worker.output, _OUTPUT, slot, site)
         self.log.debug("slot starting", slot=index, generation=slot.generation)
@@ -520,10 +523,11 @@ class Router:
         if slot.alive():
             return
         for site, worker in slot.workers.items():
-            self._drain_output(slot, site, final=True)
+            self._drain_outputs(slot, site)
             self._unregister(worker.sentinel)
-            if worker.output is not None:
-                self._unregister(worker.output)
+            for fd in (worker.output, worker.stdout):
+                if fd is not None:
+                    self._unregister(fd)
             worker.reap(1.0)
         for reader in slot.events.values():
             self._unregister(reader.fileno())
@@ -627,9 +631,9 @@ class Router:
                 self._on_event(slot, site, pickle.loads(frame))
             if reader.eof:
                 self._unregister(fd)  # the sentinel reports the death
-        elif kind == _OUTPUT:
+        elif kind in (_OUTPUT, _STDOUT):
             assert slot is not None
-            self._drain_output(slot, site, final=False)
+            self._drain_output(slot, site, fd, kind == _STDOUT, final=False)
         elif kind == _SENTINEL:
             assert slot is not None
             self._on_worker_gone(slot, site)
@@ -780,11 +784,14 @@ class Router:
 
     # -- deaths ----------------------------------------------------------------------------
 
-    def _drain_output(self, slot: JobExecution, site: str, final: bool) -> None:
+    def _drain_outputs(self, slot: JobExecution, site: str) -> None:
+        """Read what is left of a gone worker's stdout and stderr."""
         worker = slot.workers[site]
-        fd = worker.output
-        if fd is None:
-            return
+        for fd, stdout in ((worker.stdout, True), (worker.output, False)):
+            if fd is not None:
+                self._drain_output(slot, site, fd, stdout, final=True)
+
+    def _drain_output(self, slot: JobExecution, site: str, fd: int, stdout: bool, final: bool) -> None:
         while True:
             try:
                 chunk = os.read(fd, 65536)
@@ -795,18 +802,19 @@ class Router:
             if not chunk:
                 self._unregister(fd)
                 break
-            data = slot.partial_output.pop(site, b"") + chunk
+            key = (site, fd)
+            data = slot.partial_output.pop(key, b"") + chunk
             *lines, rest = data.split(b"\n")
             if rest:
-                slot.partial_output[site] = rest
+                slot.partial_output[key] = rest
             for raw in lines:
-                self._output_line(slot, site, raw)
+                self._output_line(slot, site, raw, stdout)
             if not final:
                 break
-        if final and slot.partial_output.get(site):
-            self._output_line(slot, site, slot.partial_output.pop(site))
+        if final and slot.partial_output.get((site, fd)):
+            self._output_line(slot, site, slot.partial_output.pop((site, fd)), stdout)
 
-    def _output_line(self, slot: JobExecution, site: str, raw: bytes) -> None:
+    def _output_line(self, slot: JobExecution, site: str, raw: bytes, stdout: bool) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         slot.last_lines[site].append(line)
         if self.log_files is not None:
@@ -814,8 +822,12 @@ class Router:
         if self.config.echo_worker_output:
             import sys
 
+            # What a step printed goes to the client's stream of the same name.
+            stream = sys.stdout if stdout else sys.stderr
             try:
-                sys.stderr.write(f"[{site}/slot-{slot.index}] {line}\n")
+                stream.write(f"[{site}/slot-{slot.index}] {line}\n")
+                if stdout:
+                    stream.flush()  # a pipe or file would hold it back, behind later stderr lines
             except (OSError, ValueError):
                 pass
 
@@ -833,7 +845,7 @@ class Router:
                 if not frames and not reader.eof:
                     select.select([reader.fileno()], [], [], 0.05)
             self._unregister(reader.fileno())
-        self._drain_output(slot, site, final=True)
+        self._drain_outputs(slot, site)
         exitcode = worker.reap(1.0)
         if slot.state in (SlotState.STOPPING, SlotState.BROKEN, SlotState.STOPPED):
             self._maybe_reap(slot)

@@ -118,3 +118,39 @@ def test_site_log_files_write_json_when_asked(tmp_path, monkeypatch) -> None:
     lines = [json.loads(line) for line in Path(tmp_path / "a.log").read_text().splitlines()]
     assert lines[0]["event"] == "hello" and lines[0]["job_id"] == 3
     assert lines[1] == {**lines[1], "level": "output", "worker": "a/slot-0", "line": "raw line"}
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_step_stdout_reaches_client_stdout_and_stderr_its_stderr(tmp_path: Path, start_method: str) -> None:
+    """What a step prints goes to the client's stream of the same name, from Python and from fd writes."""
+    script = tmp_path / "client.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, sys
+            import federation as fed
+            pipeline = fed.Pipeline("p")
+            @pipeline.step(site="a")
+            def talk():
+                print("py-out")
+                print("py-err", file=sys.stderr)
+                os.write(1, b"fd-out\\n")
+                os.write(2, b"fd-err\\n")
+                return 1
+            pipeline.output(talk)
+            with fed.Federation(["a"], pool_size=1, start_method={start_method!r}) as federation:
+                federation.submit(pipeline).result(timeout=30)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    for line in ("py-out", "fd-out"):
+        assert f"[a/slot-0] {line}" in out.stdout.splitlines(), (out.stdout, out.stderr)
+        assert line not in out.stderr
+    for line in ("py-err", "fd-err"):
+        assert f"[a/slot-0] {line}" in out.stderr.splitlines(), (out.stdout, out.stderr)
+        assert line not in out.stdout

@@ -23,7 +23,8 @@ class WorkerHandle(Protocol):
     name: str
     pid: int | None
     sentinel: int
-    output: int | None
+    output: int | None  # the worker's stderr, to read (None: it writes to the client's own)
+    stdout: int | None  # the worker's stdout, to read (None: as above)
 
     def exitcode(self) -> int | None:
         """The exit code once the worker is gone (negative: killed by that signal)."""

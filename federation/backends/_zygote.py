@@ -51,10 +51,13 @@ def _child(sock: socket.socket, wake: tuple[int, int], request: dict[str, Any], 
         for fd in wake:
             os.close(fd)
         os.setsid()
+        # stdout and stderr on pipes of their own, so each reaches the client's stream of that name.
         output = fds[request["output"]]
-        os.dup2(output, 1)
+        stdout = fds[request.get("stdout", request["output"])]
+        os.dup2(stdout, 1)
         os.dup2(output, 2)
-        os.close(output)
+        for fd in {stdout, output}:
+            os.close(fd)
         os.environ.update(request["env"])
         args = request["args"]
         args = {

@@ -127,17 +127,21 @@ def _created(proc: psutil.Process) -> float:
 
 
 class ProcessWorker(abc.ABC):
-    """A worker process: its pid, its pidfd sentinel and its output pipe.
+    """A worker process: its pid, its pidfd sentinel and its output pipes.
+
+    ``stdout`` is the read end of the worker's stdout, ``output`` of its stderr:
+    the router echoes each to the client's own stream of the same name.
 
     How its exit code is learnt depends on who its parent is: see the subclasses.
     """
 
-    def __init__(self, site: str, name: str, pid: int, output: int) -> None:
+    def __init__(self, site: str, name: str, pid: int, output: int, stdout: int | None) -> None:
         self.site = site
         self.name = name
         self.pid: int | None = pid
         self._pid = pid
         self.output: int | None = output
+        self.stdout: int | None = stdout
         self._baseline: set[tuple[int, float]] = set()
         try:
             self.sentinel = os.pidfd_open(pid)
@@ -211,8 +215,10 @@ class ProcessWorker(abc.ABC):
 class SpawnedWorker(ProcessWorker):
     """A worker started with fork+exec: this process is its parent."""
 
-    def __init__(self, site: str, name: str, popen: subprocess.Popen[bytes], output: int) -> None:
-        super().__init__(site, name, popen.pid, output)
+    def __init__(
+        self, site: str, name: str, popen: subprocess.Popen[bytes], output: int, stdout: int
+    ) -> None:
+        super().__init__(site, name, popen.pid, output, stdout)
         self._popen = popen
 
     def exitcode(self) -> int | None:
@@ -228,8 +234,8 @@ class SpawnedWorker(ProcessWorker):
 class ForkedWorker(ProcessWorker):
     """A worker forked by the forkserver, which reaps it and reports its exit code."""
 
-    def __init__(self, site: str, name: str, pid: int, output: int, server: ForkServer) -> None:
-        super().__init__(site, name, pid, output)
+    def __init__(self, site: str, name: str, pid: int, output: int, stdout: int, server: ForkServer) -> None:
+        super().__init__(site, name, pid, output, stdout)
         self._server = server
 
     def exitcode(self) -> int | None:
@@ -402,6 +408,7 @@ class ProcessBackend:
             return self._fork(site, name, env, args)
         fds = [control_fd, events_fd, lifeline_fd, *siblings_in.values(), *siblings_out.values()]
         out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         try:
             popen = subprocess.Popen(
                 [sys.executable, "-c", _BOOT, json.dumps(args), name],
@@ -410,15 +417,17 @@ class ProcessBackend:
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
-                stderr=out_w,
+                stderr=err_w,
                 close_fds=True,
             )
         except BaseException:
             os.close(out_r)
+            os.close(err_r)
             raise
         finally:
             os.close(out_w)
-        return SpawnedWorker(site, name, popen, out_r)
+            os.close(err_w)
+        return SpawnedWorker(site, name, popen, err_r, out_r)
 
     def _fork(self, site: str, name: str, env: dict[str, str], args: dict[str, Any]) -> ProcessWorker:
         with self._server_lock:
@@ -429,9 +438,10 @@ class ProcessBackend:
                 self._server = ForkServer(self._preload, self._timeout)
             server = self._server
         out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         try:
             # The fds travel by index into the list sent with the request.
-            fds = [args["control"], args["events"], args["lifeline"], out_w]
+            fds = [args["control"], args["events"], args["lifeline"], err_w, out_w]
             index = {fd: i for i, fd in enumerate(fds)}
             for fd in [*args["siblings_in"].values(), *args["siblings_out"].values()]:
                 index[fd] = len(fds)
@@ -439,7 +449,8 @@ class ProcessBackend:
             request = {
                 "name": name,
                 "env": {**env, "PYTHONUNBUFFERED": "1"},
-                "output": index[out_w],
+                "output": index[err_w],
+                "stdout": index[out_w],
                 "args": {
                     "control": index[args["control"]],
                     "events": index[args["events"]],
@@ -451,10 +462,12 @@ class ProcessBackend:
             pid = server.fork(site, request, fds, self._timeout)
         except BaseException:
             os.close(out_r)
+            os.close(err_r)
             raise
         finally:
             os.close(out_w)
-        return ForkedWorker(site, name, pid, out_r, server)
+            os.close(err_w)
+        return ForkedWorker(site, name, pid, err_r, out_r, server)
 
     def close(self) -> None:
         """Stop the forkserver, if one was started."""

@@ -22,7 +22,9 @@ __all__ = ["ThreadBackend", "ThreadWorker"]
 class ThreadWorker:
     """A worker thread; its sentinel is a pipe closed when the thread ends."""
 
+    # A thread's prints go to the client's own stdout and stderr: no pipes to read.
     output: int | None = None
+    stdout: int | None = None
 
     def __init__(self, site: str, name: str, fds: list[int], target_args: tuple[object, ...]) -> None:
         self.site = site
