@@ -1,9 +1,10 @@
 """The benchmark suite: federation side by side with its baselines, in one run.
 
 Run it with ``python -m benchmarks`` (``--help`` lists the options) or
-``nox -s bench``. It measures eight scenarios (job latency, job throughput,
-token throughput, large payloads, pool start, failure detection, close and
-footprint) on the process backend and on the baselines that do the same work:
+``nox -s bench``. It measures nine scenarios (job latency, job throughput,
+token throughput, large payloads, pool start, failure detection, close,
+footprint, and cold start in a fresh interpreter) on the process backend and
+on the baselines that do the same work:
 
 * a raw ``multiprocessing.Pipe`` between pre-spawned processes (the floor);
 * ``concurrent.futures.ProcessPoolExecutor`` with chained submissions;

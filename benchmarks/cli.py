@@ -28,7 +28,17 @@ __all__ = ["main", "parse_args", "run"]
 
 #: The order scenarios run in: footprint before close, so Ray measures the idle
 #: actors of its pool-start scenario before close kills them.
-RUN_ORDER = ("latency", "throughput", "tokens", "payloads", "pool-start", "failure", "footprint", "close")
+RUN_ORDER = (
+    "latency",
+    "throughput",
+    "tokens",
+    "payloads",
+    "pool-start",
+    "cold-start",
+    "failure",
+    "footprint",
+    "close",
+)
 
 
 class Engine(Protocol):

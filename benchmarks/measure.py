@@ -46,6 +46,7 @@ SCENARIOS: dict[str, str] = {
     "failure": "6. failure detection",
     "close": "7. close an idle pool of 12",
     "footprint": "8. footprint, idle pool of 12",
+    "cold-start": "9. cold start, fresh python script.py",
 }
 
 #: Engine name -> column heading. ``federation`` is measured; the others are baselines.
@@ -76,6 +77,7 @@ class Settings:
     payload_sizes: tuple[int, ...] = (1 * MIB, 64 * MIB, 256 * MIB)
     payload_repeats: dict[int, int] = field(default_factory=lambda: {1 * MIB: 10, 64 * MIB: 3, 256 * MIB: 3})
     start_repeats: int = 3
+    cold_repeats: int = 7
     failure_repeats: int = 10
     close_repeats: int = 3
     idle_window: float = 10.0
@@ -98,6 +100,7 @@ class Settings:
             payload_sizes=(1 * MIB, 64 * MIB),
             payload_repeats={1 * MIB: 5, 64 * MIB: 2},
             start_repeats=1,
+            cold_repeats=3,
             failure_repeats=3,
             close_repeats=1,
             idle_window=2.0,
@@ -244,6 +247,48 @@ METRICS: tuple[Metric, ...] = (
     ),
     Metric("footprint", "uss_per_worker_mib", "USS per idle worker", "MiB", "lower", digits=1),
     Metric("footprint", "idle_cpu_percent", "idle CPU, client + workers", "% core", "lower", digits=2),
+    Metric(
+        "cold-start",
+        "first_job_s",
+        "process start -> first job's result",
+        "s",
+        "lower",
+        "<= 0.6 s",
+        (Check(limit=0.6),),
+        digits=3,
+    ),
+    Metric("cold-start", "first_job_eager_s", "  the same, wait_ready=False", "s", "lower", digits=3),
+    Metric("cold-start", "all_ready_s", "process start -> all 12 ready", "s", "lower", digits=3),
+    Metric(
+        "cold-start",
+        "client_cpu_s",
+        "client CPU: import + Federation() to 1st worker",
+        "s",
+        "lower",
+        "<= 0.15 s",
+        (Check(limit=0.15),),
+        digits=3,
+    ),
+    Metric(
+        "cold-start", "client_cpu_first_job_s", "client CPU until the first result", "s", "lower", digits=3
+    ),
+    Metric("cold-start", "interpreter_s", "  process start -> script's 1st line", "s", "lower", digits=3),
+    Metric("cold-start", "imported_s", "  process start -> federation imported", "s", "lower", digits=3),
+    Metric("cold-start", "first_process_s", "  process start -> 1st worker started", "s", "lower", digits=3),
+    Metric("cold-start", "built_s", "  process start -> Federation() returned", "s", "lower", digits=3),
+    Metric("cold-start", "forkserver_first_job_s", "forkserver: first job's result", "s", "lower", digits=3),
+    Metric(
+        "cold-start", "forkserver_first_job_eager_s", "  the same, wait_ready=False", "s", "lower", digits=3
+    ),
+    Metric("cold-start", "forkserver_all_ready_s", "forkserver: all 12 ready", "s", "lower", digits=3),
+    Metric(
+        "cold-start",
+        "forkserver_client_cpu_s",
+        "forkserver: client CPU to its start",
+        "s",
+        "lower",
+        digits=3,
+    ),
 )
 
 

@@ -1,4 +1,4 @@
-"""The eight scenarios, measured on federation's process backend.
+"""The scenarios, measured on federation's process backend.
 
 Every scenario starts its own federation, sized for it, and closes it before
 the next, so one scenario's pool never competes with another's for the two
@@ -249,6 +249,20 @@ class FederationEngine:
             ready.append(time.perf_counter() - started)
             federation.close()
         return median(first), median(starting), median(ready)
+
+    # -- 9. cold start ------------------------------------------------------------------------
+
+    def cold_start(self) -> Measured:
+        """A fresh ``python script.py``: process start to the first result, to all ready (medians)."""
+        from .coldstart import cold_start
+
+        self.notes.setdefault("cold-start", []).append(
+            "federation: medians of fresh interpreters running a script that imports federation, "
+            "builds Federation(sites=['a', 'b', 'hub'], pool_size=4) and submits one 3-site job; "
+            "from the benchmark's clock just before the process starts. Client CPU excludes the "
+            "interpreter's own start."
+        )
+        return cold_start(self.settings.cold_repeats, self.settings.timeout)
 
     # -- 6. failure detection ----------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._config import FederationConfig, SiteConfig, validate_config
+from ._config import FederationConfig, SiteConfig, federation_config
 from ._exceptions import FederationClosedError, PipelineError, SerializationError
 from ._handle import Job
 from ._log import get_logger
@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from ._stats import FederationStats
 
 __all__ = ["Federation"]
+
+#: Keywords of ``Federation(...)`` that are not config fields, offered when an option is misspelt.
+_OWN_KEYWORDS = ("wait_ready", "config")
 
 _open: weakref.WeakSet[Federation] = weakref.WeakSet()
 _open_lock = threading.Lock()
@@ -65,7 +68,7 @@ class Federation:
                 values["backend"] = backend
             if pool_size is not None:
                 values["pool_size"] = pool_size
-            config = validate_config(FederationConfig, values)
+            config = federation_config(values, also_accepted=_OWN_KEYWORDS)
         elif sites is not None or backend is not None or pool_size is not None or options:
             raise TypeError("pass either config= or sites/backend/pool_size/options, not both")
         self._config: FederationConfig = config
