@@ -95,6 +95,8 @@ class Job:
         self._inputs: dict[str, bytes] = {}  # pickled value inputs, kept for retries
         # Set by the router at submit: why the job still waits, for a timeout's message.
         self._why_queued: Callable[[Job], str | None] | None = None
+        # Set by the router at submit: told when Ctrl+C interrupts a wait on this job.
+        self._on_interrupt: Callable[[], None] | None = None
         self._events: list[tuple[float, str, dict[str, Any]]] = [(time.time(), "queued", {})]
         self.submitted = time.time()
         self.started: float | None = None
@@ -122,8 +124,17 @@ class Job:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the job ends; True if it has, False if ``timeout`` ran out."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._status.ended, timeout)
+        try:
+            with self._cond:
+                return self._cond.wait_for(lambda: self._status.ended, timeout)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+
+    def _interrupted(self) -> None:
+        # Ctrl+C while waiting on a job: the federation closing next stops its jobs at once.
+        if self._on_interrupt is not None:
+            self._on_interrupt()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The error the job ended with, or ``None`` if it finished.
@@ -192,11 +203,15 @@ class Job:
         """
         index = 0
         while True:
-            with self._cond:
-                if not self._cond.wait_for(partial(self._has_news, index), timeout):
-                    raise TimeoutError(f"no result from job {self.id} within {timeout} s")
-                batch = self._results[index:]
-                ended = self._status.ended
+            try:
+                with self._cond:
+                    if not self._cond.wait_for(partial(self._has_news, index), timeout):
+                        raise TimeoutError(f"no result from job {self.id} within {timeout} s")
+                    batch = self._results[index:]
+                    ended = self._status.ended
+            except KeyboardInterrupt:
+                self._interrupted()
+                raise
             index += len(batch)
             yield from batch
             if ended and index >= len(self._results):

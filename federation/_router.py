@@ -94,6 +94,9 @@ class Router:
         self._issued: list[list[int]] = []
         self.closing = False
         self.stopped = False
+        # Ctrl+C interrupted a wait on one of our jobs, and no job was submitted since:
+        # closing now is the user's way out, so cancelled jobs get no grace.
+        self.interrupted = False
         self.start_error: SiteStartError | None = None
         self.started = False
         self.dropped = 0
@@ -269,6 +272,8 @@ class Router:
         """Queue ``job``, or start it at once on a free slot."""
         job._inputs = inputs
         job._why_queued = self.why_queued
+        job._on_interrupt = self.interrupt
+        self.interrupted = False  # the user carried on after a Ctrl+C
         with self.lock:
             if len(self.queue) >= self.config.max_queued and not self.changed.wait_for(
                 lambda: self.closing or len(self.queue) < self.config.max_queued,
@@ -287,6 +292,15 @@ class Router:
                 self._dispatch(job, self.free.popleft())
             else:
                 self.queue.append(job)
+
+    def interrupt(self) -> None:
+        """Ctrl+C interrupted a wait on a job (called in that thread, maybe holding no lock)."""
+        self.interrupted = True
+
+    def _cancel_grace(self) -> float:
+        # After Ctrl+C the user wants out, not a cooperative stop: the closing
+        # federation kills a cancelled job's slot at once, without a warning.
+        return 0.0 if self.closing and self.interrupted else self.config.cancel_grace
 
     def why_queued(self, job: Job) -> str | None:
         """Why ``job`` still waits in the queue, in a line; None if it is not queued.
@@ -473,7 +487,7 @@ class Router:
             reason = "cancelled" if status is JobStatus.CANCELLED else "failed"
             for site in slot.pending_sites:
                 slot.send(site, (m.ABORT, job.id, reason))
-            slot.kill_deadline = time.monotonic() + self.config.cancel_grace
+            slot.kill_deadline = time.monotonic() + self._cancel_grace()
             self.wake()
         else:
             self._release(slot)
@@ -940,10 +954,10 @@ class Router:
                     )
         for slot in self._all_slots():
             if slot.kill_deadline is not None and slot.kill_deadline <= now and slot.state is SlotState.BUSY:
-                self.log.warning(
+                (self.log.debug if self.closing and self.interrupted else self.log.warning)(
                     "killing a slot whose job did not stop in time",
                     slot=slot.index,
-                    grace=self.config.cancel_grace,
+                    grace=self._cancel_grace(),
                 )
                 if slot.job is not None:
                     self.running.pop(slot.job.id, None)
