@@ -590,7 +590,7 @@ _END_COLOURS = {"finished": "#2ca02c", "retry": "#ff7f0e", "failed": _ALARM, "ca
 #: A legend lists a step's colour per step, then these, for the marks its picture drew.
 _MARKS = {
     "queued": "job queued",
-    "attempt": "job on a slot (an attempt)",
+    "attempt": "job running on a slot",
     "retry": "attempt lost, job queued again",
     "finished": "job finished",
     "failed": "job failed",
