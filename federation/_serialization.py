@@ -7,16 +7,26 @@ do we fall back to cloudpickle. Functions and plans always go through
 cloudpickle, once per plan, so steps defined in ``__main__``, lambdas and
 closures work without the worker importing the user's script.
 
+A function pickled by value keeps where it came from: its code objects travel
+whole (``marshal``, as in a ``.pyc``), with their real file name and line
+numbers, and with the source lines of that file, which the worker puts in its
+``linecache``. So a remote traceback names the user's file, line and source
+line, even where the file is not readable (another machine, a notebook cell),
+and whatever cloudpickle does with code objects (3.1.3 renames every file to
+``"<dynamic-code>"``).
+
 Workers import this module at start, so cloudpickle is imported lazily: a worker
 that never unpickles a function by value never pays for it.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import time
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -65,9 +75,8 @@ def dumps(value: Any, *, what: str = "value", out_of_band: list[memoryview] | No
         if out_of_band is not None:
             out_of_band.clear()  # what the failed attempt set apart
         try:
-            import cloudpickle
-
-            return cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=callback)  # type: ignore[no-any-return]
+            # Per value, so no source lines: the file name and line numbers still travel.
+            return _cloudpickle(value, sources=False, buffer_callback=callback)
         except Exception as exc:
             raise SerializationError(
                 f"{what} cannot be pickled ({type(value).__name__}): {exc or first}"
@@ -83,13 +92,86 @@ def loads(data: bytes | memoryview, *, what: str = "value") -> Any:
 
 
 def dumps_function(obj: Any, *, what: str) -> bytes:
-    """Pickle functions (or anything holding them) by value where needed, with cloudpickle."""
-    import cloudpickle
+    """Pickle functions (or anything holding them) by value where needed, with cloudpickle.
 
+    The code of every function pickled by value keeps its file name and line
+    numbers, and carries its file's source lines (once per file per pickle).
+    """
     try:
-        return cloudpickle.dumps(obj, protocol=PROTOCOL)  # type: ignore[no-any-return]
+        return _cloudpickle(obj, sources=True)
     except Exception as exc:
         raise SerializationError(f"{what} cannot be pickled: {exc}") from exc
+
+
+_pickler_class: Any = None  # made on first use: cloudpickle is imported only when needed
+_SOURCE_LIMIT = 1 << 20  # characters of a file's source sent along with its functions, at most
+
+
+def _cloudpickle(obj: Any, *, sources: bool, buffer_callback: Callable[..., Any] | None = None) -> bytes:
+    global _pickler_class
+    if _pickler_class is None:
+        import cloudpickle
+
+        class CodeKeepingPickler(cloudpickle.Pickler):  # type: ignore[misc]
+            """cloudpickle, but code objects travel whole: see :func:`_reduce_code`."""
+
+            def __init__(self, file: Any, sources: bool, **kwargs: Any) -> None:
+                super().__init__(file, **kwargs)
+                self.sources: dict[str, tuple[str, ...] | None] | None = {} if sources else None
+
+            def reducer_override(self, obj: Any) -> Any:
+                if type(obj) is types.CodeType:
+                    return _reduce_code(obj, self.sources)
+                return super().reducer_override(obj)
+
+        _pickler_class = CodeKeepingPickler
+    file = io.BytesIO()
+    _pickler_class(file, sources, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+    return file.getvalue()
+
+
+def _reduce_code(code: types.CodeType, sources: dict[str, tuple[str, ...] | None] | None) -> Any:
+    """Pickle a code object (and those nested in it) as ``marshal`` does for a ``.pyc``.
+
+    ``marshal`` keeps every field, the file name included. Client and worker
+    run the same interpreter (cloudpickle's own reducer is version-specific
+    too). ``sources`` maps each file seen in this pickle to its lines: the same
+    tuple for every code object of a file, so the pickle holds it once.
+    """
+    import marshal
+
+    try:
+        data = marshal.dumps(code)
+    except ValueError:  # a constant marshal cannot write (a hand-made code object): cloudpickle's way
+        return NotImplemented
+    lines = None
+    if sources is not None:
+        filename = code.co_filename
+        if filename not in sources:
+            import linecache
+
+            found = linecache.getlines(filename)
+            sources[filename] = tuple(found) if 0 < sum(map(len, found)) <= _SOURCE_LIMIT else None
+        lines = sources[filename]
+    return (_load_code, (data, lines))
+
+
+def _load_code(data: bytes, lines: tuple[str, ...] | None) -> types.CodeType:
+    """Unpickle what :func:`_reduce_code` made; make its source lines the traceback's."""
+    import marshal
+
+    code: types.CodeType = marshal.loads(data)
+    if lines:
+        import linecache
+
+        filename = code.co_filename
+        entry = linecache.cache.get(filename)
+        # A file this process read itself (a thread worker, in the client) keeps
+        # its own entry; otherwise the client's lines, which no checkcache drops
+        # (mtime None, as for a notebook cell).
+        if entry is None or (len(entry) == 4 and entry[1] is None and entry[2] != list(lines)):
+            linecache.cache[filename] = (sum(map(len, lines)), None, list(lines), filename)
+    return code
 
 
 def dump_exception(exc: BaseException) -> tuple[bytes, str]:

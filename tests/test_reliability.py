@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import linecache
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pipelines
 import psutil
 import pytest
 from conftest import wait_until, worker_processes
@@ -40,9 +42,35 @@ def test_step_raising_gives_step_failed_error_with_remote_traceback(make_federat
     assert isinstance(error.__cause__, ValueError) and str(error.__cause__) == "bad value 7"
     remote = error.__cause__.__cause__
     assert isinstance(remote, fed.RemoteTraceback)
-    assert "raise ValueError" in str(remote) and "explode" in str(remote)
+    # The user's file, line and source line, whatever cloudpickle does with file names
+    # (3.1.3 renames every by-value function's file to "<dynamic-code>").
+    source = 'raise ValueError(f"bad value {x}")'
+    path = pipelines.__file__
+    with open(path, encoding="utf-8") as file:
+        line = next(n for n, text in enumerate(file, 1) if text.strip() == source)
+    assert f'File "{path}", line {line}, in explode\n    {source}\n' in str(remote)
+    assert "<dynamic-code>" not in str(remote)
     assert job.status is fed.JobStatus.FAILED
     _next_job_succeeds(federation)
+
+
+def test_remote_traceback_shows_source_the_worker_cannot_read(make_federation) -> None:
+    """A step from a notebook cell (source only in the client's linecache) still shows its lines."""
+    filename = "<notebook-cell-7>"
+    source = "def from_cell(x):\n    total = x + 1\n    raise KeyError(f'cell {total}')\n"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    try:
+        namespace: dict[str, object] = {"__name__": "notebook_cell_not_importable"}
+        exec(compile(source, filename, "exec"), namespace)
+        pipeline = fed.Pipeline("cell")
+        pipeline.output(pipeline.step(site="a")(namespace["from_cell"]))
+        federation = make_federation(["a"])
+        with pytest.raises(fed.StepFailedError) as info:
+            federation.submit(pipeline, x=1).result(timeout=T)
+    finally:
+        linecache.cache.pop(filename, None)
+    remote = str(info.value.__cause__.__cause__)
+    assert f"File \"{filename}\", line 3, in from_cell\n    raise KeyError(f'cell {{total}}')\n" in remote
 
 
 def test_sys_exit_in_a_step_is_a_step_failure(make_federation) -> None:
