@@ -46,8 +46,20 @@ from .._exceptions import SiteStartError
 __all__ = ["ForkServer", "ProcessBackend", "ProcessWorker", "descendants", "kill_process_tree"]
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-_BOOT = "from federation._worker import main; main()"
-_ZYGOTE = "from federation.backends._zygote import main; main()"
+# Workers import the very package files this process imported, whatever the current
+# directory and PYTHONPATH hold: the directory holding them comes first on sys.path.
+# ``python -c`` puts the current directory ('') first; it goes last instead, so a
+# decoy ``federation/`` (or ``json.py``) there shadows nothing, while a module the
+# client imported from its current directory (a notebook's, a REPL's) is still
+# found when a by-reference pickle names it. The client's own sys.path is put in
+# front of the rest once the worker reads its INIT (see federation._worker).
+_SYS_PATH = (
+    f"import sys; cwd = '' in sys.path; root = {_PACKAGE_ROOT!r}; "
+    "sys.path[:] = [root, *(p for p in sys.path if p not in ('', root))] + [''] * cwd; "
+    "del cwd, root; "
+)
+_BOOT = _SYS_PATH + "from federation._worker import main; main()"
+_ZYGOTE = _SYS_PATH + "from federation.backends._zygote import main; main()"
 _MAX_MESSAGE = 1 << 16
 _EVERY_SITE = "*"
 
