@@ -8,6 +8,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._callbacks import CallbackThread
 from ._config import FederationConfig, SiteConfig, federation_config
 from ._exceptions import FederationClosedError, PipelineError, SerializationError
 from ._handle import Job
@@ -76,9 +77,14 @@ class Federation:
         self._egress = {site.name: site.egress for site in config.sites}
         self._site_names = tuple(site.name for site in config.sites)
         self._closed = False
-        self._close_lock = threading.Lock()
-        self._router = Router(config)
+        self._callbacks = CallbackThread()
+        self._router = Router(config, self._callbacks)
+        self._shutdown = _Shutdown(self._router, self._callbacks, config.shutdown_timeout)
         self._router.start(wait=wait_ready)
+        # A federation dropped without close() is closed when collected (as
+        # ProcessPoolExecutor does), and at interpreter exit at the latest. The
+        # finalizer holds the router, never the federation, or it would never run.
+        self._finalizer = weakref.finalize(self, self._shutdown.finalize)
         with _open_lock:
             _open.add(self)
         self._log.debug(
@@ -179,7 +185,14 @@ class Federation:
                     f"input {name!r} is {len(data):,} bytes pickled, over max_token_bytes={limit:,}"
                 )
             payloads[name] = data
-        job = Job(self._router.next_job_id(), compiled, self, retries=retries, timeout=timeout)
+        job = Job(
+            self._router.next_job_id(),
+            compiled,
+            self,
+            retries=retries,
+            timeout=timeout,
+            callbacks=self._callbacks,
+        )
         self._router.submit(job, payloads, block, queue_timeout)
         return job
 
@@ -218,16 +231,18 @@ class Federation:
         ``timeout``, then cancels them), or cancels them at once with
         ``cancel_pending=True``; stops every worker, kills those that do not
         stop within ``shutdown_timeout`` (whole process trees); closes every pipe
-        and joins the router thread.
+        and joins the router and callback threads.
+
+        Safe from any thread, a job's callback included. Every caller returns only
+        once shutdown is complete; the one exception is a callback calling it while
+        another thread is already closing, which returns at once (waiting there
+        would wait on itself: the closer waits for the callback thread).
         """
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._router.shutdown(cancel_pending=cancel_pending, timeout=timeout)
+        self._closed = True
+        self._shutdown.run(cancel_pending=cancel_pending, timeout=timeout)
+        self._finalizer.detach()
         with _open_lock:
             _open.discard(self)
-        self._log.debug("federation closed")
 
     def __enter__(self) -> Federation:
         return self
@@ -304,6 +319,47 @@ class Federation:
             retries=retries,
             job_timeout=job_timeout,
         )
+
+
+class _Shutdown:
+    """The one shutdown sequence of a federation: run once, awaited by every other caller."""
+
+    def __init__(self, router: Router, callbacks: CallbackThread, timeout: float) -> None:
+        self._router = router
+        self._callbacks = callbacks
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._started = False
+        self._done = threading.Event()
+
+    def run(self, *, cancel_pending: bool, timeout: float | None) -> None:
+        with self._lock:
+            first, self._started = not self._started, True
+        if not first:
+            if not self._callbacks.in_callback_thread():
+                self._done.wait()
+            return
+        try:
+            self._router.shutdown(cancel_pending=cancel_pending, timeout=timeout)
+        finally:
+            try:
+                # Callbacks already posted (jobs' ends among them) still run first.
+                if not self._callbacks.stop(self._timeout + 5.0) and not self._callbacks.in_callback_thread():
+                    get_logger("federation").warning(
+                        "a job callback is still running after close(); its thread is left to end alone"
+                    )
+            finally:
+                self._done.set()
+        get_logger("federation").debug("federation closed")
+
+    def finalize(self) -> None:
+        """Close from a finalizer: never on the router or callback thread, which close waits for."""
+        if threading.current_thread() is self._router.thread or self._callbacks.in_callback_thread():
+            threading.Thread(
+                target=self.run, kwargs={"cancel_pending": True, "timeout": None}, name="federation-closer"
+            ).start()
+        else:
+            self.run(cancel_pending=True, timeout=None)
 
 
 @atexit.register

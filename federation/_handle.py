@@ -16,6 +16,7 @@ from collections.abc import Callable, Generator, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from ._callbacks import CallbackThread, run_safely
 from ._exceptions import JobCancelledError
 
 if TYPE_CHECKING:
@@ -76,7 +77,14 @@ class Job:
     """
 
     def __init__(
-        self, job_id: int, compiled: Compiled, controller: _Controller, *, retries: int, timeout: float | None
+        self,
+        job_id: int,
+        compiled: Compiled,
+        controller: _Controller,
+        *,
+        retries: int,
+        timeout: float | None,
+        callbacks: CallbackThread | None = None,
     ) -> None:
         self.id = job_id
         self.pipeline = compiled.pipeline
@@ -91,6 +99,11 @@ class Job:
         self._callbacks: list[tuple[str | None, Callable[[Result], Any]]] = []
         self._done_callbacks: list[Callable[[Job], Any]] = []
         self._future: concurrent.futures.Future[Any] | None = None
+        # Where user callbacks run: the federation's callback thread, never the router.
+        self._runner = callbacks if callbacks is not None else CallbackThread()
+        # A result of the current attempt reached the user (iterated, or passed to a
+        # callback): such an attempt cannot be replaced by a retry without mixing results.
+        self._observed = False
         self._attempts: list[Attempt] = []
         self._inputs: dict[str, bytes] = {}  # pickled value inputs, kept for retries
         # Set by the router at submit: why the job still waits, for a timeout's message.
@@ -209,6 +222,8 @@ class Job:
                         raise TimeoutError(f"no result from job {self.id} within {timeout} s")
                     batch = self._results[index:]
                     ended = self._status.ended
+                    if batch:
+                        self._observed = True
             except KeyboardInterrupt:
                 self._interrupted()
                 raise
@@ -228,9 +243,12 @@ class Job:
     # -- callbacks and bridges -------------------------------------------------------------
 
     def on_result(self, callback: Callable[[Result], Any], output: str | None = None) -> None:
-        """Call ``callback(result)`` in the router thread for each result (of ``output``, if given).
+        """Call ``callback(result)`` for each result (of ``output``, if given), in order.
 
-        Results that already arrived are passed at once, in the caller's thread.
+        Callbacks run on the federation's callback thread, never on its router and
+        never under a lock, one at a time: each sees each result exactly once, in
+        the order results arrived, results that arrived before this call first. A
+        callback may submit, cancel, send and close; one that raises is logged.
         """
         if output is not None and output not in self._compiled.outputs:
             raise ValueError(
@@ -239,16 +257,18 @@ class Job:
         with self._cond:
             self._callbacks.append((output, callback))
             earlier = [r for r in self._results if output is None or r.output == output]
-        for record in earlier:
-            _call_safely(callback, record)
+            if earlier:
+                self._observed = True
+                # Posted under the condition: no later result can be posted ahead of these.
+                self._runner.post(partial(_deliver, callback, earlier))
 
     def add_done_callback(self, callback: Callable[[Job], Any]) -> None:
-        """Call ``callback(job)`` once the job ends (at once if it has)."""
+        """Call ``callback(job)`` once the job ends (soon, if it has), on the callback thread."""
         with self._cond:
             if not self._status.ended:
                 self._done_callbacks.append(callback)
                 return
-        _call_safely(callback, self)
+            self._runner.post(partial(callback, self))
 
     @property
     def future(self) -> concurrent.futures.Future[Any]:
@@ -335,13 +355,24 @@ class Job:
             if self._status.ended:
                 return
             self._results.extend(new)
-            callbacks = list(self._callbacks)
+            for output, callback in self._callbacks:
+                chosen = new if output is None else [r for r in new if r.output == output]
+                if chosen:
+                    self._observed = True
+                    self._runner.post(partial(_deliver, callback, chosen))
             self._cond.notify_all()
         self._record("results", site=site, count=len(new))
-        for output, callback in callbacks:
-            for record in new:
-                if output is None or record.output == output:
-                    _call_safely(callback, record)
+
+    def _reset_for_retry(self) -> str | None:
+        """Forget the failed attempt's results before a retry; why it cannot be retried, or None."""
+        with self._cond:
+            if self._observed:
+                return (
+                    f"{len(self._results)} result(s) of attempt {len(self._attempts)} already reached "
+                    "the caller (iterated or passed to a callback), and a retry would mix two attempts"
+                )
+            self._results.clear()
+            return None
 
     def _end(self, status: JobStatus, error: BaseException | None) -> bool:
         with self._cond:
@@ -353,12 +384,13 @@ class Job:
             future = self._future
             callbacks, self._done_callbacks = self._done_callbacks, []
             self._cond.notify_all()
+            # A future's own callbacks (asyncio's bridge among them) are user code too.
+            if future is not None:
+                self._runner.post(partial(self._settle, future))
+            for callback in callbacks:
+                self._runner.post(partial(callback, self))
         self._end_attempt(None if error is None else f"{type(error).__name__}: {error}")
         self._record(status.value, error=None if error is None else repr(error))
-        if future is not None:
-            self._settle(future)
-        for callback in callbacks:
-            _call_safely(callback, self)
         return True
 
     def _cancelled_error(self, reason: str) -> JobCancelledError:
@@ -394,10 +426,7 @@ class Job:
         return export_timeline(events, path, title=default_title(events, pipeline=self.pipeline))
 
 
-def _call_safely(callback: Callable[[Any], Any], argument: Any) -> None:
-    try:
-        callback(argument)
-    except Exception:  # noqa: BLE001 - a user's callback must not break the router
-        from ._log import get_logger
-
-        get_logger("job").exception("callback raised", callback=repr(callback))
+def _deliver(callback: Callable[[Result], Any], records: list[Result]) -> None:
+    # One failure must not cost the callback the rest of the batch: each result once.
+    for record in records:
+        run_safely(partial(callback, record))

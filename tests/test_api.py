@@ -23,6 +23,7 @@ ORDER = [
     "_log",
     "_config",
     "_pipeline",
+    "_callbacks",
     "_handle",
     "_timeline",
     "_execution",

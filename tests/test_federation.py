@@ -285,6 +285,8 @@ def test_jobs_queue_fifo_when_the_pool_is_busy(make_federation) -> None:
         job.add_done_callback(lambda j: order.append(j.id))
     blocker.cancel()
     assert [job.result(timeout=T) for job in jobs] == [2 * i + 1 for i in range(5)]
+    # Done callbacks run on the callback thread, in order, soon after each job ends.
+    assert wait_until(lambda: len(order) == 5, timeout=T)
     assert order == [job.id for job in jobs]
 
 

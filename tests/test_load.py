@@ -8,6 +8,7 @@ import threading
 
 import psutil
 import pytest
+from conftest import wait_until
 from pipelines import chain_pipeline, stream_input_pipeline
 
 STRESS = os.environ.get("FEDERATION_STRESS") == "1"
@@ -32,6 +33,8 @@ def _many_small_jobs(make_federation, count: int) -> None:
         jobs.append(job)
     results = [job.result(timeout=T) for job in jobs]
     assert results == [2 * i + 1 for i in range(count)]
+    # Done callbacks run on the callback thread, soon after each job ends.
+    assert wait_until(lambda: len(ends) == count, timeout=T)
     assert len({job.id for job in jobs}) == count
     assert all(ends[job.id] == 1 for job in jobs)  # every job ended exactly once
     assert all(len(job._results) == 1 for job in jobs)  # and got exactly one result
