@@ -20,6 +20,7 @@ Workers import this module: it uses nothing beyond the standard library.
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import threading
@@ -125,7 +126,8 @@ class Outbox:
             pending = self._pending
             while pending:
                 try:
-                    written = os.writev(self._fd, list(pending)[:64])
+                    # islice, not list(pending)[:64]: a long backlog must not be copied per write.
+                    written = os.writev(self._fd, tuple(itertools.islice(pending, 64)))
                 except BlockingIOError:
                     return False
                 except OSError as exc:

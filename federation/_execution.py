@@ -17,8 +17,10 @@ report DONE, because every message carries its job id (invariant 1).
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import pickle
+import select
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _messages as m
 from ._channel import ChannelClosedError, FrameReader, Outbox, make_pipe
+from ._exceptions import SiteStartError
 from ._serialization import dumps_function
 
 if TYPE_CHECKING:
@@ -33,18 +36,48 @@ if TYPE_CHECKING:
     from ._handle import Job
     from .backends import Backend, WorkerHandle
 
-__all__ = ["JobExecution", "SlotState"]
+__all__ = [
+    "TRANSITIONS",
+    "JobExecution",
+    "SlotState",
+    "SlotTransitionError",
+    "describe_fd_need",
+    "fds_per_slot",
+]
 
 
 class SlotState(str, enum.Enum):
-    """Where a slot is in its life."""
+    """Where a slot is in its life; see :data:`TRANSITIONS` for the moves between states."""
 
-    STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
-    BROKEN = "broken"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
+    STARTING = "starting"  # workers booting; deadline: start_timeout
+    IDLE = "idle"  # in the free list, and only then
+    BUSY = "busy"  # running a job
+    DRAINING = "draining"  # its job ended early; sites were told to stop; deadline: cancel grace
+    BROKEN = "broken"  # a worker died or was killed; the rest are being killed
+    STOPPING = "stopping"  # told to stop after its work; deadline: shutdown_timeout, then killed
+    STOPPED = "stopped"  # every worker gone, every pipe closed
+
+
+_S = SlotState
+
+#: Every move a slot may make. The router changes a slot's state only through
+#: ``Router._move``, which checks this table and keeps the free list equal to
+#: the set of IDLE slots, so "taken from the free list" and "a worker of it
+#: died" are two moves out of IDLE under one lock: whichever comes second sees
+#: the state the first one left, and a broken slot is never dispatched.
+TRANSITIONS: dict[SlotState, frozenset[SlotState]] = {
+    _S.STARTING: frozenset({_S.IDLE, _S.BROKEN, _S.STOPPING}),  # ready / died or failed / close
+    _S.IDLE: frozenset({_S.BUSY, _S.BROKEN, _S.STOPPING}),  # dispatch / died / recycle or close
+    _S.BUSY: frozenset({_S.IDLE, _S.DRAINING, _S.BROKEN, _S.STOPPING}),  # all DONE / ended early / died
+    _S.DRAINING: frozenset({_S.IDLE, _S.BROKEN, _S.STOPPING}),  # all DONE / died or grace over / close
+    _S.BROKEN: frozenset({_S.STOPPED}),  # every worker gone: reaped
+    _S.STOPPING: frozenset({_S.BROKEN, _S.STOPPED}),  # did not stop in time: killed / reaped
+    _S.STOPPED: frozenset(),
+}
+
+
+class SlotTransitionError(RuntimeError):
+    """A move the slot table does not allow: a bug in the router, never the user's doing."""
 
 
 class JobExecution:
@@ -70,11 +103,14 @@ class JobExecution:
         self.events: dict[str, FrameReader] = {}
         self.ready: set[str] = set()
         self.booted: set[str] = set()
-        self.plans: dict[str, set[bytes]] = {site: set() for site in self.sites}
+        # What each worker's plan cache holds, in the order it evicts: the client
+        # sends PLAN exactly when this says the worker lacks it (see _messages.PLAN_CACHE).
+        self.plans: dict[str, dict[bytes, None]] = {site: {} for site in self.sites}
         self.job: Job | None = None
         self.pending_sites: set[str] = set()
         self.jobs_run = 0
-        self.kill_deadline: float | None = None
+        self.kill_deadline: float | None = None  # meaning by state: see SlotState
+        self.start_failed = False  # a worker reported START_FAILED (its setup raised)
         self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=20) for site in self.sites}
         self.partial_output: dict[tuple[str, int], bytes] = {}  # (site, fd): a line not yet ended
         self.memory_killed: str | None = None  # the site the memory watchdog killed
@@ -84,12 +120,18 @@ class JobExecution:
     def _start(self, config: FederationConfig, backend: Backend, lifeline_fd: int, log_level: str) -> None:
         sites = self.sites
         child_fds: list[int] = []
+
+        def pipe() -> tuple[int, int]:
+            # Every fd is recorded the moment it exists: a start that fails part-way
+            # (out of fds) closes all it made, not only the pipes completed before.
+            read_fd, write_fd = make_pipe()
+            child_fds.extend((read_fd, write_fd))
+            return read_fd, write_fd
+
         try:
-            control = {site: make_pipe() for site in sites}
-            events = {site: make_pipe() for site in sites}
-            links = {(a, b): make_pipe() for a in sites for b in sites if a != b}
-            for read_fd, write_fd in [*control.values(), *events.values(), *links.values()]:
-                child_fds += [read_fd, write_fd]
+            control = {site: pipe() for site in sites}
+            events = {site: pipe() for site in sites}
+            links = {(a, b): pipe() for a in sites for b in sites if a != b}
             for site in sites:
                 self.control[site] = Outbox(control[site][1], self._on_pending)
                 self.events[site] = FrameReader(events[site][0])
@@ -121,11 +163,16 @@ class JobExecution:
                     siblings_out={b: links[(site, b)][1] for b in sites if b != site},
                     lifeline_fd=lifeline_fd,
                 )
-        except BaseException:
+        except BaseException as exc:
             self.kill()
             self.close()
             for fd in child_fds:
                 _close(fd)
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise SiteStartError(
+                    f"out of file descriptors starting slot {self.index}: {describe_fd_need(len(sites))}",
+                    site="*",
+                ) from exc
             raise
         if backend.client_closes_child_fds:
             for fd in child_fds:
@@ -151,8 +198,7 @@ class JobExecution:
     # -- ending ----------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask every worker to stop after what it is doing."""
-        self.state = SlotState.STOPPING
+        """Ask every worker to stop after what it is doing (the router moves the slot to STOPPING)."""
         data = pickle.dumps((m.STOP,), protocol=5)
         for site in self.sites:
             self.send_bytes(site, data)
@@ -163,6 +209,16 @@ class JobExecution:
             worker.kill()
         for outbox in self.control.values():
             outbox.close()  # a thread worker sees EOF and ends when it can
+
+    def dead_sites(self) -> list[str]:
+        """Sites whose worker has ended, by a zero-timeout poll of their sentinels."""
+        poller = select.poll()
+        by_fd = {}
+        for site, worker in self.workers.items():
+            if worker.sentinel >= 0:
+                by_fd[worker.sentinel] = site
+                poller.register(worker.sentinel, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return [by_fd[fd] for fd, _ in poller.poll(0) if fd in by_fd]
 
     def alive(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.alive()]
@@ -181,7 +237,28 @@ class JobExecution:
                 _close(worker.stdout)
                 worker.stdout = None
             worker.close()
-        self.state = SlotState.STOPPED
+
+
+def fds_per_slot(sites: int) -> int:
+    """File descriptors the client holds, at its peak, while it starts a slot of ``sites`` sites."""
+    # control, events and a link per ordered pair of sites, both ends of each while
+    # the workers start; plus each worker's stdout, stderr and sentinel.
+    return 2 * (2 * sites + sites * (sites - 1)) + 3 * sites
+
+
+def describe_fd_need(sites: int) -> str:
+    """How many fds a slot of ``sites`` sites needs beside the limit and the fds open now."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:  # pragma: no cover - no /proc
+        open_now = -1
+    return (
+        f"a slot of {sites} sites needs {fds_per_slot(sites)} while it starts; "
+        f"the limit is {soft} (RLIMIT_NOFILE, `ulimit -n`) and {open_now} are open"
+    )
 
 
 def _close(fd: int) -> None:

@@ -47,6 +47,11 @@ END = 2
 #: The "site" a client-fed stream input comes from.
 CLIENT = ""
 
+#: Plans a worker keeps, evicting the oldest received first. The client mirrors
+#: each worker's cache (``JobExecution.plans``) with the same rule, so it sends
+#: PLAN exactly when the worker lacks the plan: a digest never names an evicted plan.
+PLAN_CACHE = 64
+
 # A token: (step, param, source_site, seq, payload, kind); the job id is on its message.
 Token = tuple[str, str, str, int, Any, int]
 

@@ -42,6 +42,7 @@ from collections import deque
 from typing import Any
 
 from . import _messages as m
+from ._callbacks import CallbackThread
 from ._channel import Outbox
 from ._config import FederationConfig
 from ._exceptions import (
@@ -54,7 +55,7 @@ from ._exceptions import (
     WorkerDiedError,
     describe_exitcode,
 )
-from ._execution import JobExecution, SlotState
+from ._execution import TRANSITIONS, JobExecution, SlotState, SlotTransitionError, fds_per_slot
 from ._handle import Job, JobStatus
 from ._log import SiteLogFiles, get_logger, log_worker_record, worker_log_level
 from ._serialization import SegmentViews, load_exception, unlink_segments
@@ -64,7 +65,8 @@ __all__ = ["Router"]
 
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 _EVENTS, _SENTINEL, _OUTPUT, _STDOUT, _WAKE = range(5)
-_MEMORY_CHECK_EVERY = 0.25  # seconds between RSS checks of busy workers
+_MEMORY_CHECK_EVERY = 0.05  # seconds between RSS checks of busy workers (/proc reads, ~20 us each)
+_TRIM_AFTER = 1.0  # seconds without jobs after which the client unmaps workers' segments
 _CLOSE_NOTICE = 10.0  # seconds between warnings while close() waits for jobs
 
 # Job ids are unique in the process, not per federation: two federations in one
@@ -77,8 +79,11 @@ _job_ids_lock = threading.Lock()
 class Router:
     """The pool, the job queue and the router thread of one federation."""
 
-    def __init__(self, config: FederationConfig) -> None:
+    def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
         self.config = config
+        self.callbacks = callbacks if callbacks is not None else CallbackThread()
+        _ensure_stdio()
+        _raise_fd_limit(config.pool_size * fds_per_slot(len(config.sites)))
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.backend = get_backend(config)
@@ -101,7 +106,11 @@ class Router:
         self.started = False
         self.dropped = 0
         self.replaced = 0
-        self.restart_failures = 0
+        self.restart_failures = 0  # failed starts in a row (a setup raised, a worker exited, a timeout)
+        self.start_deaths = 0  # workers killed from outside while starting, in a row
+        # Why the federation stopped restarting slots and failed every job; None while it serves.
+        self.gave_up: str | None = None
+        self._replace_at: dict[int, float] = {}  # slot index -> when to start its replacement
         self.jobs_by_status: dict[str, int] = {}
         self.links: dict[tuple[str, str], list[int]] = {}
         self._generation = 0
@@ -118,7 +127,11 @@ class Router:
         self._closed_inputs: dict[int, set[str]] = {}
         self._deadlines: dict[int, float] = {}
         self._next_memory_check = 0.0
-        self._deferred: list[JobExecution] = []  # broken slots to retire on the next turn
+        self._trim_at: float | None = None  # when an idle client closes its cached segment mappings
+        # Stream-input items sent to a job, kept until it ends so that a retry gets them all.
+        self._input_history: dict[int, list[tuple[str, bytes | None, bool]]] = {}
+        self._history_bytes: dict[int, int] = {}
+        self._unreplayable: dict[int, str] = {}
         self._retired: list[JobExecution] = []  # out of the pool, waiting for their workers to end
         self.log_files = SiteLogFiles(config.log_dir) if config.log_dir is not None else None
         self._released: list[tuple[str, str]] = []
@@ -219,9 +232,13 @@ class Router:
         for site, worker in slot.workers.items():
             self._register(worker.sentinel, _SENTINEL, slot, site)
             # stdout first: of two lines written in that order, poll() reports it first.
+            # Never a blocking read: a process a step started may hold these pipes
+            # open long after the worker died, and EOF would wait for it.
             if worker.stdout is not None:
+                os.set_blocking(worker.stdout, False)
                 self._register(worker.stdout, _STDOUT, slot, site)
             if worker.output is not None and worker.output != worker.sentinel:
+                os.set_blocking(worker.output, False)
                 self._register(worker.output, _OUTPUT, slot, site)
         self.log.debug("slot starting", slot=index, generation=slot.generation)
         return slot
@@ -285,11 +302,14 @@ class Router:
                     f"the job queue is full (max_queued={self.config.max_queued}); "
                     "wait for jobs to finish, or submit with block=True"
                 )
+            if self.gave_up is not None:
+                raise FederationError(f"the federation gave up and accepts no new jobs: {self.gave_up}")
             if self.closing:
                 raise FederationClosedError("the federation is closed and accepts no new jobs")
             self._count(JobStatus.QUEUED)
-            if self.free and not self.queue:
-                self._dispatch(job, self.free.popleft())
+            slot = self._take_free() if not self.queue else None
+            if slot is not None:
+                self._dispatch(job, slot)
             else:
                 self.queue.append(job)
 
@@ -343,20 +363,56 @@ class Router:
             self.jobs_by_status[previous.value] -= 1
         self.jobs_by_status[status.value] = self.jobs_by_status.get(status.value, 0) + 1
 
+    # -- the slot state machine -----------------------------------------------------------
+
+    def _move(self, slot: JobExecution, state: SlotState) -> None:
+        """The one place a slot changes state: checked against the table, free list kept equal."""
+        if state is slot.state:
+            return
+        if state not in TRANSITIONS[slot.state]:
+            raise SlotTransitionError(f"slot {slot.index}: {slot.state.value} -> {state.value} is not a move")
+        if slot.state is SlotState.IDLE:
+            self.free.remove(slot)
+        slot.state = state
+        if state is SlotState.IDLE:
+            self.free.append(slot)
+        slot.kill_deadline = None
+
+    def _take_free(self) -> JobExecution | None:
+        """A free slot whose workers are all alive, or None.
+
+        A worker may have died a moment ago, before the router read its sentinel:
+        a zero-timeout poll of the slot's sentinels catches that here, so the job
+        goes to another slot (or waits) instead of starting on a dead worker.
+        """
+        while self.free:
+            slot = self.free[0]
+            dead = slot.dead_sites()
+            if not dead:
+                self._move(slot, SlotState.BUSY)
+                return slot
+            for site in dead:
+                self._on_worker_gone(slot, site)
+            if slot.state is SlotState.IDLE:  # pragma: no cover - a death always moves it out
+                self._move(slot, SlotState.BROKEN)
+        return None
+
     def _dispatch(self, job: Job, slot: JobExecution) -> None:
+        """Start ``job`` on ``slot``, which ``_take_free`` has moved to BUSY."""
         compiled = job._compiled
         inputs = job._inputs
-        slot.state = SlotState.BUSY
         slot.job = job
         slot.pending_sites = set(compiled.participants)
-        slot.kill_deadline = None
         self.running[job.id] = (job, slot)
         started = time.time()  # the attempt's start: before any site can start
         for site in compiled.participants:
             digest, plan = compiled.plans[site]
-            if digest not in slot.plans[site]:
+            cached = slot.plans[site]
+            if digest not in cached:
+                if len(cached) >= m.PLAN_CACHE:  # the worker evicts its oldest plan too
+                    del cached[next(iter(cached))]
                 slot.send(site, (m.PLAN, digest, plan))
-                slot.plans[site].add(digest)
+                cached[digest] = None
             site_inputs = {
                 name: inputs[name] for name in compiled.site_inputs.get(site, ()) if name in inputs
             }
@@ -365,8 +421,11 @@ class Router:
         # read under the lock this holds, so none can overtake it.
         if job.status is JobStatus.QUEUED:
             self._count(JobStatus.RUNNING, JobStatus.QUEUED)
+        first = not job.attempts
         job._start_attempt(slot.index, started)
-        if job.timeout is not None:
+        if job.timeout is not None and first:
+            # The timeout covers the whole job from its first start: every attempt,
+            # and the waits in the queue between them.
             self._deadlines[job.id] = time.monotonic() + job.timeout
         if job.timeout is not None or self.config.max_worker_memory is not None:
             self.wake()  # the router may be waiting with no deadline at all
@@ -374,11 +433,14 @@ class Router:
             self._forward_input(job, slot, name, payload, close)
 
     def _dispatch_queued(self) -> None:
-        while self.free and self.queue:
-            job = self.queue.popleft()
-            if job.done():
+        while self.queue:
+            if self.queue[0].done():
+                self.queue.popleft()
                 continue
-            self._dispatch(job, self.free.popleft())
+            slot = self._take_free()
+            if slot is None:
+                break
+            self._dispatch(self.queue.popleft(), slot)
         self.changed.notify_all()
 
     # -- stream inputs and inter-job tokens ------------------------------------------------
@@ -398,12 +460,30 @@ class Router:
                 return f"stream input {name!r} of job {job.id} was closed"
             if close:
                 closed.add(name)
+            self._remember_input(job, name, payload, close)
             entry = self.running.get(job.id)
             if entry is None:
                 self._pending_inputs.setdefault(job.id, []).append((name, payload, close))
             else:
                 self._forward_input(job, entry[1], name, payload, close)
         return None
+
+    def _remember_input(self, job: Job, name: str, payload: bytes | None, close: bool) -> None:
+        """Keep a stream item for a retry, while the job may still be retried and under the bound."""
+        if job.retries <= len(job.attempts) - 1 or job.id in self._unreplayable:
+            return
+        size = self._history_bytes.get(job.id, 0) + (len(payload) if payload is not None else 0)
+        history = self._input_history.setdefault(job.id, [])
+        if size > _REPLAY_BYTES or len(history) >= _REPLAY_ITEMS:
+            self._unreplayable[job.id] = (
+                f"its stream inputs carried more than a retry can replay "
+                f"({_REPLAY_ITEMS:,} items or {_REPLAY_BYTES >> 20} MiB)"
+            )
+            self._input_history.pop(job.id, None)
+            self._history_bytes.pop(job.id, None)
+            return
+        history.append((name, payload, close))
+        self._history_bytes[job.id] = size
 
     def _forward_input(
         self, job: Job, slot: JobExecution, name: str, payload: bytes | None, close: bool
@@ -469,6 +549,9 @@ class Router:
         self._deadlines.pop(job.id, None)
         self._pending_inputs.pop(job.id, None)
         self._closed_inputs.pop(job.id, None)
+        self._input_history.pop(job.id, None)
+        self._history_bytes.pop(job.id, None)
+        self._unreplayable.pop(job.id, None)
         for key in [k for k in self._input_seq if k[0] == job.id]:
             del self._input_seq[key]
         entry = self.running.get(job.id)
@@ -483,13 +566,14 @@ class Router:
         if previous is JobStatus.SUSPENDED:
             for worker in slot.workers.values():
                 worker.suspend(False)
-        if slot.pending_sites:
+        if slot.pending_sites and slot.state is SlotState.BUSY:
             reason = "cancelled" if status is JobStatus.CANCELLED else "failed"
             for site in slot.pending_sites:
                 slot.send(site, (m.ABORT, job.id, reason))
+            self._move(slot, SlotState.DRAINING)
             slot.kill_deadline = time.monotonic() + self._cancel_grace()
             self.wake()
-        else:
+        elif not slot.pending_sites:
             self._release(slot)
         self.changed.notify_all()
 
@@ -497,44 +581,62 @@ class Router:
         job = slot.job
         if job is not None:
             self.running.pop(job.id, None)
+        if not self.running and self._views.has_cached():
+            self._trim_at = time.monotonic() + _TRIM_AFTER
         slot.job = None
         slot.pending_sites = set()
-        slot.kill_deadline = None
         slot.jobs_run += 1
-        if slot.state is not SlotState.BUSY:
+        if slot.state not in (SlotState.BUSY, SlotState.DRAINING):
             return
         limit = self.config.max_jobs_per_worker
         if limit is not None and slot.jobs_run >= limit:
             self.log.debug("recycling slot", slot=slot.index, jobs=slot.jobs_run)
             self._retire(slot, graceful=True)
             return
-        slot.state = SlotState.IDLE
-        self.free.append(slot)
+        self._move(slot, SlotState.IDLE)
         self._dispatch_queued()
 
-    def _retire(self, slot: JobExecution, graceful: bool) -> None:
-        """Take ``slot`` out of the pool for good; start its replacement unless closing."""
-        if slot in self.free:
-            self.free.remove(slot)
+    def _retire(self, slot: JobExecution, graceful: bool, delay: float = 0.0) -> None:
+        """Take ``slot`` out of the pool for good; its replacement starts after ``delay`` s."""
         if graceful:
+            self._move(slot, SlotState.STOPPING)
             slot.stop()
+            slot.kill_deadline = time.monotonic() + self.config.shutdown_timeout
         else:
-            slot.state = SlotState.BROKEN
+            self._move(slot, SlotState.BROKEN)
             slot.kill()
-        if not self.closing and self.slots[slot.index] in (slot, None):
-            # (None: a second death in the slot already reaped it before this turn.)
+        if self.slots[slot.index] is slot:
             self.slots[slot.index] = None
-            self.replaced += 1
-            try:
-                self._start_slot(slot.index)
-            except Exception as exc:  # noqa: BLE001
-                self.log.error("could not start a replacement slot", slot=slot.index, error=repr(exc))
-        self._retired.append(slot)
+            self._retired.append(slot)
+            if not self.closing and self.gave_up is None:
+                self.replaced += 1
+                self._replace_at[slot.index] = time.monotonic() + delay
+                self.wake()
         self._maybe_reap(slot)
+
+    def _start_replacements(self) -> None:
+        """Start the replacements that are due; one that cannot start is tried again later."""
+        now = time.monotonic()
+        for index, when in sorted(self._replace_at.items()):
+            if when > now or self.closing or self.gave_up is not None:
+                continue
+            del self._replace_at[index]
+            try:
+                self._start_slot(index)
+            except Exception as exc:  # noqa: BLE001 - e.g. a moment of fd pressure: it may pass
+                self.start_deaths += 1
+                delay = _backoff(self.start_deaths, cap=0.5)
+                self.log.error(
+                    "could not start a replacement slot; trying again",
+                    slot=index,
+                    error=repr(exc),
+                    delay=delay,
+                )
+                self._replace_at[index] = now + delay
 
     def _maybe_reap(self, slot: JobExecution) -> None:
         """Close a retired slot once every one of its workers has ended."""
-        if slot.alive():
+        if slot.state is SlotState.STOPPED or slot.alive():
             return
         for site, worker in slot.workers.items():
             self._drain_outputs(slot, site)
@@ -548,6 +650,7 @@ class Router:
         for site in slot.sites:
             # A worker unlinks its own segments when it stops; these are a dead one's.
             unlink_segments(slot.shm_prefix(site))
+        self._move(slot, SlotState.STOPPED)
         slot.close()
         if slot in self._retired:
             self._retired.remove(slot)
@@ -563,8 +666,8 @@ class Router:
                 with self.lock:
                     if self.stopped:
                         return
-                    while self._deferred:
-                        self._retire(self._deferred.pop(0), graceful=False)
+                    if self._replace_at:
+                        self._start_replacements()
                     timeout = self._next_timeout()
                     pending = []
                     # A copy: other threads add to the set (under the GIL) at any time.
@@ -613,9 +716,10 @@ class Router:
         return [slot for slot in self.slots if slot is not None] + list(self._retired)
 
     def _next_timeout(self) -> int | None:
-        if self._deferred:
-            return 0
         deadlines = list(self._deadlines.values())
+        deadlines.extend(self._replace_at.values())
+        if self._trim_at is not None:
+            deadlines.append(self._trim_at)
         for slot in self._all_slots():
             if slot.kill_deadline is not None:
                 deadlines.append(slot.kill_deadline)
@@ -698,14 +802,15 @@ class Router:
             slot.ready.add(site)
             slot.workers[site].mark_ready()
             if slot.ready == set(slot.sites) and slot.state is SlotState.STARTING:
-                slot.state = SlotState.IDLE
+                self._move(slot, SlotState.IDLE)
                 self.restart_failures = 0
-                self.free.append(slot)
+                self.start_deaths = 0
                 self.log.debug(
                     "slot ready", slot=slot.index, seconds=round(time.monotonic() - slot.started_at, 3)
                 )
                 self._dispatch_queued()
         elif tag == m.START_FAILED:
+            slot.start_failed = True
             self._on_start_failed(slot, site, f"a worker of site {site!r} failed to start", message[1])
 
     def _on_results(self, slot: JobExecution, site: str, job_id: int, batch: list[Any]) -> None:
@@ -770,30 +875,46 @@ class Router:
             self._release(slot)
 
     def _on_start_failed(self, slot: JobExecution, site: str, message: str, tb: str | None) -> None:
-        error = SiteStartError(message, site=site, remote_traceback=tb)
+        """A slot could not start: its setup raised, a worker exited, or it timed out.
+
+        Such failures in a row, beyond ``max_slot_restarts``, make the federation
+        give up (they will not pass by themselves); each earlier one backs off.
+        """
         if slot.state is not SlotState.STARTING:
             return
-        slot.state = SlotState.BROKEN
+        error = SiteStartError(message, site=site, remote_traceback=tb)
         self.restart_failures += 1
+        self.log.error("worker failed to start", site=site, slot=slot.index, traceback=tb)
         if not self.started:
             # The federation must not come up half-started: its constructor raises this.
             self.start_error = self.start_error or error
         elif self.restart_failures > self.config.max_slot_restarts:
-            self.start_error = error
-            for job in list(self.queue):
-                self._end_job(
-                    job,
-                    JobStatus.FAILED,
-                    SiteStartError(f"job {job.id} could not run: {message}", site=site, remote_traceback=tb),
-                )
-        self.log.error("worker failed to start", site=site, slot=slot.index, traceback=tb)
-        if self.start_error is not None:
-            slot.kill()
-            self.slots[slot.index] = None
-            self._retired.append(slot)
-            self._maybe_reap(slot)
-        else:
             self._retire(slot, graceful=False)
+            self._give_up(error, tb)
+            return
+        self._retire(slot, graceful=False, delay=_backoff(self.restart_failures))
+        self.changed.notify_all()
+
+    def _give_up(self, error: SiteStartError, tb: str | None) -> None:
+        """Stop restarting: fail every job held, refuse new ones, say why everywhere."""
+        cause = (
+            f"{error} ({self.restart_failures} failed starts in a row, "
+            f"max_slot_restarts={self.config.max_slot_restarts})"
+        )
+        self.gave_up = cause
+        self._replace_at.clear()
+        self.log.critical("the federation gave up restarting its workers", cause=cause)
+        for job in [*self.queue, *(entry[0] for entry in self.running.values())]:
+            failure = SiteStartError(
+                f"job {job.id} ({job.pipeline!r}) could not run: the federation gave up: {cause}",
+                site=error.site,
+                remote_traceback=tb,
+            )
+            failure.job_id = job.id  # type: ignore[attr-defined]
+            self._end_job(job, JobStatus.FAILED, failure)
+        for slot in [s for s in self.slots if s is not None]:
+            if slot.state in (SlotState.IDLE, SlotState.STARTING, SlotState.BUSY, SlotState.DRAINING):
+                self._retire(slot, graceful=False)
         self.changed.notify_all()
 
     # -- deaths ----------------------------------------------------------------------------
@@ -850,14 +971,16 @@ class Router:
         self._unregister(worker.sentinel)
         reader = slot.events[site]
         if reader.fileno() in self._fds:
-            # What the worker said before it died comes first: results, a FAILED, its last logs.
-            deadline = time.monotonic() + 1.0
-            while not reader.eof and time.monotonic() < deadline:
+            # What the worker said before it died comes first: results, a FAILED, its
+            # last logs. All of it is in the pipe already (a dead process writes no
+            # more), so this reads without waiting: a process the step started may
+            # hold the write end open for ever, and EOF is not worth waiting for.
+            while True:
                 frames = reader.read()
                 for frame in frames:
                     self._on_event(slot, site, pickle.loads(frame))
-                if not frames and not reader.eof:
-                    select.select([reader.fileno()], [], [], 0.05)
+                if not frames:
+                    break
             self._unregister(reader.fileno())
         self._drain_outputs(slot, site)
         exitcode = worker.reap(1.0)
@@ -868,6 +991,18 @@ class Router:
         description = f"{describe_exitcode(exitcode)}" if exitcode is not None else "gone"
         last = tuple(slot.last_lines[site])
         if slot.state is SlotState.STARTING:
+            if exitcode is not None and exitcode < 0 and not slot.start_failed:
+                # Killed from outside while it started: a death, which may pass, not a
+                # failed setup. Replace it, backing off, and never give up for it.
+                self.start_deaths += 1
+                self.log.warning(
+                    "worker killed while starting; replacing it",
+                    site=site,
+                    slot=slot.index,
+                    exitcode=description,
+                )
+                self._retire(slot, graceful=False, delay=_backoff(self.start_deaths, cap=0.5))
+                return
             self._on_start_failed(
                 slot,
                 site,
@@ -876,14 +1011,12 @@ class Router:
             )
             return
         job = slot.job
-        slot.state = SlotState.BROKEN
         if job is not None and not job.done():
-            # The user's error first; killing the slot's other workers and starting its
-            # replacement (~10 ms of psutil and Popen) wait for the router's next turn.
+            slot.job = None
             self._retry_or_fail(job, slot, self._died_error(slot, site, job, exitcode, reason, last))
         elif job is not None:
             self.running.pop(job.id, None)
-        self._deferred.append(slot)
+        self._retire(slot, graceful=False)
         self.log.warning(
             "worker died",
             site=site,
@@ -924,36 +1057,54 @@ class Router:
         return "exited"
 
     def _retry_or_fail(self, job: Job, slot: JobExecution, error: JobError) -> None:
+        """Run ``job`` again as a fresh attempt if it may be retried, else fail it with ``error``."""
         self.running.pop(job.id, None)
         slot.job = None
         job._end_attempt(f"{type(error).__name__}: {error}")
-        if len(job.attempts) <= job.retries and not self.closing:
-            self.log.info("retrying job on a fresh slot", job_id=job.id, attempt=len(job.attempts) + 1)
-            job._record("retry", error=repr(error))
-            job._set_status(JobStatus.QUEUED)
-            self._count(JobStatus.QUEUED, JobStatus.RUNNING)
-            self._deadlines.pop(job.id, None)
-            self._input_seq = {k: v for k, v in self._input_seq.items() if k[0] != job.id}
-            self.queue.appendleft(job)
-            self._dispatch_queued()
-        else:
-            self._end_job(job, JobStatus.FAILED, error)
+        refused = None
+        if len(job.attempts) <= job.retries and not self.closing and self.gave_up is None:
+            refused = self._unreplayable.get(job.id) or job._reset_for_retry()
+            if refused is None:
+                self.log.info("retrying job on a fresh slot", job_id=job.id, attempt=len(job.attempts) + 1)
+                job._record("retry", error=repr(error))
+                previous = job.status
+                job._set_status(JobStatus.QUEUED)
+                self._count(
+                    JobStatus.QUEUED, JobStatus.RUNNING if previous is JobStatus.SUSPENDED else previous
+                )
+                self._input_seq = {k: v for k, v in self._input_seq.items() if k[0] != job.id}
+                # The new attempt gets every stream item the old one was sent, in order.
+                self._pending_inputs[job.id] = list(self._input_history.get(job.id, ()))
+                self.queue.appendleft(job)
+                self._dispatch_queued()
+                return
+            if error.args and isinstance(error.args[0], str):
+                error.args = (f"{error.args[0]}; not retried: {refused}", *error.args[1:])
+        self._end_job(job, JobStatus.FAILED, error)
 
     # -- deadlines -------------------------------------------------------------------------
 
     def _on_deadlines(self) -> None:
         now = time.monotonic()
+        if self._trim_at is not None and self._trim_at <= now:
+            self._trim_at = None
+            if not self.running:
+                # Idle: what workers' segments this client still maps is given back too.
+                self._views.trim()
         for job_id, deadline in list(self._deadlines.items()):
             if deadline <= now:
-                entry = self.running.get(job_id)
+                job = self._find_job(job_id)  # running, or queued again for a retry
                 self._deadlines.pop(job_id, None)
-                if entry is not None:
-                    job = entry[0]
+                if job is not None:
                     self._end_job(
                         job, JobStatus.CANCELLED, job._cancelled_error(f"timed out after {job.timeout} s")
                     )
         for slot in self._all_slots():
-            if slot.kill_deadline is not None and slot.kill_deadline <= now and slot.state is SlotState.BUSY:
+            if (
+                slot.kill_deadline is not None
+                and slot.kill_deadline <= now
+                and slot.state is SlotState.DRAINING
+            ):
                 (self.log.debug if self.closing and self.interrupted else self.log.warning)(
                     "killing a slot whose job did not stop in time",
                     slot=slot.index,
@@ -977,8 +1128,8 @@ class Router:
                 and slot.kill_deadline is not None
                 and slot.kill_deadline <= now
             ):
+                self._move(slot, SlotState.BROKEN)
                 slot.kill()
-                slot.kill_deadline = None
         if self.config.max_worker_memory is not None and self.running and now >= self._next_memory_check:
             # The watchdog runs only while jobs run: an idle federation uses no CPU.
             self._next_memory_check = now + _MEMORY_CHECK_EVERY
@@ -1023,17 +1174,18 @@ class Router:
                         JobStatus.CANCELLED,
                         job._cancelled_error("the federation was closed before it finished"),
                     )
+                self._replace_at.clear()
                 for slot in self._all_slots():
-                    if slot.state not in (SlotState.STOPPING, SlotState.STOPPED):
-                        slot.stop()
-                        slot.kill_deadline = time.monotonic() + self.config.shutdown_timeout
-                    self._retire_for_close(slot)
+                    if slot.state in (SlotState.STARTING, SlotState.IDLE, SlotState.BUSY, SlotState.DRAINING):
+                        self._retire(slot, graceful=True)
+                    else:
+                        self._maybe_reap(slot)
                 self.wake()
                 self.changed.wait_for(
                     lambda: not self._all_slots() or self.stopped, self.config.shutdown_timeout + 2.0
                 )
                 for slot in self._all_slots():
-                    slot.kill()
+                    slot.kill()  # did not stop within shutdown_timeout: whole process trees
                 self.wake()
                 self.changed.wait_for(lambda: not self._all_slots() or self.stopped, 5.0)
                 self.stopped = True
@@ -1061,14 +1213,6 @@ class Router:
                 count=len(left),
             )
 
-    def _retire_for_close(self, slot: JobExecution) -> None:
-        if slot in self.free:
-            self.free.remove(slot)
-        if self.slots[slot.index] is slot:
-            self.slots[slot.index] = None
-            self._retired.append(slot)
-        self._maybe_reap(slot)
-
     def _abandon(self) -> None:
         """Kill and close whatever is left; close the router's own pipes. Idempotent."""
         with self.lock:
@@ -1087,7 +1231,7 @@ class Router:
             self.slots = [None] * len(self.slots)
             self.unstarted.clear()
             self._retired.clear()
-            self._deferred.clear()
+            self._replace_at.clear()
             self.free.clear()
             for fd in (self._lifeline_w, self._lifeline_r, self._wake_r, self._wake_w):
                 try:
@@ -1097,3 +1241,48 @@ class Router:
                         raise
             self._lifeline_w = self._lifeline_r = self._wake_r = self._wake_w = -1
             self.changed.notify_all()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+_REPLAY_ITEMS = 100_000  # stream-input items kept per job for a retry
+_REPLAY_BYTES = 64 << 20  # and their bytes; beyond either, the job is not retried (and says so)
+
+
+def _backoff(failures: int, cap: float = 2.0) -> float:
+    """Seconds to wait before the next start after ``failures`` failed starts in a row."""
+    if failures <= 0:
+        return 0.0
+    return float(min(0.05 * 2 ** (failures - 1), cap))
+
+
+def _ensure_stdio() -> None:
+    """Open /dev/null on any of fds 0-2 that is closed (a daemon, ``cmd <&- >&-``).
+
+    Otherwise the first pipes made here would get those numbers, and a worker
+    started with them as its stdin or stdout would lose its control pipe.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:  # pragma: no cover - a lower fd was free after all
+                os.dup2(opened, fd)
+                os.close(opened)
+
+
+def _raise_fd_limit(needed: int) -> None:
+    """Raise the soft limit on open files towards the hard one when the pool needs more."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + 256  # the client's own files beside the pool's pipes
+    if soft == resource.RLIM_INFINITY or want <= soft:
+        return
+    target = want if hard == resource.RLIM_INFINITY else min(hard, max(want, soft))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):  # pragma: no cover - not allowed here
+        return
+    get_logger("router").info("raised the open-file limit for the pool", soft=soft, now=target, needed=want)

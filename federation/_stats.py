@@ -118,6 +118,8 @@ class FederationStats(BaseModel):
         links: traffic per link, ``source → target``.
         dropped: messages the client dropped because their job had ended
             (protocol invariant 1: counted, never silently lost).
+        gave_up: why the federation stopped restarting workers and failed every
+            job it held (its slots kept failing to start), or ``None`` while it serves.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -134,6 +136,7 @@ class FederationStats(BaseModel):
     submitted: int
     links: tuple[LinkStats, ...]
     dropped: int
+    gave_up: str | None = None
 
     def link(self, source: str, target: str) -> LinkStats:
         """The traffic from ``source`` to ``target`` (zero if none has been recorded)."""
@@ -178,9 +181,10 @@ def collect_stats(router: Router, closed: bool) -> FederationStats:
         counts = {"idle": 0, "busy": 0, "starting": 0, "other": 0}
         for index, slot in enumerate(router.slots):
             if slot is None:
-                counts["starting" if index in router.unstarted else "other"] += 1
+                waiting = index in router.unstarted or index in router._replace_at
+                counts["starting" if waiting else "other"] += 1
                 continue
-            state = slot.state.value
+            state = "busy" if slot.state.value == "draining" else slot.state.value
             counts[state if state in counts else "other"] += 1
             for site, handle in slot.workers.items():
                 workers.append(
@@ -216,6 +220,7 @@ def collect_stats(router: Router, closed: bool) -> FederationStats:
         # An ended job may hold its slot a moment longer, while its sites stop.
         running = sum(1 for job, _slot in router.running.values() if not job.done())
         dropped = router.dropped
+        gave_up = router.gave_up
         backend = router.config.backend
         sites = tuple(site.name for site in router.config.sites)
     now = time.time()
@@ -239,6 +244,7 @@ def collect_stats(router: Router, closed: bool) -> FederationStats:
         submitted=sum(jobs.values()),
         links=links,
         dropped=dropped,
+        gave_up=gave_up,
     )
 
 

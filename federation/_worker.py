@@ -63,12 +63,12 @@ _BATCH = 64  # tokens per frame for a fast stream
 _LINGER = 0.0002  # seconds since the last item after which an item is sent at once
 _HIGH_WATER = 8 << 20  # pump (wait for the reader) above this many pending bytes
 _LOW_WATER = 1 << 20
-_PLAN_CACHE = 64
 # Late tokens of a job trail it by at most a few jobs (they are ahead of its
 # sibling's DONE in a FIFO pipe); remembering this many ended jobs is ample.
 _ENDED_WINDOW = 1024
 _SENDS_PER_JOB = 10_000  # timeline records of frames sent, per job and site
 _TIMINGS_PER_STEP = 64  # timeline records kept per step and job; later calls are merged
+_TRIM_AFTER = 1.0  # seconds idle after which a worker gives its spare shared memory back
 _CHECK_EVERY = 0.002  # seconds between looks at the inbox while a step emits
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 
@@ -269,6 +269,8 @@ class Worker:
         self._next_check = 0.0
         self._current_step: str | None = None
         self._last_emit = 0.0
+        # One reader of the pipes at a time: a step's threads may ask ctx.cancelled.
+        self._reading = threading.Lock()
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -340,6 +342,10 @@ class Worker:
 
     def _read_ready(self, timeout_ms: int | None) -> None:
         """Wait up to ``timeout_ms`` for any pipe; read what arrived into the inbox."""
+        with self._reading:
+            self._read_ready_locked(timeout_ms)
+
+    def _read_ready_locked(self, timeout_ms: int | None) -> None:
         pending = [o for o in (self._events, *self._siblings_out.values()) if o.has_pending]
         for outbox in pending:
             self._poller.register(outbox.fileno(), select.POLLOUT)
@@ -386,15 +392,35 @@ class Worker:
             self._read_ready(1000)
 
     def _next_message(self) -> tuple[Any, ...]:
+        idle_since = time.monotonic()
+        trimmed = False
         while not self._inbox:
             self._flush_all()
-            self._read_ready(None)
+            if not trimmed and (self._pool.has_free() or self._views.has_cached()):
+                # Segments kept for reuse are given back once this worker has been
+                # idle a while: an idle federation does not hold its largest job's memory.
+                left = idle_since + _TRIM_AFTER - time.monotonic()
+                if left <= 0:
+                    self._pool.trim()
+                    self._views.trim()
+                    trimmed = True
+                    continue
+                self._read_ready(int(left * 1000) + 1)
+            else:
+                self._read_ready(None)
         return self._inbox.popleft()
 
     def abort_requested(self, job_id: int) -> str | None:
-        """The abort reason for ``job_id`` if the client asked to abort it (reads without waiting)."""
-        if job_id not in self._aborted:
-            self._read_ready(0)
+        """The abort reason for ``job_id`` if the client asked to abort it (reads without waiting).
+
+        Safe from any thread of a step: only one thread reads the pipes at a time,
+        and a thread that finds another reading answers from what is known.
+        """
+        if job_id not in self._aborted and self._reading.acquire(blocking=False):
+            try:
+                self._read_ready_locked(0)
+            finally:
+                self._reading.release()
         return self._aborted.get(job_id)
 
     def send_to_job(self, from_job: int, to_job: int, name: str, value: Any, close: bool) -> None:
@@ -503,7 +529,7 @@ class Worker:
                 return
 
     def _on_plan(self, digest: bytes, data: bytes) -> None:
-        if len(self._plans) >= _PLAN_CACHE:
+        if len(self._plans) >= m.PLAN_CACHE:
             self._plans.pop(next(iter(self._plans)))
         self._plans[digest] = pickle.loads(data)
 
@@ -892,6 +918,19 @@ def serve_process(args: dict[str, Any]) -> None:
     # A segfault prints the Python stack to stderr, which the client keeps as the
     # worker's last lines for its WorkerDiedError.
     faulthandler.enable()
+    # The pipes came in through pass_fds, inheritable: a process a step starts must
+    # not hold them, or the client could never see this worker's pipes close.
+    for fd in (
+        args["control"],
+        args["events"],
+        args["lifeline"],
+        *args["siblings_in"].values(),
+        *args["siblings_out"].values(),
+    ):
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            pass
     # Ctrl+C is the client's to handle: it closes the federation, which stops us cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(
