@@ -62,6 +62,11 @@ class SerializationError(FederationError):
     """A function, input or value cannot be pickled (or unpickled) to cross a process boundary."""
 
 
+class ResourceExhaustedError(FederationError):
+    """A machine resource ran out (shared memory in /dev/shm); the message names it,
+    what was needed and what was free. The federation goes on serving other jobs."""
+
+
 class FederationClosedError(FederationError, RuntimeError):
     """The federation is closed, or closing, and accepts no new jobs."""
 

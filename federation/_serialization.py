@@ -21,6 +21,7 @@ that never unpickles a function by value never pays for it.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
@@ -30,7 +31,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from ._exceptions import RemoteTraceback, SerializationError, UnpicklableError
+from ._exceptions import RemoteTraceback, ResourceExhaustedError, SerializationError, UnpicklableError
 
 __all__ = [
     "OOB_THRESHOLD",
@@ -253,13 +254,38 @@ def _open_segment(name: str, size: int | None) -> tuple[Any, int]:
     try:
         if size is not None:
             os.ftruncate(fd, size)
+            try:
+                # Reserve the pages now: a segment /dev/shm cannot back is an error
+                # here, not a SIGBUS in whichever process first touches the page.
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.ENOMEM):
+                    raise
+                os.close(fd)
+                fd = -1
+                unlink_segment(name)
+                raise ResourceExhaustedError(_shm_shortage(size)) from exc
         else:
             size = os.fstat(fd).st_size
         # MAP_POPULATE maps every page now, in one call, instead of one fault per page later.
         mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     return mapping, size
+
+
+def _shm_shortage(size: int) -> str:
+    try:
+        stat = os.statvfs("/dev/shm")
+        available, total = stat.f_bavail * stat.f_frsize / 2**20, stat.f_blocks * stat.f_frsize / 2**20
+        free = f"{available:,.1f} MiB free of {total:,.0f} MiB"
+    except OSError:  # pragma: no cover - no /dev/shm
+        free = "its free space unknown"
+    return (
+        f"shared memory ran out: a large value needs a {size / 2**20:,.1f} MiB segment in /dev/shm, "
+        f"which has {free}; send smaller values, free /dev/shm, or enlarge it (e.g. docker --shm-size)"
+    )
 
 
 def unlink_segment(name: str) -> None:
@@ -388,6 +414,18 @@ class SegmentPool:
             mapping.close()
             unlink_segment(name)
 
+    def has_free(self) -> bool:
+        """Whether segments wait here for reuse (memory an idle process could give back)."""
+        return any(self._free.values())
+
+    def trim(self) -> None:
+        """Unlink the free segments: an idle process keeps no memory for its next large value."""
+        for free in self._free.values():
+            for name, mapping in free:
+                _close_quietly(mapping)
+                unlink_segment(name)
+        self._free.clear()
+
     def close(self) -> None:
         """Unlink every segment this pool created."""
         for name, (_, mapping, _) in list(self._busy.items()):
@@ -452,7 +490,21 @@ class SegmentViews:
             for name, _ in payload[1]:
                 self._on_release(creator, name)
 
+    def has_cached(self) -> bool:
+        """Whether mappings of other processes' segments are kept open here."""
+        return bool(self._mappings)
+
+    def trim(self) -> None:
+        """Close cached mappings no value views: a segment its creator unlinked is then freed."""
+        for name in list(self._mappings):
+            try:
+                self._mappings[name].close()
+            except BufferError:  # a value still views it
+                continue
+            del self._mappings[name]
+
     def close(self) -> None:
+        """Close every mapping (at exit)."""
         for mapping in self._mappings.values():
             _close_quietly(mapping)
         self._mappings.clear()
