@@ -96,9 +96,12 @@ def _check_oldest_are_lower_bounds(session: nox.Session) -> None:
 
 @nox.session
 def stress(session: nox.Session) -> None:
-    """Long load tests: 10,000 jobs, hundreds of streaming jobs at once."""
+    """Long load tests: 10,000 jobs, hundreds of streaming jobs, a 90 s kill soak and a kill storm."""
     session.install(".[test]")
-    session.run("pytest", "-m", "stress", "-v", *session.posargs, env={"FEDERATION_STRESS": "1"})
+    env = {"FEDERATION_STRESS": "1"}
+    session.run("pytest", "-m", "stress", "-v", *session.posargs, env=env)
+    # The kill soak and storm run short with the tests; here at full length, with their figures.
+    session.run("pytest", "tests/test_kill_soak.py", "-v", "--timeout", "900", *session.posargs, env=env)
 
 
 @nox.session
