@@ -203,3 +203,45 @@ def test_a_killed_forkserver_is_started_again_for_new_workers(make_federation) -
     started = time.monotonic()
     federation.close()
     assert time.monotonic() - started < 10.0
+
+
+def _socket_fds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:
+            continue
+    return count
+
+
+def _zombie_children() -> list[int]:
+    return [p.pid for p in psutil.Process().children() if _status(p) == psutil.STATUS_ZOMBIE]
+
+
+def _status(proc: psutil.Process) -> str:
+    try:
+        return str(proc.status())
+    except psutil.Error:
+        return "gone"
+
+
+@process_only
+def test_forkserver_restarts_leave_no_socket_or_zombie(make_federation) -> None:
+    federation = _forkserver(make_federation, pool_size=1)
+    sockets = _socket_fds()
+    for _ in range(3):
+        server, _ = _tree()
+        pidfd = os.pidfd_open(server.pid)
+        try:
+            server.send_signal(signal.SIGKILL)
+            import select
+
+            assert select.select([pidfd], [], [], T)[0]  # gone, and not reaped by this test
+        finally:
+            os.close(pidfd)
+        with pytest.raises(fed.WorkerDiedError):
+            federation.submit(failing_pipeline("exit"), x=1).result(timeout=T)
+        assert federation.submit(chain_pipeline(), x=4).result(timeout=T) == 9
+        assert wait_until(lambda pid=server.pid: pid not in _zombie_children(), timeout=T)
+    assert _socket_fds() <= sockets

@@ -325,6 +325,10 @@ class ForkServer:
 
         With ``timeout`` 0, reads what has arrived and returns.
         """
+        if want == "exit" and pid in self._exits:
+            return {"exit": pid, "code": self._exits[pid]}
+        if self.gone:
+            return None  # no more codes will come (and its socket may be closed)
         deadline = time.monotonic() + timeout
         poller = select.poll()
         poller.register(self._sock, select.POLLIN)
@@ -373,6 +377,7 @@ class ForkServer:
     def close(self) -> None:
         """Stop the forkserver (workers it started run on until they are stopped)."""
         with self._lock:
+            self.gone = True
             self._sock.close()
         try:
             self._popen.wait(5.0)
@@ -394,7 +399,6 @@ class ProcessBackend:
         self._preload = preload
         self._timeout = timeout
         self._server: ForkServer | None = None
-        self._old_servers: list[ForkServer] = []  # gone (killed from outside); closed with us
         self._server_lock = threading.Lock()
 
     def start(
@@ -444,7 +448,10 @@ class ProcessBackend:
     def _fork(self, site: str, name: str, env: dict[str, str], args: dict[str, Any]) -> ProcessWorker:
         with self._server_lock:
             if self._server is not None and self._server.gone:
-                self._old_servers.append(self._server)
+                # Closed at once, not with the federation: each restart would otherwise
+                # keep a socket and a zombie. Its workers' exit codes can no longer come;
+                # their pidfds still say when they are gone.
+                self._server.close()
                 self._server = None
             if self._server is None:
                 self._server = ForkServer(self._preload, self._timeout)
@@ -484,7 +491,7 @@ class ProcessBackend:
     def close(self) -> None:
         """Stop the forkserver, if one was started."""
         with self._server_lock:
-            servers = [*self._old_servers, *([self._server] if self._server else [])]
-            self._server, self._old_servers = None, []
+            servers = [self._server] if self._server else []
+            self._server = None
         for server in servers:
             server.close()
