@@ -114,6 +114,7 @@ class JobExecution:
         self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=20) for site in self.sites}
         self.partial_output: dict[tuple[str, int], bytes] = {}  # (site, fd): a line not yet ended
         self.memory_killed: str | None = None  # the site the memory watchdog killed
+        self.oom_kills: int | None = None  # the cgroup's OOM-kill count when the slot started
         self._on_pending = on_pending
         self._start(config, backend, lifeline_fd, log_level)
 

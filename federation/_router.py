@@ -36,6 +36,7 @@ import itertools
 import os
 import pickle
 import select
+import signal
 import threading
 import time
 from collections import deque
@@ -58,6 +59,7 @@ from ._exceptions import (
 from ._execution import TRANSITIONS, JobExecution, SlotState, SlotTransitionError, fds_per_slot
 from ._handle import Job, JobStatus
 from ._log import SiteLogFiles, get_logger, log_worker_record, worker_log_level
+from ._oom import oom_kill_count
 from ._serialization import SegmentViews, load_exception, unlink_segments
 from .backends import get_backend
 
@@ -227,6 +229,7 @@ class Router:
             self._on_pending,
         )
         self.slots[index] = slot
+        slot.oom_kills = oom_kill_count()
         for site, reader in slot.events.items():
             self._register(reader.fileno(), _EVENTS, slot, site)
         for site, worker in slot.workers.items():
@@ -1052,6 +1055,10 @@ class Router:
     def _death_reason(self, slot: JobExecution, site: str, exitcode: int | None) -> str:
         if slot.memory_killed == site:
             return "memory limit"
+        if exitcode == -signal.SIGKILL and slot.oom_kills is not None:
+            now = oom_kill_count()
+            if now is not None and now > slot.oom_kills:
+                return "out of memory: the kernel's OOM killer killed it"
         if exitcode is not None and exitcode < 0:
             return "killed by a signal"
         return "exited"

@@ -24,6 +24,7 @@ ORDER = [
     "_config",
     "_pipeline",
     "_callbacks",
+    "_oom",
     "_handle",
     "_timeline",
     "_execution",

@@ -548,3 +548,74 @@ def test_an_idle_federation_gives_its_shared_memory_back(make_federation) -> Non
         f"{(_shm_used() - before) >> 20} MiB of /dev/shm still held by an idle federation"
     )
     assert federation.submit(pipeline, n=64 << 20).result(timeout=T) == 64 << 20
+
+
+# -- out of memory ----------------------------------------------------------------------------
+
+_OOM_CLIENT = """
+import sys
+sys.path[:0] = [sys.argv[1]]
+import federation as fed
+from pipelines import chain_pipeline
+
+pipeline = fed.Pipeline("hog")
+
+@pipeline.step(site="a")
+def hog(n):
+    block = b"x" * n
+    return len(block)
+
+pipeline.output(hog)
+with fed.Federation(["a", "b"], pool_size=1) as federation:
+    try:
+        federation.submit(pipeline, n=600 << 20).result(timeout=60)
+        print("NO-OOM")
+    except fed.WorkerDiedError as error:
+        print("REASON", error.reason)
+    print("NEXT", federation.submit(chain_pipeline(), x=4).result(timeout=60))
+"""
+
+
+def _memory_cgroup(tmp_name: str) -> tuple[Path, str] | None:
+    """A child memory cgroup limited to 256 MiB: its directory and its procs file, or None."""
+    v1 = Path("/sys/fs/cgroup/memory")
+    try:
+        if v1.is_dir():
+            group = v1 / tmp_name
+            group.mkdir()
+            (group / "memory.limit_in_bytes").write_text(str(256 << 20))
+            swap = group / "memory.memsw.limit_in_bytes"
+            if swap.exists():
+                swap.write_text(str(256 << 20))
+            return group, str(group / "cgroup.procs")
+        group = Path("/sys/fs/cgroup") / tmp_name
+        group.mkdir()
+        (group / "memory.max").write_text(str(256 << 20))
+        (group / "memory.swap.max").write_text("0")
+        return group, str(group / "cgroup.procs")
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes a memory cgroup")
+def test_an_oom_kill_is_named_as_such(tmp_path) -> None:
+    made = _memory_cgroup(f"federation-test-{os.getpid()}")
+    if made is None:
+        pytest.skip("no writable memory cgroup here")
+    group, procs = made
+    script = tmp_path / "client.py"
+    script.write_text(_OOM_CLIENT)
+    try:
+        proc = subprocess.run(
+            ["sh", "-c", f"echo $$ > {procs} && exec {sys.executable} {script} {Path(__file__).parent}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        wait_until(lambda: not Path(procs).read_text().strip(), timeout=10)
+        group.rmdir()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REASON out of memory: the kernel's OOM killer" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "NEXT 9" in proc.stdout, proc.stdout
