@@ -5,9 +5,10 @@ and says whose fault it is: the caller's (bad input), the user's code (a step
 raised), or the machine's (a worker died)::
 
     FederationError
-    ├── ConfigError (ValueError)            invalid config; cause: pydantic's ValidationError
+    ├── ConfigError (ValueError)            invalid config; every problem named, in one line
     ├── PipelineError (ValueError)          unknown site, cycle, unbound input, ...
     ├── SerializationError                  a function or payload that cannot be pickled
+    ├── ResourceExhaustedError              a machine resource ran out (/dev/shm): needed, free
     ├── FederationClosedError (RuntimeError)
     ├── QueueFullError                      submit(block=False) on a full job queue
     ├── SiteStartError                      a worker could not start; the child's traceback
