@@ -85,7 +85,7 @@ class Router:
         self.config = config
         self.callbacks = callbacks if callbacks is not None else CallbackThread()
         _ensure_stdio()
-        _raise_fd_limit(config.pool_size * fds_per_slot(len(config.sites)))
+        _raise_fd_limit(_fds_needed(config.pool_size, len(config.sites)))
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.backend = get_backend(config)
@@ -1279,11 +1279,30 @@ def _ensure_stdio() -> None:
                 os.close(opened)
 
 
+def _fds_needed(pool_size: int, sites: int) -> int:
+    """Open files the client needs for its pool: one slot starting while the others run."""
+    # A running slot keeps control and events pipes and each worker's output pipes and
+    # pidfd (5 per site); a starting one briefly holds both ends of every link too.
+    return fds_per_slot(sites) + (pool_size - 1) * 5 * sites
+
+
 def _raise_fd_limit(needed: int) -> None:
-    """Raise the soft limit on open files towards the hard one when the pool needs more."""
+    """Raise the soft limit on open files towards the hard one when the pool needs more.
+
+    Raises:
+        ConfigError: even the hard limit is too low for this pool.
+    """
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and needed + 64 > hard:
+        from ._exceptions import ConfigError
+
+        raise ConfigError(
+            f"this pool needs about {needed:,} open files while a slot starts, over the hard limit "
+            f"of {hard:,} (RLIMIT_NOFILE): each slot links every pair of sites; use fewer sites per "
+            f"federation or a smaller pool_size, or raise the hard limit (ulimit -Hn)"
+        )
     want = needed + 256  # the client's own files beside the pool's pipes
     if soft == resource.RLIM_INFINITY or want <= soft:
         return

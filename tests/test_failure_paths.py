@@ -619,3 +619,15 @@ def test_an_oom_kill_is_named_as_such(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "REASON out of memory: the kernel's OOM killer" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert "NEXT 9" in proc.stdout, proc.stdout
+
+
+def test_a_pool_that_cannot_fit_the_fd_limit_is_a_config_error() -> None:
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 200_000:
+        pytest.skip("the hard limit on open files is too high to exceed here")
+    sites = [f"s{i}" for i in range(int(hard**0.5) + 10)]
+    with pytest.raises(fed.ConfigError, match="hard limit") as info:
+        fed.Federation(sites, pool_size=2)
+    assert f"{hard:,}" in str(info.value)
