@@ -335,8 +335,6 @@ class ForkServer:
         while True:
             if want == "exit" and pid in self._exits:
                 return {"exit": pid, "code": self._exits[pid]}
-            if self.gone:
-                return None  # no more codes will come
             remaining = max(0.0, deadline - time.monotonic())
             if not poller.poll(int(remaining * 1000)):
                 return None
