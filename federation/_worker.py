@@ -33,6 +33,7 @@ and every import here is paid at every worker start.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import select
@@ -333,6 +334,12 @@ class Worker:
     def _wait_for_release(self) -> None:
         self._flush_all()
         self._read_ready(5)
+
+    def _release_own(self, payload: Payload | None) -> None:
+        """Give back this worker's segments that ``payload`` holds, which will never be sent."""
+        if payload is not None and not isinstance(payload, bytes):
+            for name, _ in payload[1]:
+                self._pool.release(name)
 
     def _queue_release(self, creator: str, name: str) -> None:
         # Called by finalizers, at any point: only record it; _flush_all sends it.
@@ -778,9 +785,18 @@ class Worker:
             results, self._results = self._results, []
             self._flush_all()
         else:
+            # What this job will never send still holds its segments here: release
+            # them, or they stay busy for the worker's life (invariant 7).
+            for _, _, payload in self._results:
+                self._release_own(payload)
             self._results.clear()
-            for site in self._batches:
+            for site, batch in self._batches.items():
+                for token in batch:
+                    self._release_own(token[4])
                 self._batches[site] = []
+            # Values the stopped steps viewed may sit in reference cycles (the
+            # traceback of the abort); collect them now, so their segments go back.
+            gc.collect()
         self._run = None
         job_id = run.job_id
         self._ended.add(job_id)
