@@ -248,25 +248,38 @@ def test_a_dead_workers_surviving_helper_does_not_block_the_router(make_federati
 
 
 @process_only
-def test_worker_death_with_high_numbered_fds(make_federation) -> None:
-    """select() fails on fds >= 1024; the router must not, with 1,100 files open."""
+def test_worker_death_with_high_numbered_fds(make_federation, tmp_path) -> None:
+    """select() fails on fds >= 1024; the router must not, with 1,100 files open.
+
+    The dying worker leaves a helper that inherited every fd it could (close_fds=False),
+    so nothing it held reads as closed at once: the router must not wait on it either way.
+    """
     opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    pidfile = tmp_path / "helper.pid"
     try:
         federation = make_federation(["a", "b"], pool_size=1)
         pipeline = fed.Pipeline("die")
 
         @pipeline.step(site="a")
-        def die(x):
+        def die(path):
+            helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], close_fds=False)
+            with open(path, "w") as out:
+                out.write(str(helper.pid))
             os._exit(5)
 
         with pytest.raises(fed.WorkerDiedError) as info:
-            federation.submit(pipeline, x=1).result(timeout=T)
+            federation.submit(pipeline, path=str(pidfile)).result(timeout=T)
         assert info.value.exitcode == 5
         assert federation.submit(chain_pipeline(), x=2).result(timeout=T) == 5
         federation.close()
     finally:
         for fd in opened:
             os.close(fd)
+        if pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # -- 4. retries are fresh attempts ------------------------------------------------------------
