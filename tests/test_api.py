@@ -25,9 +25,15 @@ ORDER = [
     "_pipeline",
     "_callbacks",
     "_oom",
-    "_handle",
+    "_timeline_events",
+    "_timeline_layout",
+    "_timeline_html",
+    "_timeline_png",
     "_timeline",
+    "_handle",
     "_execution",
+    "_jobs",
+    "_pool",
     "_router",
     "_stats",
     "_batch",
@@ -37,6 +43,10 @@ ORDER = [
     "__init__",
     "__main__",
 ]
+#: Upward imports allowed inside ``if TYPE_CHECKING:`` only, each with its reason.
+TYPE_ONLY_UPWARD = {
+    ("backends", "_config"),  # get_backend's parameter is annotated with the config it reads
+}
 #: What a worker process runs: it must never reach the client's side.
 WORKER_SIDE = {"_exceptions", "_messages", "_channel", "_serialization", "_worker"}
 
@@ -84,6 +94,40 @@ def test_modules_import_only_lower_modules_at_their_top_level() -> None:
             assert ORDER.index(imported) < rank, (
                 f"{path.relative_to(PACKAGE)} imports {imported} from above it"
             )
+
+
+def _type_checking_imports(tree: ast.AST, path: Path) -> set[str]:
+    """What ``tree`` imports inside ``if TYPE_CHECKING:`` blocks."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            block = ast.Module(body=node.body, type_ignores=[])
+            found |= _federation_imports(block, path, top_level_only=True)
+    return found
+
+
+def test_no_import_goes_upward_at_any_level() -> None:
+    """Not in a function either: a function-level import that goes upward only hides a cycle."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_of(path)
+        rank = ORDER.index(module)
+        tree = ast.parse(path.read_text())
+        type_only = _type_checking_imports(tree, path)
+        for imported in _federation_imports(tree, path, top_level_only=False):
+            if imported in ("", module) or imported not in ORDER or ORDER.index(imported) < rank:
+                continue
+            assert imported in type_only and (module, imported) in TYPE_ONLY_UPWARD, (
+                f"{path.relative_to(PACKAGE)} imports {imported} from above it"
+            )
+
+
+def test_the_timeline_and_batch_cycles_stay_gone() -> None:
+    """The timeline takes plain data, not a Job; a batch takes a submitter, not a Federation."""
+    for path in sorted(PACKAGE.glob("_timeline*.py")):
+        imported = _federation_imports(ast.parse(path.read_text()), path, top_level_only=False)
+        assert "_handle" not in imported, f"{path.name} imports _handle"
+    path = PACKAGE / "_batch.py"
+    assert "_federation" not in _federation_imports(ast.parse(path.read_text()), path, top_level_only=False)
 
 
 def test_worker_side_never_imports_the_client_side() -> None:

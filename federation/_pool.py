@@ -1,0 +1,530 @@
+"""The pool: slots of workers, their state machine, their start, replacement and end.
+
+    start ──> STARTING ──READY──> IDLE <──> BUSY ──job ended early──> DRAINING
+                 │                  │         │                         │
+                 └──died/failed─────┴─────────┴───died / grace over─────┴──> BROKEN ──reaped──> STOPPED
+    retire (recycle, close) ──> STOPPING ──stopped──> STOPPED   (killed after shutdown_timeout)
+
+Every move goes through :meth:`SlotPool._move`, which checks it against
+``_execution.TRANSITIONS`` and keeps the free list equal to the IDLE slots.
+A slot that leaves the pool is replaced after a backoff: a worker killed while
+starting may pass (backoff up to 0.5 s, never counted), while a failed start
+(a setup that raised, a worker that exited, a timeout) counts; more than
+``max_slot_restarts`` in a row make the federation give up, failing every job.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import time
+from collections import deque
+
+from . import _messages as m
+from ._callbacks import CallbackThread
+from ._channel import Outbox
+from ._config import FederationConfig
+from ._exceptions import ConfigError, FederationError, SiteStartError
+from ._execution import TRANSITIONS, JobExecution, SlotState, SlotTransitionError, fds_per_slot
+from ._handle import Job, JobStatus
+from ._jobs import JobSide
+from ._log import SiteLogFiles, get_logger, worker_log_level
+from ._oom import oom_kill_count
+from ._serialization import SegmentViews, unlink_segments
+from .backends import get_backend
+
+__all__ = ["EVENTS", "OUTPUT", "SENTINEL", "STDOUT", "WAKE", "SlotPool"]
+
+POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
+EVENTS, SENTINEL, OUTPUT, STDOUT, WAKE = range(5)  # what a registered fd is
+TRIM_AFTER = 1.0  # seconds without jobs after which the client unmaps workers' segments
+
+
+class SlotPool(JobSide[JobExecution]):
+    """The slots of one federation and their workers' pipes, under the job side's lock."""
+
+    def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
+        _ensure_stdio()
+        _raise_fd_limit(_fds_needed(config.pool_size, len(config.sites)))
+        super().__init__(config, callbacks)
+        self.backend = get_backend(config)
+        self.slots: list[JobExecution | None] = [None] * config.pool_size
+        self.unstarted: list[int] = []  # slot indices waiting for the first wave to boot
+        self.free: deque[JobExecution] = deque()  # exactly the IDLE slots (see _move)
+        self.start_error: SiteStartError | None = None
+        self.started = False
+        self.replaced = 0
+        self.restart_failures = 0  # failed starts in a row (a setup raised, a worker exited, a timeout)
+        self.start_deaths = 0  # workers killed from outside while starting, in a row
+        self._replace_at: dict[int, float] = {}  # slot index -> when to start its replacement
+        self._generation = 0
+        self._lifeline_r, self._lifeline_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller = select.poll()
+        self._fds: dict[int, tuple[int, JobExecution | None, str]] = {}
+        self._register(self._wake_r, WAKE, None, "")
+        self._log_level = worker_log_level()
+        self._next_memory_check = 0.0
+        self._retired: list[JobExecution] = []  # out of the pool, waiting for their workers to end
+        self.log_files = SiteLogFiles(config.log_dir) if config.log_dir is not None else None
+        self._pending_out: set[Outbox] = set()  # control pipes with bytes waiting for room
+        self._released: list[tuple[str, str]] = []
+        # Results are copied out of workers' segments at once, so a job handle the
+        # user keeps never pins a worker's shared memory.
+        self._views = SegmentViews(lambda creator, name: self._released.append((creator, name)))
+        self._trim_at: float | None = None  # when an idle client closes its cached segment mappings
+
+    # -- starting ----------------------------------------------------------------------------
+
+    def _first_wave(self) -> int:
+        """How many slots to start at once; the rest start once the first has booted.
+
+        Workers starting together share the CPUs: started all at once on 2 cores,
+        every slot becomes ready at the same moment, late. A first wave that fits
+        the CPUs boots early, so the first job can run while the rest start. The
+        rest start as soon as the first wave's interpreters are up (BOOTED), not
+        when its setups are done: a setup that waits on I/O holds nobody back.
+        """
+        if self.backend.name == "thread":
+            return self.config.pool_size
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            cpus = os.cpu_count() or 1
+        return max(1, cpus // len(self.config.sites))
+
+    def _start_unstarted(self) -> None:
+        while self.unstarted and not self.closing:
+            index = self.unstarted.pop(0)
+            try:
+                self._start_slot(index)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of file descriptors
+                error = SiteStartError(f"could not start slot {index}: {exc!r}", site="*")
+                if not self.started:
+                    self.start_error = self.start_error or error
+                    self.changed.notify_all()
+                    return
+                self.log.error("could not start a slot", slot=index, error=repr(exc))
+
+    def _start_slot(self, index: int) -> JobExecution:
+        self._generation += 1
+        slot = JobExecution(
+            index,
+            self._generation,
+            self.config,
+            self.backend,
+            self._lifeline_r,
+            self._log_level,
+            self._on_pending,
+        )
+        self.slots[index] = slot
+        slot.oom_kills = oom_kill_count()
+        for site, reader in slot.events.items():
+            self._register(reader.fileno(), EVENTS, slot, site)
+        for site, worker in slot.workers.items():
+            self._register(worker.sentinel, SENTINEL, slot, site)
+            # stdout first: of two lines written in that order, poll() reports it first.
+            # Never a blocking read: a process a step started may hold these pipes
+            # open long after the worker died, and EOF would wait for it.
+            if worker.stdout is not None:
+                os.set_blocking(worker.stdout, False)
+                self._register(worker.stdout, STDOUT, slot, site)
+            if worker.output is not None and worker.output != worker.sentinel:
+                os.set_blocking(worker.output, False)
+                self._register(worker.output, OUTPUT, slot, site)
+        self.log.debug("slot starting", slot=index, generation=slot.generation)
+        return slot
+
+    def _register(self, fd: int, kind: int, slot: JobExecution | None, site: str) -> None:
+        self._fds[fd] = (kind, slot, site)
+        self._poller.register(fd, POLLIN)
+
+    def _unregister(self, fd: int) -> None:
+        if self._fds.pop(fd, None) is not None:
+            try:
+                self._poller.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    def _on_pending(self, outbox: Outbox) -> None:
+        # A control pipe is full (any thread): the router flushes it when it has room.
+        self._pending_out.add(outbox)
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the router thread look at its state again."""
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closed
+
+    # -- the slot state machine -------------------------------------------------------------
+
+    def _move(self, slot: JobExecution, state: SlotState) -> None:
+        """The one place a slot changes state: checked against the table, free list kept equal."""
+        if state is slot.state:
+            return
+        if state not in TRANSITIONS[slot.state]:
+            raise SlotTransitionError(f"slot {slot.index}: {slot.state.value} -> {state.value} is not a move")
+        if slot.state is SlotState.IDLE:
+            self.free.remove(slot)
+        slot.state = state
+        if state is SlotState.IDLE:
+            self.free.append(slot)
+        slot.kill_deadline = None
+
+    def _take_free(self) -> JobExecution | None:
+        """A free slot whose workers are all alive, or None.
+
+        A worker may have died a moment ago, before the router read its sentinel:
+        a zero-timeout poll of the slot's sentinels catches that here, so the job
+        goes to another slot (or waits) instead of starting on a dead worker.
+        """
+        while self.free:
+            slot = self.free[0]
+            dead = slot.dead_sites()
+            if not dead:
+                self._move(slot, SlotState.BUSY)
+                return slot
+            for site in dead:
+                self._on_worker_gone(slot, site)
+            if slot.state is SlotState.IDLE:  # pragma: no cover - a death always moves it out
+                self._move(slot, SlotState.BROKEN)
+        return None
+
+    def _dispatch(self, job: Job, slot: JobExecution) -> None:
+        """Start ``job`` on ``slot``, which ``_take_free`` has moved to BUSY."""
+        compiled = job._compiled
+        inputs = job._inputs
+        slot.job = job
+        slot.pending_sites = set(compiled.participants)
+        self.running[job.id] = (job, slot)
+        started = time.time()  # the attempt's start: before any site can start
+        for site in compiled.participants:
+            digest, plan = compiled.plans[site]
+            cached = slot.plans[site]
+            if digest not in cached:
+                if len(cached) >= m.PLAN_CACHE:  # the worker evicts its oldest plan too
+                    del cached[next(iter(cached))]
+                slot.send(site, (m.PLAN, digest, plan))
+                cached[digest] = None
+            site_inputs = {
+                name: inputs[name] for name in compiled.site_inputs.get(site, ()) if name in inputs
+            }
+            slot.send(site, (m.START, job.id, digest, site_inputs))
+        # Bookkeeping after the sends: the workers start meanwhile. Their replies are
+        # read under the lock this holds, so none can overtake it.
+        if job.status is JobStatus.QUEUED:
+            self._count(JobStatus.RUNNING, JobStatus.QUEUED)
+        first = not job.attempts
+        job._start_attempt(slot.index, started)
+        if job.timeout is not None and first:
+            # The timeout covers the whole job from its first start: every attempt,
+            # and the waits in the queue between them.
+            self._deadlines[job.id] = time.monotonic() + job.timeout
+        if job.timeout is not None or self.config.max_worker_memory is not None:
+            self.wake()  # the router may be waiting with no deadline at all
+        for name, payload, close in self._pending_inputs.pop(job.id, ()):
+            self._forward_input(job, slot, name, payload, close)
+
+    def _forward_input(
+        self, job: Job, slot: JobExecution, name: str, payload: bytes | None, close: bool
+    ) -> None:
+        key = (job.id, name)
+        seq = self._input_seq.get(key, 0)
+        per_site: dict[str, list[m.Token]] = {}
+        for route in job._compiled.stream_inputs[name]:
+            tokens = per_site.setdefault(route.site, [])
+            if payload is not None:
+                tokens.append((route.step, route.param, m.CLIENT, seq, payload, m.ITEM))
+            if close:
+                tokens.append((route.step, route.param, m.CLIENT, seq, None, m.END))
+        self._input_seq[key] = seq + 1
+        for site, tokens in per_site.items():
+            slot.send(site, (m.TOKENS, job.id, tokens))
+
+    def _stop_sites(self, job: Job, slot: JobExecution, status: JobStatus, resume: bool) -> None:
+        if resume:  # a suspended job's workers must run to stop
+            for worker in slot.workers.values():
+                worker.suspend(False)
+        if slot.pending_sites and slot.state is SlotState.BUSY:
+            reason = "cancelled" if status is JobStatus.CANCELLED else "failed"
+            for site in slot.pending_sites:
+                slot.send(site, (m.ABORT, job.id, reason))
+            self._move(slot, SlotState.DRAINING)
+            slot.kill_deadline = time.monotonic() + self._cancel_grace()
+            self.wake()
+        elif not slot.pending_sites:
+            self._release(slot)
+
+    def _slot_counts(self) -> tuple[int, int]:
+        starting = len(self.unstarted) + sum(
+            1 for slot in self.slots if slot is not None and slot.state is SlotState.STARTING
+        )
+        return len(self.slots), starting
+
+    def _on_worker_gone(self, slot: JobExecution, site: str) -> None:
+        """A worker of ``slot`` has ended (its sentinel says so); the router handles it."""
+        raise NotImplementedError
+
+    def _release(self, slot: JobExecution) -> None:
+        job = slot.job
+        if job is not None:
+            self.running.pop(job.id, None)
+        if not self.running and self._views.has_cached():
+            self._trim_at = time.monotonic() + TRIM_AFTER
+        slot.job = None
+        slot.pending_sites = set()
+        slot.jobs_run += 1
+        if slot.state not in (SlotState.BUSY, SlotState.DRAINING):
+            return
+        limit = self.config.max_jobs_per_worker
+        if limit is not None and slot.jobs_run >= limit:
+            self.log.debug("recycling slot", slot=slot.index, jobs=slot.jobs_run)
+            self._retire(slot, graceful=True)
+            return
+        self._move(slot, SlotState.IDLE)
+        self._dispatch_queued()
+
+    def _retire(self, slot: JobExecution, graceful: bool, delay: float = 0.0) -> None:
+        """Take ``slot`` out of the pool for good; its replacement starts after ``delay`` s."""
+        if graceful:
+            self._move(slot, SlotState.STOPPING)
+            slot.stop()
+            slot.kill_deadline = time.monotonic() + self.config.shutdown_timeout
+        else:
+            self._move(slot, SlotState.BROKEN)
+            slot.kill()
+        if self.slots[slot.index] is slot:
+            self.slots[slot.index] = None
+            self._retired.append(slot)
+            if not self.closing and self.gave_up is None:
+                self.replaced += 1
+                self._replace_at[slot.index] = time.monotonic() + delay
+                self.wake()
+        self._maybe_reap(slot)
+
+    def _start_replacements(self) -> None:
+        """Start the replacements that are due; one that cannot start is tried again later."""
+        now = time.monotonic()
+        for index, when in sorted(self._replace_at.items()):
+            if when > now or self.closing or self.gave_up is not None:
+                continue
+            del self._replace_at[index]
+            try:
+                self._start_slot(index)
+            except Exception as exc:  # noqa: BLE001 - e.g. a moment of fd pressure: it may pass
+                self.start_deaths += 1
+                delay = _backoff(self.start_deaths, cap=0.5)
+                self.log.error(
+                    "could not start a replacement slot; trying again",
+                    slot=index,
+                    error=repr(exc),
+                    delay=delay,
+                )
+                self._replace_at[index] = now + delay
+
+    def _maybe_reap(self, slot: JobExecution) -> None:
+        """Close a retired slot once every one of its workers has ended."""
+        if slot.state is SlotState.STOPPED or slot.alive():
+            return
+        for site, worker in slot.workers.items():
+            self._drain_outputs(slot, site)
+            self._unregister(worker.sentinel)
+            for fd in (worker.output, worker.stdout):
+                if fd is not None:
+                    self._unregister(fd)
+            worker.reap(1.0)
+        for reader in slot.events.values():
+            self._unregister(reader.fileno())
+        for site in slot.sites:
+            # A worker unlinks its own segments when it stops; these are a dead one's.
+            unlink_segments(slot.shm_prefix(site))
+        self._move(slot, SlotState.STOPPED)
+        slot.close()
+        if slot in self._retired:
+            self._retired.remove(slot)
+        if self.slots[slot.index] is slot:
+            self.slots[slot.index] = None
+        self.changed.notify_all()
+
+    def _on_start_failed(self, slot: JobExecution, site: str, message: str, tb: str | None) -> None:
+        """A slot could not start: its setup raised, a worker exited, or it timed out.
+
+        Such failures in a row, beyond ``max_slot_restarts``, make the federation
+        give up (they will not pass by themselves); each earlier one backs off.
+        """
+        if slot.state is not SlotState.STARTING:
+            return
+        error = SiteStartError(message, site=site, remote_traceback=tb)
+        self.restart_failures += 1
+        self.log.error("worker failed to start", site=site, slot=slot.index, traceback=tb)
+        if not self.started:
+            # The federation must not come up half-started: its constructor raises this.
+            self.start_error = self.start_error or error
+        elif self.restart_failures > self.config.max_slot_restarts:
+            self._retire(slot, graceful=False)
+            self._give_up(error, tb)
+            return
+        self._retire(slot, graceful=False, delay=_backoff(self.restart_failures))
+        self.changed.notify_all()
+
+    def _give_up(self, error: SiteStartError, tb: str | None) -> None:
+        """Stop restarting: fail every job held, refuse new ones, say why everywhere."""
+        cause = (
+            f"{error} ({self.restart_failures} failed starts in a row, "
+            f"max_slot_restarts={self.config.max_slot_restarts})"
+        )
+        self.gave_up = cause
+        self._replace_at.clear()
+        self.log.critical("the federation gave up restarting its workers", cause=cause)
+
+        def failure(job: Job) -> SiteStartError:
+            return SiteStartError(
+                f"job {job.id} ({job.pipeline!r}) could not run: the federation gave up: {cause}",
+                site=error.site,
+                remote_traceback=tb,
+            )
+
+        self._fail_all(failure)
+        for slot in [s for s in self.slots if s is not None]:
+            if slot.state in (SlotState.IDLE, SlotState.STARTING, SlotState.BUSY, SlotState.DRAINING):
+                self._retire(slot, graceful=False)
+        self.changed.notify_all()
+
+    def _all_slots(self) -> list[JobExecution]:
+        return [slot for slot in self.slots if slot is not None] + list(self._retired)
+
+    def suspend_job(self, job: Job, suspend: bool) -> None:
+        with self.lock:
+            entry = self.running.get(job.id)
+            if entry is None or job.done():
+                raise FederationError(
+                    f"job {job.id} is not running ({job.status.value}); only a running job can be suspended"
+                )
+            for worker in entry[1].workers.values():
+                worker.suspend(suspend)
+            job._set_status(JobStatus.SUSPENDED if suspend else JobStatus.RUNNING)
+
+    def _check_memory(self) -> None:
+        limit = self.config.max_worker_memory
+        assert limit is not None
+        for _, slot in list(self.running.values()):
+            for site, worker in slot.workers.items():
+                rss = worker.memory()
+                if rss is not None and rss > limit:
+                    self.log.warning(
+                        "worker over its memory limit", site=site, slot=slot.index, rss=rss, limit=limit
+                    )
+                    slot.memory_killed = site
+                    worker.kill()
+                    break
+
+    # -- worker output -----------------------------------------------------------------------
+
+    def _drain_outputs(self, slot: JobExecution, site: str) -> None:
+        """Read what is left of a gone worker's stdout and stderr."""
+        worker = slot.workers[site]
+        for fd, stdout in ((worker.stdout, True), (worker.output, False)):
+            if fd is not None:
+                self._drain_output(slot, site, fd, stdout, final=True)
+
+    def _drain_output(self, slot: JobExecution, site: str, fd: int, stdout: bool, final: bool) -> None:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._unregister(fd)
+                break
+            key = (site, fd)
+            data = slot.partial_output.pop(key, b"") + chunk
+            *lines, rest = data.split(b"\n")
+            if rest:
+                slot.partial_output[key] = rest
+            for raw in lines:
+                self._output_line(slot, site, raw, stdout)
+            if not final:
+                break
+        if final and slot.partial_output.get((site, fd)):
+            self._output_line(slot, site, slot.partial_output.pop((site, fd)), stdout)
+
+    def _output_line(self, slot: JobExecution, site: str, raw: bytes, stdout: bool) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        slot.last_lines[site].append(line)
+        if self.log_files is not None:
+            self.log_files.output(site, f"{site}/slot-{slot.index}", line)
+        if self.config.echo_worker_output:
+            # What a step printed goes to the client's stream of the same name.
+            stream = sys.stdout if stdout else sys.stderr
+            try:
+                stream.write(f"[{site}/slot-{slot.index}] {line}\n")
+                if stdout:
+                    stream.flush()  # a pipe or file would hold it back, behind later stderr lines
+            except (OSError, ValueError):
+                pass
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _backoff(failures: int, cap: float = 2.0) -> float:
+    """Seconds to wait before the next start after ``failures`` failed starts in a row."""
+    if failures <= 0:
+        return 0.0
+    return float(min(0.05 * 2 ** (failures - 1), cap))
+
+
+def _ensure_stdio() -> None:
+    """Open /dev/null on any of fds 0-2 that is closed (a daemon, ``cmd <&- >&-``).
+
+    Otherwise the first pipes made here would get those numbers, and a worker
+    started with them as its stdin or stdout would lose its control pipe.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:  # pragma: no cover - a lower fd was free after all
+                os.dup2(opened, fd)
+                os.close(opened)
+
+
+def _fds_needed(pool_size: int, sites: int) -> int:
+    """Open files the client needs for its pool: one slot starting while the others run."""
+    # A running slot keeps control and events pipes and each worker's output pipes and
+    # pidfd (5 per site); a starting one briefly holds both ends of every link too.
+    return fds_per_slot(sites) + (pool_size - 1) * 5 * sites
+
+
+def _raise_fd_limit(needed: int) -> None:
+    """Raise the soft limit on open files towards the hard one when the pool needs more.
+
+    Raises:
+        ConfigError: even the hard limit is too low for this pool.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and needed + 64 > hard:
+        raise ConfigError(
+            f"this pool needs about {needed:,} open files while a slot starts, over the hard limit "
+            f"of {hard:,} (RLIMIT_NOFILE): each slot links every pair of sites; use fewer sites per "
+            f"federation or a smaller pool_size, or raise the hard limit (ulimit -Hn)"
+        )
+    want = needed + 256  # the client's own files beside the pool's pipes
+    if soft == resource.RLIM_INFINITY or want <= soft:
+        return
+    target = want if hard == resource.RLIM_INFINITY else min(hard, max(want, soft))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):  # pragma: no cover - not allowed here
+        return
+    get_logger("router").info("raised the open-file limit for the pool", soft=soft, now=target, needed=want)
