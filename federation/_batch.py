@@ -26,13 +26,29 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ._federation import Federation
     from ._handle import Job
     from ._pipeline import Pipeline
 
-__all__ = ["run_batch", "show_progress"]
+__all__ = ["Submitter", "run_batch", "show_progress"]
 
 _VIZ_HINT = "pip install rich (or, in a checkout of federation, pip install '.[viz]')"
+
+
+class Submitter(Protocol):
+    """What a batch needs of a federation: submitting one job (a :class:`~federation.Federation` is one).
+
+    A protocol, so that this module need not import the federation that calls it.
+    """
+
+    def submit(
+        self,
+        pipeline: Pipeline,
+        /,
+        *,
+        inputs: Mapping[str, Any] | None = ...,
+        timeout: float | None = ...,
+        retries: int = ...,
+    ) -> Job: ...
 
 
 class _Bar(Protocol):
@@ -109,7 +125,7 @@ def _make_bar(enabled: bool, total: int, description: str) -> _Bar:
 
 
 def run_batch(
-    federation: Federation,
+    federation: Submitter,
     pipeline: Pipeline,
     inputs: Iterable[Mapping[str, Any]],
     *,

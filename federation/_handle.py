@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ._callbacks import CallbackThread, run_safely
 from ._exceptions import JobCancelledError
+from ._timeline import PathArg, TimelineEvent, build_timeline, default_title, export_timeline
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from ._pipeline import Compiled
-    from ._timeline import PathArg, TimelineEvent
 
 __all__ = ["Attempt", "Job", "JobStatus", "Result"]
 
@@ -407,9 +407,8 @@ class Job:
         the tokens each site sent (to whom, how many, how many bytes), each site's
         done, and the end. Callable while the job runs: it returns what happened so far.
         """
-        from ._timeline import build_timeline
-
-        return build_timeline(self)
+        # list.append in the router thread; a copy is a consistent snapshot.
+        return build_timeline(self.id, list(self._events), self._error)
 
     def export_timeline(self, path: PathArg) -> Path:
         """Write the job's timeline to ``path``, in the format its suffix names; returns the path.
@@ -420,8 +419,6 @@ class Job:
         Raises:
             ValueError: an unknown suffix. ImportError: ``.png`` without matplotlib.
         """
-        from ._timeline import default_title, export_timeline
-
         events = self.timeline()
         return export_timeline(events, path, title=default_title(events, pipeline=self.pipeline))
 
