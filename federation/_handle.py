@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ._callbacks import CallbackThread, run_safely
 from ._exceptions import JobCancelledError
-from ._timeline import PathArg, TimelineEvent, build_timeline, default_title, export_timeline
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from ._pipeline import Compiled
+    from ._timeline import PathArg, TimelineEvent
 
 __all__ = ["Attempt", "Job", "JobStatus", "Result"]
 
@@ -408,6 +408,10 @@ class Job:
         done, and the end. Callable while the job runs: it returns what happened so far.
         """
         # list.append in the router thread; a copy is a consistent snapshot.
+        # Imported here: the timeline's records are pydantic models, and a federation
+        # that never draws a timeline should not pay ~70 ms for pydantic at start.
+        from ._timeline import build_timeline
+
         return build_timeline(self.id, list(self._events), self._error)
 
     def export_timeline(self, path: PathArg) -> Path:
@@ -420,6 +424,8 @@ class Job:
             ValueError: an unknown suffix. ImportError: ``.png`` without matplotlib.
         """
         events = self.timeline()
+        from ._timeline import default_title, export_timeline
+
         return export_timeline(events, path, title=default_title(events, pipeline=self.pipeline))
 
 

@@ -98,8 +98,10 @@ def test_configs_are_frozen_comparable_and_picklable() -> None:
 def test_building_a_federation_imports_neither_pydantic_nor_structlog() -> None:
     """Both cost a fresh client tens of ms before its first worker can start."""
     code = (
-        "import sys, federation as fed; fed.Federation; fed.FederationConfig(sites=['a']); "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'pydantic', 'structlog'}))"
+        "import sys, federation as fed; fed.FederationConfig(sites=['a']); "
+        "federation = fed.Federation(['a'], pool_size=1); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'pydantic', 'structlog'})); "
+        "federation.close()"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
