@@ -212,3 +212,21 @@ def ticker_pipeline() -> fed.Pipeline:
 
     pipeline.output(tick)
     return pipeline
+
+
+def array_pipeline() -> fed.Pipeline:
+    """Site a makes an array of n bytes (large ones go through shared memory); b returns its size."""
+    pipeline = fed.Pipeline("array")
+
+    @pipeline.step(site="a")
+    def make(n):
+        import numpy as np
+
+        return np.ones(n, dtype=np.uint8)
+
+    @pipeline.step(site="b")
+    def size(make):
+        return int(make.nbytes)
+
+    pipeline.output(size)
+    return pipeline

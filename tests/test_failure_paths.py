@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import wait_until, worker_processes
-from pipelines import chain_pipeline, slow_pipeline, stream_input_pipeline
+from pipelines import array_pipeline, chain_pipeline, slow_pipeline, stream_input_pipeline
 
 import federation as fed
 
@@ -485,21 +485,10 @@ def test_stream_input_job_still_works(make_federation) -> None:
 _SMALL_SHM_CLIENT = """
 import sys
 sys.path[:0] = [sys.argv[1]]
-import numpy as np
 import federation as fed
-from pipelines import chain_pipeline
+from pipelines import array_pipeline, chain_pipeline
 
-pipeline = fed.Pipeline("big")
-
-@pipeline.step(site="a")
-def make(n):
-    return np.ones(n, dtype=np.uint8)
-
-@pipeline.step(site="b")
-def size(make):
-    return int(make.nbytes)
-
-pipeline.output(size)
+pipeline = array_pipeline()
 with fed.Federation(["a", "b"], pool_size=1) as federation:
     try:
         federation.submit(pipeline, n=64 << 20).result(timeout=30)
@@ -541,19 +530,7 @@ def _shm_used() -> int:
 @process_only
 def test_an_idle_federation_gives_its_shared_memory_back(make_federation) -> None:
     federation = make_federation(["a", "b"], pool_size=1)
-    pipeline = fed.Pipeline("arrays")
-
-    @pipeline.step(site="a")
-    def make(n):
-        import numpy as np
-
-        return np.ones(n, dtype=np.uint8)
-
-    @pipeline.step(site="b")
-    def size(make):
-        return int(make.nbytes)
-
-    pipeline.output(size)
+    pipeline = array_pipeline()
     before = _shm_used()
     for _ in range(3):
         assert federation.submit(pipeline, n=64 << 20).result(timeout=T) == 64 << 20
