@@ -373,10 +373,12 @@ def _adder(offset: int) -> fed.Pipeline:
 
 def test_more_distinct_pipelines_than_the_plan_cache_holds(make_federation) -> None:
     federation = make_federation(["a", "b"], pool_size=1)
-    for i in range(70):
-        assert federation.submit(_adder(i), x=1).result(timeout=T) == 1 + i
-    # The first pipeline again, evicted long ago.
-    assert federation.submit(chain_pipeline(), x=1).result(timeout=T) == 3
+    pipelines = [_adder(i) for i in range(70)]
+    for i, pipeline in enumerate(pipelines):
+        assert federation.submit(pipeline, x=1).result(timeout=T) == 1 + i
+    # The first pipelines again: the workers evicted their plans long ago.
+    for i, pipeline in enumerate(pipelines[:8]):
+        assert federation.submit(pipeline, x=2).result(timeout=T) == 2 + i
 
 
 def test_ctx_cancelled_from_many_threads(make_federation) -> None:
