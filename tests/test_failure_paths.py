@@ -654,3 +654,31 @@ def test_cancelling_jobs_that_stream_large_values_leaves_no_segment_busy(make_fe
     assert federation.submit(chain_pipeline(), x=1).result(timeout=T) == 3
     # Busy segments are never trimmed; free ones go once the workers are idle.
     assert wait_until(lambda: not _own_segments(), timeout=15), sorted(_own_segments())
+
+
+@process_only
+def test_a_replacement_that_cannot_start_is_tried_again(make_federation, caplog) -> None:
+    """Out of fds for a moment: the replacement fails, is retried, and the pool recovers.
+
+    With pool_size=1 a replacement given up on would leave every later job waiting.
+    """
+    import resource
+
+    federation = make_federation(["a", "b"], pool_size=1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 4, hard))  # too few for a slot's pipes
+    try:
+        victim = worker_processes("a/slot-0")[0]
+        victim.kill()
+        assert _pidfd_wait(victim.pid, T)
+        job = federation.submit(chain_pipeline(), x=3)
+        assert wait_until(
+            lambda: any("could not start a replacement slot" in r.getMessage() for r in caplog.records),
+            timeout=T,
+        )
+        assert not job.done()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert job.result(timeout=T) == 7
+    assert federation.submit(chain_pipeline(), x=4).result(timeout=T) == 9
