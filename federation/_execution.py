@@ -116,6 +116,8 @@ class JobExecution:
         self.memory_killed: str | None = None  # the site the memory watchdog killed
         self.oom_kills: int | None = None  # the cgroup's OOM-kill count when the slot started
         self._on_pending = on_pending
+        self._sentinels: select.poll | None = None  # made on first use by dead_sites()
+        self._sentinel_sites: dict[int, str] = {}
         self._start(config, backend, lifeline_fd, log_level)
 
     def _start(self, config: FederationConfig, backend: Backend, lifeline_fd: int, log_level: str) -> None:
@@ -212,14 +214,19 @@ class JobExecution:
             outbox.close()  # a thread worker sees EOF and ends when it can
 
     def dead_sites(self) -> list[str]:
-        """Sites whose worker has ended, by a zero-timeout poll of their sentinels."""
-        poller = select.poll()
-        by_fd = {}
-        for site, worker in self.workers.items():
-            if worker.sentinel >= 0:
-                by_fd[worker.sentinel] = site
-                poller.register(worker.sentinel, select.POLLIN | select.POLLHUP | select.POLLERR)
-        return [by_fd[fd] for fd, _ in poller.poll(0) if fd in by_fd]
+        """Sites whose worker has ended, by a zero-timeout poll of their sentinels.
+
+        Called at every dispatch: the poll object is made once per slot, so this
+        is one syscall (about 1 us) rather than a new poller each time (about 10 us).
+        """
+        if self._sentinels is None:
+            self._sentinels = select.poll()
+            self._sentinel_sites = {}
+            for site, worker in self.workers.items():
+                if worker.sentinel >= 0:
+                    self._sentinel_sites[worker.sentinel] = site
+                    self._sentinels.register(worker.sentinel, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return [self._sentinel_sites[fd] for fd, _ in self._sentinels.poll(0) if fd in self._sentinel_sites]
 
     def alive(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if w.alive()]
