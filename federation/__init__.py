@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from ._pipeline import Input, Pipeline, Step, collect
     from ._stats import FederationStats, LinkStats, SlotStats, WorkerStats
     from ._timeline import TimelineEvent, TimelineKind
-    from ._worker import StepContext
+    from ._steps import StepContext
 
 __version__ = "0.1.0"
 
@@ -120,7 +120,7 @@ _LOCATIONS = {
     "SiteStartError": "_exceptions",
     "SlotStats": "_stats",
     "Step": "_pipeline",
-    "StepContext": "_worker",
+    "StepContext": "_steps",
     "StepFailedError": "_exceptions",
     "TimelineEvent": "_timeline",
     "TimelineKind": "_timeline",

@@ -33,7 +33,6 @@ and every import here is paid at every worker start.
 
 from __future__ import annotations
 
-import gc
 import os
 import pickle
 import select
@@ -42,190 +41,36 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from . import _messages as m
 from ._channel import ChannelClosedError, FrameReader, Outbox
-from ._exceptions import JobCancelledError, SerializationError, TokenRejectedError
+from ._exceptions import TokenRejectedError
 from ._serialization import (
     Payload,
     SegmentPool,
     SegmentViews,
-    dump_exception,
-    dumps,
     payload_size,
     unlink_segments,
 )
+from ._steps import StepContext, StepRunner, _JobRun
 
 __all__ = ["StepContext", "Worker", "main"]
 
-_BATCH = 64  # tokens per frame for a fast stream
-_LINGER = 0.0002  # seconds since the last item after which an item is sent at once
 _HIGH_WATER = 8 << 20  # pump (wait for the reader) above this many pending bytes
 _LOW_WATER = 1 << 20
-# Late tokens of a job trail it by at most a few jobs (they are ahead of its
-# sibling's DONE in a FIFO pipe); remembering this many ended jobs is ample.
-_ENDED_WINDOW = 1024
 _SENDS_PER_JOB = 10_000  # timeline records of frames sent, per job and site
-_TIMINGS_PER_STEP = 64  # timeline records kept per step and job; later calls are merged
 _TRIM_AFTER = 1.0  # seconds idle after which a worker gives its spare shared memory back
-_CHECK_EVERY = 0.002  # seconds between looks at the inbox while a step emits
 _POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
-class _Abort(BaseException):
-    """Unwinds a job run when the client aborted it (not an error of the step)."""
+class Worker(StepRunner):
+    """Serves jobs for one site; the same loop runs in a process or in a thread.
 
-
-class _StepFailure(BaseException):
-    """Unwinds a job run after a step raised; the failure is already reported."""
-
-
-class StepContext:
-    """What a step sees of where and how it runs; bind it with a parameter named ``ctx``.
-
-    Attributes:
-        site: the site's name.
-        job_id: the running job's id.
-        step: the running step's name.
-        state: the result of the site's ``setup`` in this worker (``None`` without one).
-        data_dir: the site's data directory, or ``None``.
-        env: the environment variables configured for this site.
-        source_site: for a step run per stream item, the site the item came from.
+    The pipes, the loop and logging are here; running the steps of a job is
+    :class:`~federation._steps.StepRunner`'s.
     """
-
-    __slots__ = ("_log", "_worker", "data_dir", "env", "job_id", "site", "source_site", "state", "step")
-
-    def __init__(self, worker: Worker, job_id: int, step: str, source_site: str | None) -> None:
-        self._worker = worker
-        self.site = worker.site
-        self.job_id = job_id
-        self.step = step
-        self.state = worker.state
-        self.data_dir = worker.data_dir
-        self.env = worker.env
-        self.source_site = source_site
-        self._log: Any = None
-
-    @property
-    def log(self) -> Any:
-        """A structlog logger bound to job, site, step and pid; records go to the client."""
-        if self._log is None:
-            self._log = self._worker.structlog_logger().bind(job_id=self.job_id, step=self.step)
-        return self._log
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether the job was cancelled (or failed elsewhere); long steps should check it."""
-        return self._worker.abort_requested(self.job_id) is not None
-
-    def check_cancelled(self) -> None:
-        """Raise :class:`~federation.JobCancelledError` if the job was cancelled."""
-        reason = self._worker.abort_requested(self.job_id)
-        if reason is not None:
-            raise JobCancelledError(
-                f"job {self.job_id} was cancelled: {reason}", job_id=self.job_id, reason=reason
-            )
-
-    def send_to_job(self, job_id: int, name: str, value: Any, *, close: bool = False) -> None:
-        """Feed ``value`` to stream input ``name`` of another running job.
-
-        Blocks until the client's router accepted it. With ``close=True`` the
-        stream is closed after it (pass ``value=None`` to only close it).
-
-        Raises:
-            TokenRejectedError: the job has ended, never existed, or has no such stream input.
-        """
-        self._worker.send_to_job(self.job_id, job_id, name, value, close)
-
-
-class _Gather:
-    """Collects one parameter's value: a value, ``{site: value}``, or a whole stream."""
-
-    __slots__ = ("complete", "param", "pending", "values")
-
-    def __init__(self, param: m.Param) -> None:
-        self.param = param
-        self.pending = set(param.sources)
-        self.values: dict[str, Any] = {}
-        self.complete = not self.pending
-
-    def add(self, source: str, value: Any, kind: int) -> None:
-        param = self.param
-        if kind != m.END:
-            if param.stream:
-                self.values.setdefault(source, []).append(value)
-            else:
-                self.values[source] = value
-        elif param.stream:
-            self.values.setdefault(source, [])
-        if kind != m.ITEM:
-            self.pending.discard(source)
-            self.complete = not self.pending
-
-    def value(self) -> Any:
-        param = self.param
-        if param.keyed:
-            return {site: self.values[site] for site in param.sources if site in self.values}
-        if len(param.sources) == 1:
-            return self.values.get(param.sources[0], [] if param.stream else None)
-        merged: list[Any] = []  # a stream input fed from several places
-        for site in param.sources:
-            merged.extend(self.values.get(site, []))
-        return merged
-
-
-class _StepRun:
-    __slots__ = (
-        "calls",
-        "ctx_param",
-        "destinations",
-        "done",
-        "driver",
-        "driver_pending",
-        "gathers",
-        "kwargs",
-        "plan",
-        "queue",
-        "ran",
-        "seq",
-        "timing",
-        "what",
-    )
-
-    def __init__(self, plan: m.StepPlan) -> None:
-        self.plan = plan
-        self.kwargs: dict[str, Any] = {}
-        self.gathers: dict[str, _Gather] = {}
-        self.driver: str | None = plan.driver
-        self.queue: deque[tuple[str, Any]] = deque()
-        self.driver_pending: set[str] = set()
-        self.ran = False
-        self.done = False
-        self.seq = 0
-        self.ctx_param: str | None = None
-        self.destinations = 0  # receivers of each value: outputs and steps at other sites
-        self.calls = 0
-        self.timing = 0
-        self.what = f"the value step {plan.name!r} produced"
-
-
-class _JobRun:
-    __slots__ = ("inputs", "job_id", "plan", "remaining", "started", "steps", "timings")
-
-    def __init__(self, job_id: int, plan: m.SitePlan, inputs: dict[str, bytes]) -> None:
-        self.job_id = job_id
-        self.plan = plan
-        self.steps: dict[str, _StepRun] = {}
-        self.remaining = len(plan.steps)
-        self.inputs = inputs
-        self.timings: list[tuple[str, float, float, int]] = []
-        self.started = time.time()
-
-
-class Worker:
-    """Serves jobs for one site; the same loop runs in a process or in a thread."""
 
     def __init__(
         self,
@@ -334,12 +179,6 @@ class Worker:
     def _wait_for_release(self) -> None:
         self._flush_all()
         self._read_ready(5)
-
-    def _release_own(self, payload: Payload | None) -> None:
-        """Give back this worker's segments that ``payload`` holds, which will never be sent."""
-        if payload is not None and not isinstance(payload, bytes):
-            for name, _ in payload[1]:
-                self._pool.release(name)
 
     def _queue_release(self, creator: str, name: str) -> None:
         # Called by finalizers, at any point: only record it; _flush_all sends it.
@@ -540,283 +379,7 @@ class Worker:
             self._plans.pop(next(iter(self._plans)))
         self._plans[digest] = pickle.loads(data)
 
-    def _on_start(self, job_id: int, digest: bytes, inputs: dict[str, bytes]) -> None:
-        plan = self._plans[digest]
-        run = _JobRun(job_id, plan, inputs)
-        self._run = run
-        self._links = {}
-        self._sends = []
-        try:
-            for step_plan in plan.steps:
-                run.steps[step_plan.name] = self._prepare(run, step_plan)
-            for early in self._early.pop(job_id, ()):
-                self._deliver_remote(run, early)
-            if job_id in self._aborted:
-                raise _Abort
-            for step_run in list(run.steps.values()):
-                self._maybe_run(run, step_run)
-        except _Abort:
-            self._end(run, ok=False)
-        except _StepFailure:
-            self._end(run, ok=False)
-        else:
-            self._maybe_finish(run)
-
-    def _prepare(self, run: _JobRun, plan: m.StepPlan) -> _StepRun:
-        step_run = _StepRun(plan)
-        step_run.destinations = len(plan.outputs) + sum(1 for r in plan.routes if r.site != self.site)
-        for param in plan.params:
-            if param.kind == m.P_CTX:
-                step_run.ctx_param = param.name
-            elif param.name == plan.driver:
-                step_run.driver_pending = set(param.sources)
-            elif param.kind == m.P_INPUT and not param.stream:
-                payload = run.inputs.get(param.source)
-                if payload is not None:
-                    step_run.kwargs[param.name] = pickle.loads(payload)
-            else:
-                step_run.gathers[param.name] = _Gather(param)
-        return step_run
-
-    def _on_tokens(self, job_id: int, tokens: list[m.Token]) -> None:
-        run = self._run
-        if run is None or job_id != run.job_id:
-            if job_id in self._ended:
-                self.dropped += len(tokens)
-                for token in tokens:
-                    self._views.discard(token[4], token[2])
-            else:
-                # A sibling started this job before our START arrived: keep them for it.
-                self._early.setdefault(job_id, []).append(tuple(tokens))
-            return
-        try:
-            self._deliver_remote(run, tokens)
-        except (_Abort, _StepFailure):
-            self._end(run, ok=False)
-        else:
-            self._maybe_finish(run)
-        self._flush_releases()
-
-    def _deliver_remote(self, run: _JobRun, tokens: Any) -> None:
-        for step, param, source, _seq, payload, kind in tokens:
-            # No local name holds the value: it is released as soon as the step lets go.
-            self._deliver(
-                run,
-                step,
-                param,
-                source,
-                self._views.loads(payload, source) if payload is not None else None,
-                kind,
-            )
-
-    def _on_abort(self, job_id: int, reason: str) -> None:
-        run = self._run
-        if run is not None and run.job_id == job_id:
-            self._end(run, ok=False)
         # An abort for a job that already ended here needs no answer: DONE was sent.
-
-    # -- running steps ---------------------------------------------------------------------
-
-    def _deliver(self, run: _JobRun, step: str, param: str, source: str, value: Any, kind: int) -> None:
-        step_run = run.steps.get(step)
-        if step_run is None or step_run.done:
-            self.dropped += 1
-            return
-        if param == step_run.driver:
-            if kind != m.END:
-                step_run.queue.append((source, value))
-            if kind != m.ITEM:
-                step_run.driver_pending.discard(source)
-        else:
-            step_run.gathers[param].add(source, value, kind)
-        self._maybe_run(run, step_run)
-
-    def _maybe_run(self, run: _JobRun, step_run: _StepRun) -> None:
-        if step_run.done or not all(g.complete for g in step_run.gathers.values()):
-            return
-        if step_run.driver is None:
-            if not step_run.ran:
-                step_run.ran = True
-                self._call(run, step_run, None, None)
-                self._step_done(run, step_run)
-            return
-        while step_run.queue:
-            self._call(run, step_run, *step_run.queue.popleft())
-        if not step_run.driver_pending and not step_run.done:
-            self._step_done(run, step_run)
-
-    def _call(self, run: _JobRun, step_run: _StepRun, source: str | None, item: Any) -> None:
-        plan = step_run.plan
-        kwargs = dict(step_run.kwargs)
-        for name, gather in step_run.gathers.items():
-            kwargs[name] = gather.value()
-        if step_run.driver is not None:
-            kwargs[step_run.driver] = item
-        if step_run.ctx_param is not None:
-            kwargs[step_run.ctx_param] = StepContext(self, run.job_id, plan.name, source)
-        if run.job_id in self._aborted:
-            raise _Abort
-        started = time.time()
-        returned: float | None = None
-        count = 0
-        outer_step, self._current_step = self._current_step, plan.name
-        try:
-            if plan.generator:
-                generator: Iterator[Any] = plan.fn(**kwargs)
-                try:
-                    for value in generator:
-                        self._emit(run, step_run, value, m.ITEM)
-                        count += 1
-                finally:
-                    close = getattr(generator, "close", None)
-                    if close is not None:
-                        close()
-            else:
-                value = plan.fn(**kwargs)
-                count = 1
-                returned = time.time()  # the step's end, before its value is sent on
-                self._emit(run, step_run, value, m.ITEM if plan.stream else m.LAST)
-        except (_Abort, _StepFailure):
-            raise
-        except JobCancelledError as exc:
-            if run.job_id in self._aborted:
-                raise _Abort from exc
-            self._fail(run, plan.name, exc)
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            self._fail(run, plan.name, exc)
-        finally:
-            self._current_step = outer_step  # steps run inside a step's emit (same site)
-            ended = returned if returned is not None else time.time()
-            if step_run.calls < _TIMINGS_PER_STEP:
-                run.timings.append((plan.name, started, ended, count))
-                step_run.timing = len(run.timings) - 1
-            else:
-                # A step run per item of a long stream: later calls widen its last record,
-                # so DONE stays small (a million records would be 25 MB to pickle).
-                name, first, _, items = run.timings[step_run.timing]
-                run.timings[step_run.timing] = (name, first, ended, items + count)
-            step_run.calls += 1
-
-    def _fail(self, run: _JobRun, step: str, exc: BaseException) -> None:
-        data, tb = dump_exception(exc)
-        self._flush_all()
-        self._send_event((m.FAILED, run.job_id, step, data, tb))
-        raise _StepFailure
-
-    def _dumps(self, value: Any, what: str, destinations: int) -> Payload:
-        payload = self._pool.dumps(value, what, destinations)
-        self._check_size(payload_size(payload), what)
-        return payload
-
-    def _dumps_inline(self, value: Any, what: str) -> bytes:
-        data = dumps(value, what=what)
-        self._check_size(len(data), what)
-        return data
-
-    def _check_size(self, size: int, what: str) -> None:
-        if size > self.spec.max_token_bytes:
-            raise SerializationError(
-                f"{what} is {size:,} bytes pickled, over max_token_bytes={self.spec.max_token_bytes:,}"
-            )
-
-    def _emit(self, run: _JobRun, step_run: _StepRun, value: Any, kind: int) -> None:
-        plan = step_run.plan
-        seq = step_run.seq
-        step_run.seq += 1
-        now = time.monotonic()
-        # A stream that was quiet for a while sends this item at once (latency); a
-        # fast one goes in frames of up to _BATCH items (throughput). Whatever is
-        # batched is sent before the worker waits, and when its step ends.
-        eager = kind != m.ITEM or now - self._last_emit > _LINGER
-        self._last_emit = now
-        payload: Payload | None = None
-        if step_run.destinations:
-            try:
-                payload = self._dumps(value, step_run.what, step_run.destinations)
-            except SerializationError as exc:
-                self._fail(run, plan.name, exc)
-        if plan.outputs:
-            for output in plan.outputs:
-                self._results.append((output, seq, payload))  # type: ignore[arg-type]
-            if eager or len(self._results) >= _BATCH:
-                self._flush_results()
-        for route in plan.routes:
-            if route.site == self.site:
-                self._deliver(run, route.step, route.param, self.site, value, kind)
-            else:
-                batch = self._batches[route.site]
-                batch.append((route.step, route.param, self.site, seq, payload, kind))
-                if eager or len(batch) >= _BATCH:
-                    self._flush_batch(route.site)
-        if now >= self._next_check:
-            # A step that emits but never checks ctx.cancelled still stops promptly
-            # when aborted: look at the inbox (without waiting) every few ms.
-            self._next_check = now + _CHECK_EVERY
-            self._read_ready(0)
-        if run.job_id in self._aborted:
-            raise _Abort
-
-    def _step_done(self, run: _JobRun, step_run: _StepRun) -> None:
-        step_run.done = True
-        run.remaining -= 1
-        plan = step_run.plan
-        if plan.stream:
-            for route in plan.routes:
-                if route.site == self.site:
-                    self._deliver(run, route.step, route.param, self.site, None, m.END)
-                else:
-                    self._batches[route.site].append(
-                        (route.step, route.param, self.site, step_run.seq, None, m.END)
-                    )
-                    self._flush_batch(route.site)
-
-    def _maybe_finish(self, run: _JobRun) -> None:
-        if self._run is run and run.remaining == 0:
-            self._end(run, ok=True)
-
-    def _end(self, run: _JobRun, ok: bool) -> None:
-        if self._run is not run:
-            return
-        results: list[tuple[str, int, Payload]] = []
-        if ok:
-            # The last results ride inside DONE: one frame and one wake-up of the router.
-            results, self._results = self._results, []
-            self._flush_all()
-        else:
-            # What this job will never send still holds its segments here: release
-            # them, or they stay busy for the worker's life (invariant 7).
-            for _, _, payload in self._results:
-                self._release_own(payload)
-            self._results.clear()
-            for site, batch in self._batches.items():
-                for token in batch:
-                    self._release_own(token[4])
-                self._batches[site] = []
-            # Values the stopped steps viewed may sit in reference cycles (the
-            # traceback of the abort); collect them now, so their segments go back.
-            gc.collect()
-        self._run = None
-        job_id = run.job_id
-        self._ended.add(job_id)
-        self._ended_order.append(job_id)
-        if len(self._ended_order) > _ENDED_WINDOW:
-            self._ended.discard(self._ended_order.popleft())
-        self._aborted.pop(job_id, None)
-        for tokens in self._early.pop(job_id, ()):
-            self.dropped += len(tokens)
-            for token in tokens:
-                self._views.discard(token[4], token[2])
-        info = {
-            "timings": run.timings,
-            "links": self._links,
-            "sends": self._sends,
-            "dropped": self.dropped,
-            "started": run.started,
-            "results": results,
-        }
-        self._send_event((m.DONE, job_id, ok, info))
 
 
 _shm_prefix: str | None = None  # set once the worker knows it; the lifeline watchdog needs it

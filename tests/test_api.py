@@ -18,6 +18,7 @@ ORDER = [
     "_messages",
     "_channel",
     "_serialization",
+    "_steps",
     "_worker",
     "backends",
     "_log",
@@ -48,7 +49,7 @@ TYPE_ONLY_UPWARD = {
     ("backends", "_config"),  # get_backend's parameter is annotated with the config it reads
 }
 #: What a worker process runs: it must never reach the client's side.
-WORKER_SIDE = {"_exceptions", "_messages", "_channel", "_serialization", "_worker"}
+WORKER_SIDE = {"_exceptions", "_messages", "_channel", "_serialization", "_steps", "_worker"}
 
 
 def _module_of(path: Path) -> str:
