@@ -224,9 +224,23 @@ def load_exception(data: bytes, tb: str) -> BaseException:
 #   receiver: SegmentViews.loads ─ zero-copy, read-only view over its cached mapping
 #   receiver drops the value ─> finalizer queues RELEASE ─> sender reuses the segment
 #
-# Only the creator unlinks a segment (at exit, or when its pool is over its
-# bound); if a worker dies, the client unlinks what that worker's prefix names.
-# Received arrays are read-only views, as in Ray's object store: copy to modify.
+# Only the creator unlinks a segment (at exit, when its pool is over its bound,
+# or after a second idle); if a worker dies, the client unlinks what that
+# worker's prefix names. Received arrays are read-only views, as in Ray's
+# object store: copy to modify.
+#
+# The rule that keeps references balanced (invariant 7), on every path:
+#   a segment is stored busy with one reference per destination of its payload,
+#   and each destination gives exactly one back, however the payload ends:
+#   * unpickled: when the value is garbage (a finalizer), or at once if copied
+#     (the client copies every result);
+#   * never unpickled (its job ended, or was not the receiver's): discard();
+#   * never sent (the sender's job was aborted with it still batched): the
+#     sender releases it itself (Worker._end -> _release_own);
+#   * the receiver died: its references die with it only when the sender dies
+#     too; a slot is replaced whole, so the sender's pool goes with it.
+# tests/test_failure_paths.py checks it after each crash case: once idle, a
+# sender unlinks its free segments, so any segment left is one still busy.
 
 OOB_THRESHOLD = 1 << 18
 _SEGMENT_MIN = 1 << 20

@@ -682,3 +682,54 @@ def test_a_replacement_that_cannot_start_is_tried_again(make_federation, caplog)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert job.result(timeout=T) == 7
     assert federation.submit(chain_pipeline(), x=4).result(timeout=T) == 9
+
+
+# -- invariant 7: shared-memory references balance on every path -----------------------------
+
+
+def _big_stream_pipeline(fail: str, marker: str) -> fed.Pipeline:
+    """a streams 1 MiB arrays to b, which collects them; ``fail`` says who breaks, and how."""
+    pipeline = fed.Pipeline(f"big-stream-{fail}")
+
+    @pipeline.step(site="a")
+    def arrays(n):
+        import numpy as np
+
+        for i in range(n):
+            yield np.full(1 << 20, i % 251, dtype=np.uint8)
+            if i == 5 and fail == "sender raises":
+                raise RuntimeError("sender broke mid-stream")
+            if i == 5 and fail == "sender dies":
+                os._exit(9)
+
+    @pipeline.step(site="b")
+    def keep(arrays):
+        if fail == "receiver raises" and int(arrays[0]) == 3:
+            raise RuntimeError("receiver broke mid-stream")
+        if fail == "receiver dies" and int(arrays[0]) == 3:
+            os._exit(9)
+        if fail == "receiver hangs" and int(arrays[0]) == 3:
+            open(marker, "w").close()
+            time.sleep(60)
+        return int(arrays[0])
+
+    pipeline.output(keep)
+    return pipeline
+
+
+@process_only
+@pytest.mark.parametrize(
+    "fail", ["none", "sender raises", "sender dies", "receiver raises", "receiver dies", "receiver hangs"]
+)
+def test_no_segment_stays_busy_after_a_crash_case(make_federation, tmp_path, fail) -> None:
+    federation = make_federation(["a", "b"], pool_size=1, cancel_grace=0.2)
+    marker = tmp_path / "hanging"
+    job = federation.submit(_big_stream_pipeline(fail, str(marker)), n=20)
+    if fail == "receiver hangs":
+        assert wait_until(marker.exists, timeout=T)
+        job.cancel()
+    error = job.exception(timeout=T)
+    assert (error is None) == (fail == "none"), error
+    assert federation.submit(chain_pipeline(), x=1).result(timeout=T) == 3
+    # Once idle, senders unlink their free segments: what is left is still busy.
+    assert wait_until(lambda: not _own_segments(), timeout=15), sorted(_own_segments())
