@@ -51,8 +51,8 @@ if TYPE_CHECKING:
     from ._handle import Attempt, Job, JobStatus, Result
     from ._pipeline import Input, Pipeline, Step, collect
     from ._stats import FederationStats, LinkStats, SlotStats, WorkerStats
-    from ._timeline import TimelineEvent, TimelineKind
     from ._steps import StepContext
+    from ._timeline import TimelineEvent, TimelineKind
 
 __version__ = "0.1.0"
 
