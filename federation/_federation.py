@@ -249,6 +249,10 @@ class Federation:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         # On an error (Ctrl+C included) in the with-block, do not wait for jobs.
+        if isinstance(exc, KeyboardInterrupt):
+            # Ctrl+C anywhere in the block, not only inside a wait on a job (the signal
+            # may land between two statements): the user wants out, not a grace period.
+            self._router.interrupt()
         self.close(cancel_pending=exc_type is not None)
 
     # -- observing and batches -------------------------------------------------------------

@@ -64,3 +64,35 @@ def test_ctrl_c_in_result_exits_without_the_cancel_grace(tmp_path: Path) -> None
     finally:
         client.kill()
         client.communicate(timeout=T)
+
+
+def test_ctrl_c_anywhere_in_the_with_block_exits_without_the_cancel_grace(tmp_path: Path) -> None:
+    """The signal may land between statements, not inside a wait on a job: same prompt exit."""
+    script = tmp_path / "client.py"
+    source = CLIENT.format(tests=str(Path(__file__).parent)).replace(
+        "job.result(timeout=60)", "time.sleep(60)"
+    )
+    assert "time.sleep(60)" in source
+    script.write_text(source)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    client = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "ready"
+        workers = psutil.Process(client.pid).children()
+        client.send_signal(signal.SIGINT)
+        out, err = client.communicate(timeout=T)
+        assert client.returncode == 130, err
+        assert "warning" not in err.lower(), err
+        _, alive = psutil.wait_procs(workers, timeout=5.0)
+        assert not alive, f"workers left running: {alive}"
+    finally:
+        client.kill()
+        client.communicate(timeout=T)

@@ -83,7 +83,7 @@ def moves(monkeypatch: pytest.MonkeyPatch) -> set[tuple[SlotState, SlotState]]:
 
 
 def test_real_scenarios_reach_every_move_of_the_table(moves, tmp_path: Path) -> None:
-    S = SlotState
+    S = SlotState  # noqa: N806 - the table's states, short
     options = {"pool_size": 1, "shutdown_timeout": 2.0}
     # Start, run, cancel cooperatively, die idle, die in a step, recycle, close.
     with fed.Federation(["a", "b"], cancel_grace=5.0, max_jobs_per_worker=3, **options) as federation:
