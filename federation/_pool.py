@@ -298,6 +298,11 @@ class SlotPool(JobSide[JobExecution]):
         else:
             self._move(slot, SlotState.BROKEN)
             slot.kill()
+            if slot.job is not None:
+                # A broken slot never reports DONE: its job (ended already, or about
+                # to be by the caller) no longer holds it, nor close().
+                self.running.pop(slot.job.id, None)
+                slot.job = None
         if self.slots[slot.index] is slot:
             self.slots[slot.index] = None
             self._retired.append(slot)

@@ -733,3 +733,21 @@ def test_no_segment_stays_busy_after_a_crash_case(make_federation, tmp_path, fai
     assert federation.submit(chain_pipeline(), x=1).result(timeout=T) == 3
     # Once idle, senders unlink their free segments: what is left is still busy.
     assert wait_until(lambda: not _own_segments(), timeout=15), sorted(_own_segments())
+
+
+@process_only
+def test_giving_up_while_another_slot_runs_a_job_fails_it_and_close_returns(make_federation, tmp_path) -> None:
+    marker = str(tmp_path / "broken")
+    sites = [fed.Site("a", setup=lambda: _setup_fails_once_marked(marker)), "b"]
+    federation = make_federation(sites, pool_size=2, max_slot_restarts=1)
+    running = federation.submit(slow_pipeline(cooperative=True), seconds=60)
+    assert wait_until(lambda: running.status is fed.JobStatus.RUNNING, timeout=T)
+    busy_slot = running.attempts[0].slot
+    Path(marker).write_text("x")
+    worker_processes(f"a/slot-{1 - busy_slot}")[0].kill()
+    with pytest.raises(fed.SiteStartError, match="gave up"):
+        running.result(timeout=T)
+    closer = threading.Thread(target=federation.close)
+    closer.start()
+    closer.join(T)
+    assert not closer.is_alive()
