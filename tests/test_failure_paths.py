@@ -736,7 +736,9 @@ def test_no_segment_stays_busy_after_a_crash_case(make_federation, tmp_path, fai
 
 
 @process_only
-def test_giving_up_while_another_slot_runs_a_job_fails_it_and_close_returns(make_federation, tmp_path) -> None:
+def test_giving_up_while_another_slot_runs_a_job_fails_it_and_close_returns(
+    make_federation, tmp_path
+) -> None:
     marker = str(tmp_path / "broken")
     sites = [fed.Site("a", setup=lambda: _setup_fails_once_marked(marker)), "b"]
     federation = make_federation(sites, pool_size=2, max_slot_restarts=1)
