@@ -60,7 +60,6 @@ class JobSide(Generic[SlotT]):
         self.log = get_logger("router")
         self.queue: deque[Job] = deque()
         self.running: dict[int, tuple[Job, SlotT]] = {}
-        self.last_job_id = 0
         # The ids this federation issued, as runs [first, last] of consecutive ids:
         # usually one run; one per job only while another federation submits in between.
         self._issued: list[list[int]] = []
@@ -72,14 +71,8 @@ class JobSide(Generic[SlotT]):
         # Why the federation stopped restarting slots and failed every job; None while it serves.
         self.gave_up: str | None = None
         self.jobs_by_status: dict[str, int] = {}
-        self._pending_inputs: dict[int, list[tuple[str, bytes | None, bool]]] = {}
-        self._input_seq: dict[tuple[int, str], int] = {}
-        self._closed_inputs: dict[int, set[str]] = {}
         self._deadlines: dict[int, float] = {}
-        # Stream-input items sent to a job, kept until it ends so that a retry gets them all.
-        self._input_history: dict[int, list[tuple[str, bytes | None, bool]]] = {}
-        self._history_bytes: dict[int, int] = {}
-        self._unreplayable: dict[int, str] = {}
+        self._inputs: dict[int, _StreamInputs] = {}  # job id -> its stream inputs, until it ends
 
     # -- what a transport provides ------------------------------------------------------------
 
@@ -95,8 +88,10 @@ class JobSide(Generic[SlotT]):
         """Start ``job`` on ``slot`` (taken by ``_take_free``); record it in ``running``."""
         raise NotImplementedError
 
-    def _forward_input(self, job: Job, slot: SlotT, name: str, payload: bytes | None, close: bool) -> None:
-        """Send one stream-input item (or its end) to the sites of ``job`` running on ``slot``."""
+    def _forward_input(
+        self, job: Job, slot: SlotT, name: str, seq: int, payload: bytes | None, close: bool
+    ) -> None:
+        """Send item ``seq`` of stream input ``name`` (or its end) to ``job``'s sites on ``slot``."""
         raise NotImplementedError
 
     def _stop_sites(self, job: Job, slot: SlotT, status: JobStatus, resume: bool) -> None:
@@ -118,7 +113,6 @@ class JobSide(Generic[SlotT]):
                 self._issued[-1][1] = job_id
             else:
                 self._issued.append([job_id, job_id])
-            self.last_job_id = job_id
             return job_id
 
     def issued(self, job_id: int) -> bool:
@@ -221,35 +215,28 @@ class JobSide(Generic[SlotT]):
         with self.lock:
             if job.done():
                 return f"job {job.id} has ended ({job.status.value})"
-            closed = self._closed_inputs.setdefault(job.id, set())
-            if name in closed:
+            inputs = self._inputs.setdefault(job.id, _StreamInputs())
+            if name in inputs.closed:
                 return f"stream input {name!r} of job {job.id} was closed"
             if close:
-                closed.add(name)
-            self._remember_input(job, name, payload, close)
+                inputs.closed.add(name)
+            # The attempt a failure would retry is the next one (the first, for a queued job).
+            if max(len(job._attempts), 1) <= job.retries:
+                inputs.remember(name, payload, close)
             entry = self.running.get(job.id)
             if entry is None:
-                self._pending_inputs.setdefault(job.id, []).append((name, payload, close))
+                inputs.pending.append((name, payload, close))
             else:
-                self._forward_input(job, entry[1], name, payload, close)
+                self._forward_input(job, entry[1], name, inputs.number(name), payload, close)
         return None
 
-    def _remember_input(self, job: Job, name: str, payload: bytes | None, close: bool) -> None:
-        """Keep a stream item for a retry, while the job may still be retried and under the bound."""
-        if job.retries <= len(job.attempts) - 1 or job.id in self._unreplayable:
-            return
-        size = self._history_bytes.get(job.id, 0) + (len(payload) if payload is not None else 0)
-        history = self._input_history.setdefault(job.id, [])
-        if size > _REPLAY_BYTES or len(history) >= _REPLAY_ITEMS:
-            self._unreplayable[job.id] = (
-                f"its stream inputs carried more than a retry can replay "
-                f"({_REPLAY_ITEMS:,} items or {_REPLAY_BYTES >> 20} MiB)"
-            )
-            self._input_history.pop(job.id, None)
-            self._history_bytes.pop(job.id, None)
-            return
-        history.append((name, payload, close))
-        self._history_bytes[job.id] = size
+    def _forward_pending(self, job: Job, slot: SlotT) -> None:
+        """Send what was fed to ``job`` while it waited for a slot (transports call it at dispatch)."""
+        inputs = self._inputs.get(job.id)
+        if inputs is not None:
+            pending, inputs.pending = inputs.pending, []
+            for name, payload, close in pending:
+                self._forward_input(job, slot, name, inputs.number(name), payload, close)
 
     def _find_job(self, job_id: int) -> Job | None:
         entry = self.running.get(job_id)
@@ -276,13 +263,7 @@ class JobSide(Generic[SlotT]):
             return
         self._count(status, JobStatus.RUNNING if previous is JobStatus.SUSPENDED else previous)
         self._deadlines.pop(job.id, None)
-        self._pending_inputs.pop(job.id, None)
-        self._closed_inputs.pop(job.id, None)
-        self._input_history.pop(job.id, None)
-        self._history_bytes.pop(job.id, None)
-        self._unreplayable.pop(job.id, None)
-        for key in [k for k in self._input_seq if k[0] == job.id]:
-            del self._input_seq[key]
+        self._inputs.pop(job.id, None)
         entry = self.running.get(job.id)
         if entry is None:
             try:
@@ -300,7 +281,8 @@ class JobSide(Generic[SlotT]):
         job._end_attempt(f"{type(error).__name__}: {error}")
         refused = None
         if len(job.attempts) <= job.retries and not self.closing and self.gave_up is None:
-            refused = self._unreplayable.get(job.id) or job._reset_for_retry()
+            inputs = self._inputs.get(job.id)
+            refused = (inputs.unreplayable if inputs else None) or job._reset_for_retry()
             if refused is None:
                 self.log.info("retrying job on a fresh slot", job_id=job.id, attempt=len(job.attempts) + 1)
                 job._record("retry", error=repr(error))
@@ -309,9 +291,9 @@ class JobSide(Generic[SlotT]):
                 self._count(
                     JobStatus.QUEUED, JobStatus.RUNNING if previous is JobStatus.SUSPENDED else previous
                 )
-                self._input_seq = {k: v for k, v in self._input_seq.items() if k[0] != job.id}
-                # The new attempt gets every stream item the old one was sent, in order.
-                self._pending_inputs[job.id] = list(self._input_history.get(job.id, ()))
+                if inputs is not None:
+                    # The new attempt gets every stream item the old one was sent, in order.
+                    inputs.restart()
                 self.queue.appendleft(job)
                 self._dispatch_queued()
                 return
@@ -353,3 +335,42 @@ class JobSide(Generic[SlotT]):
                 jobs=left[:20],
                 count=len(left),
             )
+
+
+class _StreamInputs:
+    """One job's stream inputs: what changes together about them, dropped when the job ends."""
+
+    __slots__ = ("closed", "history", "history_bytes", "pending", "seq", "unreplayable")
+
+    def __init__(self) -> None:
+        self.closed: set[str] = set()
+        self.pending: list[tuple[str, bytes | None, bool]] = []  # fed while no attempt runs
+        self.seq: dict[str, int] = {}  # the next item number, per input, in this attempt
+        self.history: list[tuple[str, bytes | None, bool]] = []  # every item, for a retry
+        self.history_bytes = 0
+        self.unreplayable: str | None = None  # why a retry could not replay them all
+
+    def number(self, name: str) -> int:
+        """The number of the next item of ``name`` sent to the current attempt."""
+        seq = self.seq.get(name, 0)
+        self.seq[name] = seq + 1
+        return seq
+
+    def remember(self, name: str, payload: bytes | None, close: bool) -> None:
+        """Keep an item for a retry, up to the bound; past it, say why none can be replayed."""
+        if self.unreplayable is not None:
+            return
+        self.history_bytes += len(payload) if payload is not None else 0
+        if self.history_bytes > _REPLAY_BYTES or len(self.history) >= _REPLAY_ITEMS:
+            self.unreplayable = (
+                f"its stream inputs carried more than a retry can replay "
+                f"({_REPLAY_ITEMS:,} items or {_REPLAY_BYTES >> 20} MiB)"
+            )
+            self.history = []
+            return
+        self.history.append((name, payload, close))
+
+    def restart(self) -> None:
+        """A new attempt: numbering starts again and every kept item is sent to it first."""
+        self.seq.clear()
+        self.pending = [*self.history, *self.pending]

@@ -227,14 +227,11 @@ class SlotPool(JobSide[JobExecution]):
             self._deadlines[job.id] = time.monotonic() + job.timeout
         if job.timeout is not None or self.config.max_worker_memory is not None:
             self.wake()  # the router may be waiting with no deadline at all
-        for name, payload, close in self._pending_inputs.pop(job.id, ()):
-            self._forward_input(job, slot, name, payload, close)
+        self._forward_pending(job, slot)
 
     def _forward_input(
-        self, job: Job, slot: JobExecution, name: str, payload: bytes | None, close: bool
+        self, job: Job, slot: JobExecution, name: str, seq: int, payload: bytes | None, close: bool
     ) -> None:
-        key = (job.id, name)
-        seq = self._input_seq.get(key, 0)
         per_site: dict[str, list[m.Token]] = {}
         for route in job._compiled.stream_inputs[name]:
             tokens = per_site.setdefault(route.site, [])
@@ -242,7 +239,6 @@ class SlotPool(JobSide[JobExecution]):
                 tokens.append((route.step, route.param, m.CLIENT, seq, payload, m.ITEM))
             if close:
                 tokens.append((route.step, route.param, m.CLIENT, seq, None, m.END))
-        self._input_seq[key] = seq + 1
         for site, tokens in per_site.items():
             slot.send(site, (m.TOKENS, job.id, tokens))
 

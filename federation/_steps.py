@@ -515,9 +515,6 @@ class StepRunner:
                 for token in batch:
                     self._release_own(token[4])
                 self._batches[site] = []
-            # Values the stopped steps viewed may sit in reference cycles (the
-            # traceback of the abort); collect them now, so their segments go back.
-            gc.collect()
         self._run = None
         job_id = run.job_id
         self._ended.add(job_id)
@@ -538,6 +535,11 @@ class StepRunner:
             "results": results,
         }
         self._send_event((m.DONE, job_id, ok, info))
+        if not ok:
+            # Values the stopped steps viewed may sit in reference cycles (the abort's
+            # traceback); collected now, after DONE so the slot is not held for it,
+            # their segments go back with the next flush.
+            gc.collect()
 
     def _release_own(self, payload: Payload | None) -> None:
         """Give back this worker's segments that ``payload`` holds, which will never be sent."""

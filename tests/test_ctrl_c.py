@@ -35,44 +35,15 @@ CLIENT = textwrap.dedent(
 )
 
 
-def test_ctrl_c_in_result_exits_without_the_cancel_grace(tmp_path: Path) -> None:
-    script = tmp_path / "client.py"
-    script.write_text(CLIENT.format(tests=str(Path(__file__).parent)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    client = subprocess.Popen(
-        [sys.executable, str(script)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        assert client.stdout is not None
-        assert client.stdout.readline().strip() == "ready"
-        workers = psutil.Process(client.pid).children()
-        assert len(workers) == 2
-        client.send_signal(signal.SIGINT)
-        out, err = client.communicate(timeout=T)
-        assert client.returncode == 130, err
-        assert "interrupted" in out
-        # No warning the user did not ask for: the slot is not "killed after the grace".
-        assert "did not stop in time" not in err, err
-        assert "warning" not in err.lower(), err
-        _, alive = psutil.wait_procs(workers, timeout=5.0)
-        assert not alive, f"workers left running: {alive}"
-    finally:
-        client.kill()
-        client.communicate(timeout=T)
+def _interrupt(
+    tmp_path: Path, source: str
+) -> tuple[int | None, str, str, list[psutil.Process], list[psutil.Process]]:
+    """Run ``source`` as a client; once it says "ready", send it SIGINT.
 
-
-def test_ctrl_c_anywhere_in_the_with_block_exits_without_the_cancel_grace(tmp_path: Path) -> None:
-    """The signal may land between statements, not inside a wait on a job: same prompt exit."""
+    Returns its exit code, stdout, stderr, the workers it had when interrupted
+    and those of them still running a moment after it exited.
+    """
     script = tmp_path / "client.py"
-    source = CLIENT.format(tests=str(Path(__file__).parent)).replace(
-        "job.result(timeout=60)", "time.sleep(60)"
-    )
-    assert "time.sleep(60)" in source
     script.write_text(source)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     client = subprocess.Popen(
@@ -89,10 +60,31 @@ def test_ctrl_c_anywhere_in_the_with_block_exits_without_the_cancel_grace(tmp_pa
         workers = psutil.Process(client.pid).children()
         client.send_signal(signal.SIGINT)
         out, err = client.communicate(timeout=T)
-        assert client.returncode == 130, err
-        assert "warning" not in err.lower(), err
         _, alive = psutil.wait_procs(workers, timeout=5.0)
-        assert not alive, f"workers left running: {alive}"
+        return client.returncode, out, err, workers, alive
     finally:
         client.kill()
         client.communicate(timeout=T)
+
+
+def test_ctrl_c_in_result_exits_without_the_cancel_grace(tmp_path: Path) -> None:
+    code, out, err, workers, alive = _interrupt(tmp_path, CLIENT.format(tests=str(Path(__file__).parent)))
+    assert len(workers) == 2
+    assert code == 130, err
+    assert "interrupted" in out
+    # No warning the user did not ask for: the slot is not "killed after the grace".
+    assert "did not stop in time" not in err, err
+    assert "warning" not in err.lower(), err
+    assert not alive, f"workers left running: {alive}"
+
+
+def test_ctrl_c_anywhere_in_the_with_block_exits_without_the_cancel_grace(tmp_path: Path) -> None:
+    """The signal may land between statements, not inside a wait on a job: same prompt exit."""
+    source = CLIENT.format(tests=str(Path(__file__).parent)).replace(
+        "job.result(timeout=60)", "time.sleep(60)"
+    )
+    assert "time.sleep(60)" in source
+    code, _out, err, _workers, alive = _interrupt(tmp_path, source)
+    assert code == 130, err
+    assert "warning" not in err.lower(), err
+    assert not alive, f"workers left running: {alive}"
