@@ -150,6 +150,14 @@ def _preload(value: Any) -> tuple[str, ...]:
     return names
 
 
+def _optional_address(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        _fail(f"must be None (a private local Ray instance), 'auto' or an address host:port, not {value!r}")
+    return value.strip()
+
+
 def _optional_egress(value: Any) -> tuple[str, ...] | None:
     return None if value is None else _names(value, "site names")
 
@@ -217,7 +225,8 @@ _SITE_FIELDS: dict[str, tuple[Callable[[Any], Any], Any]] = {
 #: Federation options, in the order of the docs.
 _FEDERATION_FIELDS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "sites": (_sites, _NO_DEFAULT),
-    "backend": (_choice("process", "thread"), "process"),
+    "backend": (_choice("process", "thread", "ray"), "process"),
+    "ray_address": (_optional_address, None),
     "start_method": (_choice("spawn", "forkserver"), "spawn"),
     "preload": (_preload, tuple),
     "pool_size": (_pool_size, default_pool_size),
@@ -323,7 +332,9 @@ class SiteConfig(_Frozen):
         setup: called once in every worker of the site when it starts; its result is
             ``ctx.state``. A failure here is a :class:`SiteStartError`.
         data_dir: the site's data directory (created if missing); ``ctx.data_dir``.
-        resources: resources a worker of this site needs, for placement on a cluster.
+        resources: Ray resources a worker of this site needs (``{"CPU": 1, "GPU": 1,
+            "memory": bytes, "custom": 1}``), on top of its node's site label; ignored
+            by the local backends.
         egress: the sites this site may send tokens to; ``None`` means any.
 
     Raises:
@@ -367,8 +378,13 @@ class FederationConfig(_Frozen):
 
     Attributes:
         sites: the sites; a plain string is a site with defaults.
-        backend: ``"process"`` (every site a spawned worker process) or ``"thread"``
-            (every site a thread in this process, to step through in a debugger).
+        backend: ``"process"`` (every site a spawned worker process), ``"thread"``
+            (every site a thread in this process, to step through in a debugger) or
+            ``"ray"`` (every site a Ray actor on the nodes labelled ``federation/site=<name>``).
+        ray_address: with ``backend="ray"``: ``None`` (default) uses the Ray connection
+            this program made with ``ray.init``, else starts a private local instance
+            (never another program's cluster); ``"auto"`` joins the cluster running on
+            this machine; ``"host:port"`` joins the cluster there.
         start_method: how the process backend starts workers: ``"spawn"`` (a fresh
             interpreter each) or ``"forkserver"`` (forked from one process that
             imported ``preload`` once: much faster starts, heavy imports shared).
@@ -396,6 +412,7 @@ class FederationConfig(_Frozen):
 
     sites: tuple[SiteConfig, ...]
     backend: str
+    ray_address: str | None
     start_method: str
     preload: tuple[str, ...]
     pool_size: int
@@ -433,6 +450,13 @@ def _cross_checks(values: Mapping[str, Any]) -> list[str]:
     problems = []
     if values["start_method"] != "spawn" and values["backend"] != "process":
         problems.append(f"start_method={values['start_method']!r} needs backend='process'")
+    if values["ray_address"] is not None and values["backend"] != "ray":
+        problems.append(f"ray_address={values['ray_address']!r} needs backend='ray'")
+    if values["backend"] == "ray" and values["max_worker_memory"] is not None:
+        problems.append(
+            "max_worker_memory is not available on the Ray backend (actors may run on other machines); "
+            "give sites Ray resources instead: fed.Site(name, resources={'memory': bytes})"
+        )
     if values["preload"] and values["start_method"] != "forkserver":
         problems.append("preload needs start_method='forkserver' (spawned workers import per worker)")
     sites: tuple[SiteConfig, ...] = values["sites"]

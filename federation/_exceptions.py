@@ -16,7 +16,7 @@ raised), or the machine's (a worker died)::
     └── JobError                            has .job_id
         ├── StepFailedError                 .site, .step; cause: the original exception
         ├── JobCancelledError               .reason
-        └── WorkerDiedError                 .site, .pid, .exitcode, .signal, .reason, .last_log
+        └── WorkerDiedError                 .site, .pid or .node, .exitcode, .signal, .reason, .last_log
 
 ``result(timeout=...)`` that runs out raises the built-in :class:`TimeoutError`;
 the job keeps running.
@@ -151,11 +151,14 @@ def _rebuild_cancelled(message: str, job_id: int, reason: str) -> JobCancelledEr
 
 
 class WorkerDiedError(JobError):
-    """A worker process died under a job (segfault, ``os._exit``, a signal, a memory limit).
+    """A worker process died under a job (segfault, ``os._exit``, a signal, a memory limit),
+    or, on Ray, a site actor died or its node was lost.
 
     Attributes:
         site: the site of the worker.
-        pid: its process id.
+        pid: its process id (on its node, on Ray).
+        node: on Ray, the id of the node it ran on (``None`` elsewhere).
+        address: on Ray, that node's address (``None`` elsewhere).
         exitcode: its exit code; negative for a signal, as in ``multiprocessing``.
         signal: the signal's name (``"SIGKILL"``), or ``None`` if it exited.
         reason: a short cause (``"exited"``, ``"killed by signal"``, ``"memory limit"``, ...).
@@ -172,10 +175,14 @@ class WorkerDiedError(JobError):
         exitcode: int | None,
         reason: str,
         last_log: tuple[str, ...] = (),
+        node: str | None = None,
+        address: str | None = None,
     ) -> None:
         super().__init__(message, job_id=job_id)
         self.site = site
         self.pid = pid
+        self.node = node
+        self.address = address
         self.exitcode = exitcode
         self.signal = _signal_name(exitcode)
         self.reason = reason

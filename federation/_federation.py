@@ -18,6 +18,7 @@ from ._router import Router
 from ._serialization import dumps
 
 if TYPE_CHECKING:
+    from ._ray_router import RayRouter
     from ._stats import FederationStats
 
 __all__ = ["Federation"]
@@ -40,7 +41,7 @@ class Federation:
 
     Args:
         sites: site names or :class:`~federation.Site` objects.
-        backend: ``"process"`` (default) or ``"thread"``.
+        backend: ``"process"`` (default), ``"thread"`` or ``"ray"`` (see ``ray_address``).
         pool_size: how many job executions to keep ready (default: from the CPU count).
         wait_ready: wait for every slot to be ready before returning (default). With
             ``False``, return once the first slot is ready; the rest start meanwhile.
@@ -78,7 +79,13 @@ class Federation:
         self._site_names = tuple(site.name for site in config.sites)
         self._closed = False
         self._callbacks = CallbackThread()
-        self._router = Router(config, self._callbacks)
+        self._router: Router | RayRouter
+        if config.backend == "ray":
+            from ._ray_router import RayRouter
+
+            self._router = RayRouter(config, self._callbacks)
+        else:
+            self._router = Router(config, self._callbacks)
         self._shutdown = _Shutdown(self._router, self._callbacks, config.shutdown_timeout)
         self._router.start(wait=wait_ready)
         # A federation dropped without close() is closed when collected (as
@@ -328,7 +335,7 @@ class Federation:
 class _Shutdown:
     """The one shutdown sequence of a federation: run once, awaited by every other caller."""
 
-    def __init__(self, router: Router, callbacks: CallbackThread, timeout: float) -> None:
+    def __init__(self, router: Router | RayRouter, callbacks: CallbackThread, timeout: float) -> None:
         self._router = router
         self._callbacks = callbacks
         self._timeout = timeout

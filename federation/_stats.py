@@ -23,6 +23,7 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
+    from ._ray_router import RayRouter
     from ._router import Router
 
 __all__ = ["FederationStats", "LinkStats", "SlotStats", "WorkerStats", "collect_stats"]
@@ -170,11 +171,11 @@ class FederationStats(BaseModel):
 _STATUSES = ("queued", "running", "suspended", "finished", "failed", "cancelled")
 
 # CPU samples per router, per worker pid: (wall time, cpu seconds) at the previous snapshot.
-_samples: weakref.WeakKeyDictionary[Router, dict[int, tuple[float, float]]] = weakref.WeakKeyDictionary()
+_samples: weakref.WeakKeyDictionary[Router | RayRouter, dict[int, tuple[float, float]]] = weakref.WeakKeyDictionary()
 _samples_lock = threading.Lock()
 
 
-def collect_stats(router: Router, closed: bool) -> FederationStats:
+def collect_stats(router: Router | RayRouter, closed: bool) -> FederationStats:
     """Take a snapshot of ``router``'s state (under its lock) and measure its workers (outside it)."""
     workers: list[tuple[Any, dict[str, Any]]] = []
     with router.lock:
@@ -248,7 +249,7 @@ def collect_stats(router: Router, closed: bool) -> FederationStats:
     )
 
 
-def _measure(router: Router, handle: Any, now: float) -> dict[str, Any]:
+def _measure(router: Router | RayRouter, handle: Any, now: float) -> dict[str, Any]:
     """Liveness, memory and CPU of one worker; memory and CPU only if it is a process of its own."""
     alive = handle.alive()
     result: dict[str, Any] = {"alive": alive}

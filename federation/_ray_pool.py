@@ -1,0 +1,438 @@
+"""The Ray pool: slots of site actors, their state machine, their start, replacement and end.
+
+The job side (:mod:`._jobs`) is shared with the local transport unchanged;
+this module supplies its hooks on Ray. A slot holds one site actor
+(:class:`~federation._ray_site.SiteActor`) per site, pinned to that site's
+nodes, made before any job arrives; it moves through the same states as a
+local slot (``_execution.TRANSITIONS``)::
+
+    start ──> STARTING ──all READY──> IDLE <──> BUSY ──job ended early──> DRAINING
+                 │                      │         │                         │
+                 └──died/failed─────────┴─────────┴──died / grace over──────┴──> BROKEN ──confirmed──> STOPPED
+    retire (recycle, close) ──> STOPPING ──STOPPED, killed──> STOPPED   (killed after shutdown_timeout)
+
+Messages to an actor are fire-and-forget Ray calls, numbered per sender (the
+actor restores their order). What an actor says comes back through one long
+poll per actor (``SiteActor.events``), which :mod:`._ray_router` keeps
+outstanding; its failure is how a death is noticed: an actor killed, its
+process dead, or its node lost.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from . import _messages as m
+from ._callbacks import CallbackThread
+from ._config import FederationConfig
+from ._exceptions import ConfigError, FederationError, SiteStartError
+from ._execution import TRANSITIONS, SlotState, SlotTransitionError
+from ._handle import Job, JobStatus
+from ._jobs import JobSide
+from ._log import SiteLogFiles, worker_log_level
+from ._ray_cluster import Lease, Placement, connect, import_ray, site_placement
+from ._ray_site import LINK, SiteActor, RayValues
+from ._serialization import dumps_function
+
+__all__ = ["RayPool", "RaySlot", "RayWorker"]
+
+_ACTOR_THREADS = 4  # a site actor's Ray threads: the client's long poll, and messages arriving
+
+
+class RayWorker:
+    """One site actor of a slot, as the pool and ``stats()`` see it."""
+
+    output: int | None = None
+    stdout: int | None = None
+
+    def __init__(self, site: str, name: str, actor: Any) -> None:
+        self.site = site
+        self.name = name
+        self.actor = actor
+        self.pid: int | None = None
+        self.node_id: str | None = None
+        self.node_address: str | None = None
+        self.gone = False  # its poll failed: the actor is dead
+        self.seq = 0  # the number of the client's next message to it
+        self.poll: Any = None  # the outstanding events() call
+
+    def where(self) -> str:
+        """The node it runs on, for messages: ``node 1a2b3c4d5e6f (10.0.0.5)``."""
+        if self.node_id is None:
+            return "a node not known yet (it had not started)"
+        return f"node {self.node_id[:12]} ({self.node_address})"
+
+    def alive(self) -> bool:
+        """Whether the actor is still running, as far as the client knows."""
+        return not self.gone
+
+    def memory(self) -> int | None:
+        """Not measured: the actor may run on another machine."""
+        return None
+
+    def kill(self) -> None:
+        """Kill the actor (its process), without waiting; its poll then fails."""
+        import ray
+
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead, or the cluster is going
+            pass
+
+
+class RaySlot:
+    """One slot of the pool: an actor per site, and what the client knows of them."""
+
+    def __init__(self, index: int, generation: int, sites: tuple[str, ...]) -> None:
+        self.index = index
+        self.generation = generation
+        self.state = SlotState.STARTING
+        self.started_at = time.monotonic()
+        self.sites = sites
+        self.workers: dict[str, RayWorker] = {}
+        self.ready: set[str] = set()
+        # Mirrors each actor's plan cache, as JobExecution.plans does (see _messages.PLAN_CACHE).
+        self.plans: dict[str, dict[bytes, None]] = {site: {} for site in sites}
+        self.job: Job | None = None
+        self.pending_sites: set[str] = set()
+        self.jobs_run = 0
+        self.kill_deadline: float | None = None
+        self.start_failed = False
+        self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=20) for site in sites}
+
+    def send(self, site: str, message: tuple[Any, ...]) -> None:
+        """Send a message to the site's actor (fire and forget, numbered for its order)."""
+        worker = self.workers[site]
+        if worker.gone:
+            return
+        seq = worker.seq
+        worker.seq += 1
+        worker.actor.deliver.remote(m.CLIENT, seq, message)
+
+    def stop(self) -> None:
+        """Ask every actor to stop after what it is doing."""
+        for site in self.sites:
+            self.send(site, (m.STOP,))
+
+    def kill(self) -> None:
+        """Kill every actor of the slot."""
+        for worker in self.workers.values():
+            worker.kill()
+
+    def alive(self) -> list[RayWorker]:
+        return [worker for worker in self.workers.values() if not worker.gone]
+
+
+class RayPool(JobSide[RaySlot]):
+    """The slots of one federation on Ray, under the job side's lock."""
+
+    def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
+        if config.max_worker_memory is not None:
+            raise ConfigError(
+                "max_worker_memory is not available on the Ray backend: actors may run on other "
+                "machines, out of the client's sight; give sites Ray resources instead "
+                "(fed.Site(name, resources={'memory': bytes}))"
+            )
+        super().__init__(config, callbacks)
+        self.ray = import_ray()
+        self.lease: Lease | None = connect(config.ray_address)
+        try:
+            self.placement: Placement = site_placement(config)
+        except BaseException:
+            self.lease.release()
+            self.lease = None
+            raise
+        self.actor_class = self.ray.remote(SiteActor)
+        self.slots: list[RaySlot | None] = [None] * config.pool_size
+        self.unstarted: list[int] = []  # never used: Ray schedules every slot at once
+        self.free: deque[RaySlot] = deque()  # exactly the IDLE slots (see _move)
+        self.start_error: SiteStartError | None = None
+        self.started = False
+        self.replaced = 0
+        self.restart_failures = 0
+        self.start_deaths = 0
+        self.dropped = 0
+        self.links: dict[tuple[str, str], list[int]] = {}
+        self._replace_at: dict[int, float] = {}
+        self._generation = 0
+        self._retired: list[RaySlot] = []
+        self._log_level = worker_log_level()
+        self._values = RayValues()
+        self.log_files = SiteLogFiles(config.log_dir) if config.log_dir is not None else None
+        self._no_node_warned: set[str] = set()
+
+    # -- starting ----------------------------------------------------------------------------
+
+    def _start_slot(self, index: int) -> RaySlot:
+        self._generation += 1
+        sites = tuple(site.name for site in self.config.sites)
+        slot = RaySlot(index, self._generation, sites)
+        self.slots[index] = slot
+        sys_path = tuple(p for p in sys.path if p)
+        for site_config in self.config.sites:
+            site = site_config.name
+            name = f"{site}/slot-{index}"
+            spec = m.WorkerSpec(
+                site=site,
+                name=name,
+                setup=site_config.setup,
+                env=dict(site_config.env),
+                data_dir=str(site_config.data_dir) if site_config.data_dir else None,
+                sys_path=sys_path,
+                log_level=self._log_level,
+                max_token_bytes=self.config.max_token_bytes,
+                shm_prefix="",
+            )
+            options = dict(self.placement.options[site])
+            if site_config.env:
+                options["runtime_env"] = {"env_vars": dict(site_config.env)}
+            actor = self.actor_class.options(
+                max_restarts=0,  # the federation replaces a slot; Ray must not revive one actor of it
+                max_task_retries=0,
+                max_concurrency=_ACTOR_THREADS,
+                **options,
+            ).remote(dumps_function(spec, what=f"the setup of site {site!r}"), sys_path)
+            slot.workers[site] = RayWorker(site, name, actor)
+        handles = {site: worker.actor for site, worker in slot.workers.items()}
+        for site in sites:
+            slot.send(site, (LINK, {other: h for other, h in handles.items() if other != site}))
+            self._poll(slot, slot.workers[site])
+        self.log.debug("slot starting", slot=index, generation=slot.generation)
+        return slot
+
+    def _poll(self, slot: RaySlot, worker: RayWorker) -> None:
+        """Keep one events() call outstanding on ``worker``; its answer goes to the router thread."""
+        raise NotImplementedError
+
+    # -- the slot state machine -------------------------------------------------------------
+
+    def _move(self, slot: RaySlot, state: SlotState) -> None:
+        """The one place a slot changes state: checked against the table, free list kept equal."""
+        if state is slot.state:
+            return
+        if state not in TRANSITIONS[slot.state]:
+            raise SlotTransitionError(f"slot {slot.index}: {slot.state.value} -> {state.value} is not a move")
+        if slot.state is SlotState.IDLE:
+            self.free.remove(slot)
+        slot.state = state
+        if state is SlotState.IDLE:
+            self.free.append(slot)
+        slot.kill_deadline = None
+
+    def _take_free(self) -> RaySlot | None:
+        """A free slot, now BUSY; a death not yet read is noticed by its failed poll."""
+        while self.free:
+            slot = self.free[0]
+            if len(slot.alive()) < len(slot.sites):
+                self._retire(slot, graceful=False)
+                continue
+            self._move(slot, SlotState.BUSY)
+            return slot
+        return None
+
+    def _dispatch(self, job: Job, slot: RaySlot) -> None:
+        """Start ``job`` on ``slot``, which ``_take_free`` has moved to BUSY."""
+        compiled = job._compiled
+        inputs = job._inputs
+        slot.job = job
+        slot.pending_sites = set(compiled.participants)
+        self.running[job.id] = (job, slot)
+        started = time.time()
+        for site in compiled.participants:
+            digest, plan = compiled.plans[site]
+            cached = slot.plans[site]
+            if digest not in cached:
+                if len(cached) >= m.PLAN_CACHE:  # the actor evicts its oldest plan too
+                    del cached[next(iter(cached))]
+                slot.send(site, (m.PLAN, digest, plan))
+                cached[digest] = None
+            site_inputs = {
+                name: inputs[name] for name in compiled.site_inputs.get(site, ()) if name in inputs
+            }
+            slot.send(site, (m.START, job.id, digest, site_inputs))
+        if job.status is JobStatus.QUEUED:
+            self._count(JobStatus.RUNNING, JobStatus.QUEUED)
+        first = not job.attempts
+        job._start_attempt(slot.index, started)
+        if job.timeout is not None and first:
+            self._deadlines[job.id] = time.monotonic() + job.timeout
+            self.wake()  # the router may be waiting with no deadline at all
+        self._forward_pending(job, slot)
+
+    def _forward_input(
+        self, job: Job, slot: RaySlot, name: str, seq: int, payload: bytes | None, close: bool
+    ) -> None:
+        per_site: dict[str, list[m.Token]] = {}
+        for route in job._compiled.stream_inputs[name]:
+            tokens = per_site.setdefault(route.site, [])
+            if payload is not None:
+                tokens.append((route.step, route.param, m.CLIENT, seq, payload, m.ITEM))
+            if close:
+                tokens.append((route.step, route.param, m.CLIENT, seq, None, m.END))
+        for site, tokens in per_site.items():
+            slot.send(site, (m.TOKENS, job.id, tokens))
+
+    def _stop_sites(self, job: Job, slot: RaySlot, status: JobStatus, resume: bool) -> None:
+        if slot.pending_sites and slot.state is SlotState.BUSY:
+            reason = "cancelled" if status is JobStatus.CANCELLED else "failed"
+            for site in slot.pending_sites:
+                slot.send(site, (m.ABORT, job.id, reason))
+            self._move(slot, SlotState.DRAINING)
+            # Ray cannot interrupt a running method: past the grace, the slot is killed.
+            slot.kill_deadline = time.monotonic() + self._cancel_grace()
+            self.wake()
+        elif not slot.pending_sites:
+            self._release(slot)
+
+    def _slot_counts(self) -> tuple[int, int]:
+        starting = sum(1 for slot in self.slots if slot is not None and slot.state is SlotState.STARTING)
+        return len(self.slots), starting + len(self._replace_at)
+
+    def suspend_job(self, job: Job, suspend: bool) -> None:
+        """Suspend/resume is not available on Ray: the error says so."""
+        with self.lock:
+            if job.id not in self.running or job.done():
+                raise FederationError(
+                    f"job {job.id} is not running ({job.status.value}); only a running job can be suspended"
+                )
+        raise ConfigError(
+            "suspend() and resume() are not available on the Ray backend: Ray cannot pause an actor's "
+            "process; cancel the job (job.cancel()) or use backend='process'"
+        )
+
+    # -- ending ------------------------------------------------------------------------------
+
+    def _release(self, slot: RaySlot) -> None:
+        job = slot.job
+        if job is not None:
+            self.running.pop(job.id, None)
+        slot.job = None
+        slot.pending_sites = set()
+        slot.jobs_run += 1
+        if slot.state not in (SlotState.BUSY, SlotState.DRAINING):
+            return
+        limit = self.config.max_jobs_per_worker
+        if limit is not None and slot.jobs_run >= limit:
+            self.log.debug("recycling slot", slot=slot.index, jobs=slot.jobs_run)
+            self._retire(slot, graceful=True)
+            return
+        self._move(slot, SlotState.IDLE)
+        self._dispatch_queued()
+
+    def _retire(self, slot: RaySlot, graceful: bool, delay: float = 0.0) -> None:
+        """Take ``slot`` out of the pool for good; its replacement starts after ``delay`` s."""
+        if graceful:
+            self._move(slot, SlotState.STOPPING)
+            slot.stop()
+            slot.kill_deadline = time.monotonic() + self.config.shutdown_timeout
+        else:
+            self._move(slot, SlotState.BROKEN)
+            slot.kill()
+            if slot.job is not None:
+                self.running.pop(slot.job.id, None)
+                slot.job = None
+        if self.slots[slot.index] is slot:
+            self.slots[slot.index] = None
+            self._retired.append(slot)
+            if not self.closing and self.gave_up is None:
+                self.replaced += 1
+                self._replace_at[slot.index] = time.monotonic() + delay
+                self.wake()
+        self._maybe_reap(slot)
+
+    def _maybe_reap(self, slot: RaySlot) -> None:
+        """A retired slot is STOPPED once every actor of it is confirmed dead."""
+        if slot.state is SlotState.STOPPED or slot.alive():
+            return
+        if slot.state not in (SlotState.BROKEN, SlotState.STOPPING):
+            return
+        self._move(slot, SlotState.STOPPED)
+        if slot in self._retired:
+            self._retired.remove(slot)
+        if self.slots[slot.index] is slot:
+            self.slots[slot.index] = None
+        self.changed.notify_all()
+
+    def _start_replacements(self) -> None:
+        """Start the replacements that are due, once every site has a live node again."""
+        now = time.monotonic()
+        due = [i for i, when in sorted(self._replace_at.items()) if when <= now]
+        if not due or self.closing or self.gave_up is not None:
+            return
+        try:
+            self.placement = site_placement(self.config)
+        except SiteStartError as exc:
+            # A lost node: wait for one to come back, without counting it as a failed start.
+            if exc.site not in self._no_node_warned:
+                self._no_node_warned.add(exc.site)
+                self.log.warning("a slot waits for a node of its site to replace it", error=str(exc))
+            for index in due:
+                self._replace_at[index] = now + 1.0
+            return
+        except Exception as exc:  # noqa: BLE001 - the cluster may be briefly unreachable
+            self.log.warning("could not read the Ray cluster's nodes", error=repr(exc))
+            for index in due:
+                self._replace_at[index] = now + 1.0
+            return
+        self._no_node_warned.clear()
+        for index in due:
+            del self._replace_at[index]
+            try:
+                self._start_slot(index)
+            except Exception as exc:  # noqa: BLE001 - e.g. the cluster is shutting down
+                self.start_deaths += 1
+                delay = _backoff(self.start_deaths, cap=1.0)
+                self.log.error("could not start a replacement slot; trying again", slot=index, error=repr(exc))
+                self._replace_at[index] = now + delay
+
+    def _on_start_failed(self, slot: RaySlot, site: str, message: str, tb: str | None) -> None:
+        """A slot could not start: a setup raised, an actor could not be made, or a timeout."""
+        if slot.state is not SlotState.STARTING:
+            return
+        error = SiteStartError(message, site=site, remote_traceback=tb)
+        self.restart_failures += 1
+        self.log.error("site actor failed to start", site=site, slot=slot.index, error=message)
+        if not self.started:
+            self.start_error = self.start_error or error
+        elif self.restart_failures > self.config.max_slot_restarts:
+            self._retire(slot, graceful=False)
+            self._give_up(error, tb)
+            return
+        self._retire(slot, graceful=False, delay=_backoff(self.restart_failures))
+        self.changed.notify_all()
+
+    def _give_up(self, error: SiteStartError, tb: str | None) -> None:
+        """Stop restarting: fail every job held, refuse new ones, say why everywhere."""
+        cause = (
+            f"{error} ({self.restart_failures} failed starts in a row, "
+            f"max_slot_restarts={self.config.max_slot_restarts})"
+        )
+        self.gave_up = cause
+        self._replace_at.clear()
+        self.log.critical("the federation gave up restarting its site actors", cause=cause)
+
+        def failure(job: Job) -> SiteStartError:
+            return SiteStartError(
+                f"job {job.id} ({job.pipeline!r}) could not run: the federation gave up: {cause}",
+                site=error.site,
+                remote_traceback=tb,
+            )
+
+        self._fail_all(failure)
+        for slot in [s for s in self.slots if s is not None]:
+            if slot.state in (SlotState.IDLE, SlotState.STARTING, SlotState.BUSY, SlotState.DRAINING):
+                self._retire(slot, graceful=False)
+        self.changed.notify_all()
+
+    def _all_slots(self) -> list[RaySlot]:
+        return [slot for slot in self.slots if slot is not None] + list(self._retired)
+
+
+def _backoff(failures: int, cap: float = 2.0) -> float:
+    """Seconds to wait before the next start after ``failures`` failed starts in a row."""
+    if failures <= 0:
+        return 0.0
+    return float(min(0.05 * 2 ** (failures - 1), cap))

@@ -1,0 +1,436 @@
+"""The Ray router: the one client thread that moves a federation on Ray forward.
+
+    user threads ── submit / send / cancel ──┐ (under the lock; Ray calls that never wait)
+                                             v
+    job queue (FIFO, bounded) ──> free slot ──> START to each participant actor
+                                             ^
+    router thread: waits on one queue fed by │ slot freed when every site says DONE
+      each actor's long poll completing       (results, done, failed, send_to_job, logs, output)
+      a poll failing                          (the actor died or its node was lost)
+      wake()                                  (new work, close)
+    with a timeout only for the nearest deadline (cancel grace, job timeout,
+    start timeout, a replacement due), never to notice work.
+
+The router never calls ``ray.get`` on anything that may not be ready: a poll's
+answer is taken only once Ray has called back with it (``ObjectRef.future``),
+and results carry their buffers inline, so the router never waits on an actor,
+a node or the network. Events of one actor arrive in the order it sent them:
+one poll at a time.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from typing import Any
+
+from . import _messages as m
+from ._callbacks import CallbackThread
+from ._config import FederationConfig
+from ._exceptions import FederationError, SerializationError, SiteStartError, StepFailedError, WorkerDiedError
+from ._execution import SlotState
+from ._handle import Job, JobStatus
+from ._log import log_worker_record
+from ._ray_cluster import died_reason
+from ._ray_pool import RayPool, RaySlot, RayWorker, _backoff
+from ._ray_site import OUTPUT, STOPPED
+from ._serialization import load_exception
+
+__all__ = ["RayRouter"]
+
+_CONFIRM_DEATHS = 10.0  # seconds close() waits for Ray to confirm every actor it killed is gone
+
+
+class RayRouter(RayPool):
+    """The router thread of one federation on Ray: its queue, the actors' events, their deaths."""
+
+    def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
+        super().__init__(config, callbacks)
+        self._arrivals: queue.SimpleQueue[tuple[RaySlot, RayWorker, Any] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="federation-ray-router", daemon=True)
+
+    def start(self, wait: bool) -> None:
+        """Start every slot and the router thread; with ``wait``, until all are ready.
+
+        Raises:
+            SiteStartError: an actor failed to start (everything started is stopped again).
+        """
+        try:
+            with self.lock:
+                for index in range(self.config.pool_size):
+                    self._start_slot(index)
+        except BaseException:
+            self._abandon()
+            raise
+        self.thread.start()
+        deadline = time.monotonic() + self.config.start_timeout + 1.0
+        with self.lock:
+            ok = self.changed.wait_for(
+                lambda: (
+                    self.start_error is not None
+                    or (len(self.free) == len(self.slots) if wait else bool(self.free))
+                ),
+                max(0.0, deadline - time.monotonic()),
+            )
+            error = self.start_error
+        if error is None and not ok:
+            error = SiteStartError(
+                f"the federation's site actors were not ready within start_timeout="
+                f"{self.config.start_timeout} s: {self._why_not_ready()}",
+                site="?",
+            )
+        if error is not None:
+            self.shutdown(cancel_pending=True, timeout=0.0)
+            raise error
+        with self.lock:
+            self.started = True
+
+    def wake(self) -> None:
+        """Make the router thread look at its state again (any thread)."""
+        self._arrivals.put(None)
+
+    def _poll(self, slot: RaySlot, worker: RayWorker) -> None:
+        ref = worker.actor.events.remote()
+        worker.poll = ref
+        arrivals = self._arrivals
+        # Called on a Ray thread once the answer is here (or the actor is dead).
+        ref.future().add_done_callback(lambda future: arrivals.put((slot, worker, future)))
+
+    # -- the thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    if self.stopped:
+                        return
+                    if self._replace_at:
+                        self._start_replacements()
+                    timeout = self._next_timeout()
+                try:
+                    item = self._arrivals.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
+                with self.lock:
+                    while True:
+                        if item is not None:
+                            self._on_poll(*item)
+                        try:
+                            item = self._arrivals.get_nowait()
+                        except queue.Empty:
+                            break
+                    self._on_deadlines()
+        except BaseException as exc:  # pragma: no cover - a bug here must not hang users
+            self.log.critical("router thread crashed", error=repr(exc), exc_info=True)
+            with self.lock:
+                self.closing = True
+                for job in [*self.queue, *(entry[0] for entry in self.running.values())]:
+                    self._end_job(
+                        job, JobStatus.FAILED, FederationError(f"the federation's router crashed: {exc!r}")
+                    )
+                self.stopped = True
+                self.changed.notify_all()
+
+    def _next_timeout(self) -> float | None:
+        deadlines = list(self._deadlines.values())
+        deadlines.extend(self._replace_at.values())
+        for slot in self._all_slots():
+            if slot.kill_deadline is not None:
+                deadlines.append(slot.kill_deadline)
+            if slot.state is SlotState.STARTING:
+                deadlines.append(slot.started_at + self.config.start_timeout)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic()) + 0.001
+
+    def _on_poll(self, slot: RaySlot, worker: RayWorker, future: Any) -> None:
+        if worker.gone:
+            return
+        try:
+            events = future.result(timeout=0)
+        except Exception as exc:  # noqa: BLE001 - Ray's errors are translated here, never raised
+            self._on_worker_gone(slot, worker, exc)
+            return
+        for event in events:
+            self._on_event(slot, worker, event)
+        if not worker.gone and self.lease is not None:
+            self._poll(slot, worker)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _on_event(self, slot: RaySlot, worker: RayWorker, message: tuple[Any, ...]) -> None:
+        tag = message[0]
+        site = worker.site
+        if tag == m.RESULTS:
+            self._on_results(slot, site, message[1], message[2])
+        elif tag == m.DONE:
+            self._on_done(slot, site, message[1], message[2], message[3])
+        elif tag == m.FAILED:
+            job = slot.job
+            if job is None or job.id != message[1]:
+                self.dropped += 1
+                return
+            _, job_id, step, data, tb = message
+            cause = load_exception(data, tb)
+            error = StepFailedError(
+                f"step {step!r} of job {job_id} ({job.pipeline!r}) failed at site {site!r}: "
+                f"{type(cause).__name__}: {cause}",
+                job_id=job_id,
+                site=site,
+                step=step,
+            )
+            error.__cause__ = cause
+            self._end_job(job, JobStatus.FAILED, error)
+        elif tag == m.SEND_TO_JOB:
+            _, request, _from_job, to_job, name, payload, close = message
+            target = self._find_job(to_job)
+            reason: str | None
+            if target is None:
+                reason = f"job {to_job} has ended" if self.issued(to_job) else f"job {to_job} does not exist"
+            else:
+                reason = self.send_input(target, name, payload, close)
+            slot.send(site, (m.REPLY, request, reason))
+        elif tag == m.LOG:
+            for level, event, fields in message[1]:
+                fields.setdefault("worker", worker.name)
+                if self.log_files is not None:
+                    self.log_files.record(site, level, event, fields)
+                slot.last_lines[site].append(
+                    f"[{level}] {event} "
+                    + " ".join(
+                        f"{k}={v}" for k, v in fields.items() if k not in ("site", "pid", "worker", "node")
+                    )
+                )
+                log_worker_record(site, level, event, fields)
+        elif tag == OUTPUT:
+            for line in message[2]:
+                self._output_line(slot, worker, line, message[1])
+        elif tag == m.READY:
+            _, worker.pid, worker.node_id, worker.node_address = message
+            slot.ready.add(site)
+            if slot.ready == set(slot.sites) and slot.state is SlotState.STARTING:
+                self._move(slot, SlotState.IDLE)
+                self.restart_failures = 0
+                self.start_deaths = 0
+                self.log.debug(
+                    "slot ready", slot=slot.index, seconds=round(time.monotonic() - slot.started_at, 3)
+                )
+                self._dispatch_queued()
+        elif tag == m.START_FAILED:
+            slot.start_failed = True
+            self._on_start_failed(slot, site, f"a site actor of site {site!r} failed to start", message[1])
+        elif tag == STOPPED:
+            worker.kill()  # its runner has ended: all it said has arrived; the poll confirms the death
+
+    def _output_line(self, slot: RaySlot, worker: RayWorker, line: str, stdout: bool) -> None:
+        slot.last_lines[worker.site].append(line)
+        if self.log_files is not None:
+            self.log_files.output(worker.site, worker.name, line)
+        if self.config.echo_worker_output:
+            stream = sys.stdout if stdout else sys.stderr
+            try:
+                stream.write(f"[{worker.name}] {line}\n")
+                if stdout:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def _on_results(self, slot: RaySlot, site: str, job_id: int, batch: list[Any]) -> None:
+        job = slot.job
+        if job is None or job.id != job_id or job.done():
+            self.dropped += len(batch)
+            return
+        try:
+            records = [
+                (output, seq, self._values.loads(payload, site, copy=True)) for output, seq, payload in batch
+            ]
+        except Exception as exc:  # noqa: BLE001 - e.g. a class the client cannot import
+            error = SerializationError(
+                f"a result of job {job.id} from site {site!r} cannot be unpickled here: {exc}"
+            )
+            self._end_job(job, JobStatus.FAILED, error)
+            return
+        job._add_results(site, records)
+
+    def _on_done(self, slot: RaySlot, site: str, job_id: int, ok: bool, info: dict[str, Any]) -> None:
+        results = info.pop("results", None)
+        if results:
+            self._on_results(slot, site, job_id, results)
+        job = slot.job
+        if job is None or job.id != job_id:
+            self.dropped += 1
+            return
+        slot.pending_sites.discard(site)
+        job._record("site_done", site=site, ok=ok, **info)
+        for target, (count, size) in info.get("links", {}).items():
+            totals = self.links.setdefault((site, target), [0, 0])
+            totals[0] += count
+            totals[1] += size
+        if slot.pending_sites:
+            return
+        if not job.done():
+            self._end_job(job, JobStatus.FINISHED, None)
+        if self.running.get(job_id, (None, None))[1] is slot:
+            self._release(slot)
+
+    # -- deaths ------------------------------------------------------------------------------
+
+    def _on_worker_gone(self, slot: RaySlot, worker: RayWorker, exc: BaseException) -> None:
+        worker.gone = True
+        site = worker.site
+        if slot.state in (SlotState.STOPPING, SlotState.BROKEN, SlotState.STOPPED):
+            self._maybe_reap(slot)
+            return
+        reason = died_reason(exc)
+        last = tuple(slot.last_lines[site])
+        if slot.state is SlotState.STARTING:
+            kind = type(exc).__name__
+            if slot.start_failed:
+                self._maybe_reap(slot)
+                return
+            if "RuntimeEnv" in kind or "__init__" in reason or "runtime_env" in reason.lower():
+                self._on_start_failed(
+                    slot, site, f"the site actor of site {site!r} could not be created: {reason}", None
+                )
+                return
+            self.start_deaths += 1
+            self.log.warning(
+                "site actor died while starting; replacing it", site=site, slot=slot.index, reason=reason
+            )
+            self._retire(slot, graceful=False, delay=_backoff(self.start_deaths, cap=1.0))
+            return
+        job = slot.job
+        if job is not None and not job.done():
+            slot.job = None
+            self._retry_or_fail(job, self._died_error(slot, worker, job, reason, last))
+        elif job is not None:
+            self.running.pop(job.id, None)
+        self._retire(slot, graceful=False)
+        self.log.warning(
+            "site actor died",
+            site=site,
+            slot=slot.index,
+            node=worker.node_id,
+            address=worker.node_address,
+            reason=reason,
+        )
+
+    def _died_error(
+        self, slot: RaySlot, worker: RayWorker, job: Job, reason: str, last: tuple[str, ...]
+    ) -> WorkerDiedError:
+        return WorkerDiedError(
+            f"the site actor of site {worker.site!r} (pid {worker.pid}) on {worker.where()} running job "
+            f"{job.id} ({job.pipeline!r}) died: {reason}",
+            job_id=job.id,
+            site=worker.site,
+            pid=worker.pid,
+            exitcode=None,
+            reason=reason,
+            last_log=last,
+            node=worker.node_id,
+            address=worker.node_address,
+        )
+
+    # -- deadlines and shutting down ---------------------------------------------------------
+
+    def _on_deadlines(self) -> None:
+        now = time.monotonic()
+        self._on_job_deadlines(now)
+        for slot in self._all_slots():
+            if slot.kill_deadline is not None and slot.kill_deadline <= now and slot.state is SlotState.DRAINING:
+                (self.log.debug if self.closing and self.interrupted else self.log.warning)(
+                    "killing a slot whose job did not stop in time",
+                    slot=slot.index,
+                    grace=self._cancel_grace(),
+                )
+                if slot.job is not None:
+                    self.running.pop(slot.job.id, None)
+                slot.job = None
+                self._retire(slot, graceful=False)
+            elif slot.state is SlotState.STARTING and slot.started_at + self.config.start_timeout <= now:
+                missing = sorted(set(slot.sites) - slot.ready)
+                self._on_start_failed(
+                    slot,
+                    missing[0] if missing else "?",
+                    f"site actors of sites {missing} were not ready within start_timeout="
+                    f"{self.config.start_timeout} s: {self._why_not_ready()}",
+                    None,
+                )
+            elif (
+                slot.state is SlotState.STOPPING
+                and slot.kill_deadline is not None
+                and slot.kill_deadline <= now
+            ):
+                self._move(slot, SlotState.BROKEN)
+                slot.kill()
+
+    def _why_not_ready(self) -> str:
+        """A likely cause of actors not starting: the cluster's state now, in a line."""
+        try:
+            from ._ray_cluster import site_placement
+
+            site_placement(self.config)
+        except SiteStartError as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001
+            return f"the cluster could not be read ({exc!r})"
+        return (
+            "every site has a live node; their resources may be taken by other actors, or a "
+            "site's setup or runtime_env is slow"
+        )
+
+    def shutdown(self, cancel_pending: bool, timeout: float | None) -> None:
+        """Stop accepting jobs; finish or cancel the rest; stop, then kill, every actor."""
+        with self.lock:
+            self.closing = True
+            self.changed.notify_all()
+            if cancel_pending:
+                for job in [*self.queue, *(entry[0] for entry in self.running.values())]:
+                    self._end_job(job, JobStatus.CANCELLED, job._cancelled_error("the federation was closed"))
+            started = self.thread.is_alive()
+        if started:
+            with self.lock:
+                self._wait_for_jobs(timeout)
+                for job in [*self.queue, *(entry[0] for entry in self.running.values())]:
+                    self._end_job(
+                        job,
+                        JobStatus.CANCELLED,
+                        job._cancelled_error("the federation was closed before it finished"),
+                    )
+                self._replace_at.clear()
+                for slot in self._all_slots():
+                    if slot.state in (SlotState.STARTING, SlotState.IDLE, SlotState.BUSY, SlotState.DRAINING):
+                        # A starting actor cannot hear STOP before its setup ends: kill it.
+                        self._retire(slot, graceful=slot.state is not SlotState.STARTING)
+                    else:
+                        self._maybe_reap(slot)
+                self.wake()
+                self.changed.wait_for(
+                    lambda: not self._all_slots() or self.stopped, self.config.shutdown_timeout + 2.0
+                )
+                for slot in self._all_slots():
+                    slot.kill()
+                self.changed.wait_for(lambda: not self._all_slots() or self.stopped, _CONFIRM_DEATHS)
+                self.stopped = True
+                self.wake()
+            self.thread.join(10.0)
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """Kill whatever is left and give the Ray connection back. Idempotent."""
+        with self.lock:
+            self.stopped = True
+            for slot in self._all_slots():
+                slot.kill()
+            self.slots = [None] * len(self.slots)
+            self._retired.clear()
+            self._replace_at.clear()
+            self.free.clear()
+            if self.log_files is not None:
+                self.log_files.close()
+            lease, self.lease = self.lease, None
+            self.changed.notify_all()
+        if lease is not None:
+            lease.release()

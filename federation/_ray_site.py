@@ -1,0 +1,521 @@
+"""The Ray site actor: one site of one pool slot, running its steps on its site's node.
+
+Data flow inside a site actor (one per site per slot)::
+
+    client ──deliver()──┐                       ┌─> sibling.deliver()  (tokens, node to node)
+    siblings ─deliver()─┼─> arrivals (in order) ─> runner thread ─┤
+                        ┘   per sender's seq         (StepRunner) └─> outgoing ──> events()  (client)
+
+The actor is threaded: its Ray methods only hand messages over and return.
+``deliver`` puts a message into the arrivals, in the order its sender numbered
+it (Ray does not promise order on a threaded actor: each sender numbers its
+messages and a gap is held back until it is filled). ``events`` is a long poll
+the client always keeps one of: it returns as soon as the runner has
+something to say (results, DONE, logs, output lines), in the order it was
+said, so DONE never overtakes a result (invariant 2). The runner thread runs
+the site's setup and then serves jobs with :class:`~federation._steps.StepRunner`,
+the same step logic as a worker process.
+
+Values move site to site as Ray objects: a value with large buffers (a numpy
+array) has each buffer put in this node's object store once and its reference
+sent; the receiving site fetches it node to node (zero-copy when both sites
+share a node). Results for the client carry their buffers inline, so the
+client never waits on a fetch.
+
+Workers of a cluster import this module; it imports Ray only as a Ray worker
+already has it, and nothing of the client side.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+from . import _messages as m
+from ._exceptions import TokenRejectedError
+from ._serialization import OOB_THRESHOLD, Payload, dumps, payload_size
+from ._steps import StepRunner, _JobRun
+
+__all__ = ["LINK", "OUTPUT", "STOPPED", "RayValues", "SiteActor", "SiteRunner"]
+
+# Messages of the Ray transport beside those of _messages.
+LINK = 100  # (LINK, {site: actor handle})                client -> actor, first of all
+OUTPUT = 101  # (OUTPUT, stdout?, [line, ...])             actor -> client: what steps printed
+STOPPED = 102  # (STOPPED,)                                 actor -> client: after STOP, all sent
+
+_SENDS_PER_JOB = 10_000  # timeline records of frames sent, per job and site
+_OUTGOING_HIGH = 4096  # events waiting for the client beyond which the runner waits for it
+
+
+class RayValues:
+    """Pickling of values on Ray: small ones inline, large buffers as object-store references.
+
+    It stands where a worker process has its shared-memory segment pool and
+    views (``StepRunner._pool`` and ``._views``): the same calls, with Ray's
+    reference counting instead of explicit releases.
+    """
+
+    def dumps(self, value: Any, what: str, destinations: int) -> Payload:
+        """Pickle ``value``; each buffer of at least ``OOB_THRESHOLD`` bytes goes to the object store."""
+        buffers: list[memoryview] = []
+        data = dumps(value, what=what, out_of_band=buffers)
+        if not buffers:
+            return data
+        import ray
+
+        # A PickleBuffer is stored out of band by Ray too: one copy into the store,
+        # and a reader on the same node gets a view of it.
+        refs = tuple((ray.put(pickle.PickleBuffer(raw)), raw.nbytes) for raw in buffers)
+        return (data, refs)  # type: ignore[return-value]
+
+    def release(self, name: Any) -> None:
+        """Nothing to do: the object store frees a buffer when its last reference goes."""
+
+    def loads(self, payload: Payload, creator: str, *, copy: bool = False) -> Any:
+        """Unpickle a payload; its buffers are fetched from the object store (or carried inline)."""
+        if isinstance(payload, bytes):
+            return pickle.loads(payload)
+        data, refs = payload
+        buffers: list[Any] = [ref for ref, _ in refs]
+        if buffers and _is_ref(buffers[0]):
+            import ray
+
+            buffers = ray.get(buffers)
+        if copy:
+            buffers = [bytearray(buffer) for buffer in buffers]
+        return pickle.loads(data, buffers=buffers)
+
+    def discard(self, payload: Payload, creator: str) -> None:
+        """Nothing to do: dropping the references frees the buffers."""
+
+    def has_free(self) -> bool:
+        """No buffers are kept for reuse."""
+        return False
+
+    def has_cached(self) -> bool:
+        """No mappings are kept."""
+        return False
+
+    def trim(self) -> None:
+        """Nothing is kept to give back."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def _is_ref(value: Any) -> bool:
+    return type(value).__name__ == "ObjectRef"
+
+
+def inline_buffers(payload: Payload) -> Payload:
+    """``payload`` with its object-store buffers fetched (locally) and carried in it."""
+    if isinstance(payload, bytes) or payload is None:
+        return payload
+    data, refs = payload
+    if not refs or not _is_ref(refs[0][0]):
+        return payload
+    import ray
+
+    buffers = ray.get([ref for ref, _ in refs])
+    return (data, tuple((pickle.PickleBuffer(buffer), size) for buffer, (_, size) in zip(buffers, refs)))  # type: ignore[return-value]
+
+
+class _Inbox:
+    """Messages from every sender, handed to the runner in each sender's order."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.ready: deque[tuple[Any, ...]] = deque()
+        self._next: dict[str, int] = {}
+        self._held: dict[str, dict[int, tuple[Any, ...]]] = {}
+
+    def put(self, sender: str, seq: int, message: tuple[Any, ...]) -> None:
+        with self.cond:
+            expected = self._next.get(sender, 0)
+            if seq != expected:
+                self._held.setdefault(sender, {})[seq] = message
+                return
+            self.ready.append(message)
+            expected += 1
+            held = self._held.get(sender)
+            while held and expected in held:
+                self.ready.append(held.pop(expected))
+                expected += 1
+            self._next[sender] = expected
+            self.cond.notify_all()
+
+
+class SiteRunner(StepRunner):
+    """Runs one site's steps in a Ray actor; the actor supplies the messages."""
+
+    def __init__(self, spec: m.WorkerSpec, inbox: _Inbox, node: str, emit: Callable[[Any], None]) -> None:
+        self.site = spec.site
+        self.name = spec.name
+        self.spec = spec
+        self.env = dict(spec.env)
+        self.data_dir = spec.data_dir
+        self.state: Any = None
+        self.pid = os.getpid()
+        self.node = node
+        self._emit_event = emit
+        self._arrivals = inbox
+        self._inbox: deque[tuple[Any, ...]] = deque()
+        self._siblings: dict[str, Any] = {}
+        self._link_seq: dict[str, int] = {}
+        self._plans: dict[bytes, m.SitePlan] = {}
+        self._run: _JobRun | None = None
+        self._ended: set[int] = set()
+        self._ended_order: deque[int] = deque()
+        self._aborted: dict[int, str] = {}
+        self._early: dict[int, list[tuple[Any, ...]]] = {}
+        self._batches: dict[str, list[m.Token]] = {}
+        self._results: list[tuple[str, int, Payload]] = []
+        self._links: dict[str, list[int]] = {}
+        self.dropped = 0
+        self._request = 0
+        self._replies: dict[int, Any] = {}
+        self._structlog: Any = None
+        values = RayValues()
+        self._pool = values  # type: ignore[assignment]
+        self._views = values  # type: ignore[assignment]
+        self._sends: list[tuple[float, str, int, int]] = []
+        self._next_check = 0.0
+        self._current_step: str | None = None
+        self._last_emit = 0.0
+        self._reading = threading.Lock()  # one reader of the arrivals at a time (ctx.cancelled)
+        self.stopped = False
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _send_event(self, message: tuple[Any, ...]) -> None:
+        if message[0] == m.RESULTS:
+            message = (m.RESULTS, message[1], [(o, s, inline_buffers(p)) for o, s, p in message[2]])
+        elif message[0] == m.DONE and message[3].get("results"):
+            info = dict(message[3])
+            info["results"] = [(o, s, inline_buffers(p)) for o, s, p in info["results"]]
+            message = (m.DONE, message[1], message[2], info)
+        self._emit_event(message)
+
+    def _flush_batch(self, site: str) -> None:
+        batch = self._batches.get(site)
+        if not batch or self._run is None:
+            return
+        self._batches[site] = []
+        size = 0
+        for token in batch:
+            payload = token[4]
+            size += payload_size(payload) if payload is not None else 0
+        link = self._links.setdefault(site, [0, 0])
+        link[0] += len(batch)
+        link[1] += size
+        if len(self._sends) < _SENDS_PER_JOB:
+            self._sends.append((time.time(), site, len(batch), size))
+        self._send_to_site(site, (m.TOKENS, self._run.job_id, batch))
+
+    def _send_to_site(self, site: str, message: tuple[Any, ...]) -> None:
+        sibling = self._siblings.get(site)
+        if sibling is None:
+            return
+        seq = self._link_seq.get(site, 0)
+        self._link_seq[site] = seq + 1
+        # Fire and forget: a sibling that died is the client's to notice (its poll fails).
+        sibling.deliver.remote(self.site, seq, message)
+
+    def _flush_results(self) -> None:
+        if self._results and self._run is not None:
+            batch, self._results = self._results, []
+            self._send_event((m.RESULTS, self._run.job_id, batch))
+
+    def _flush_all(self) -> None:
+        for site in list(self._batches):
+            self._flush_batch(site)
+        self._flush_results()
+
+    def _flush_releases(self) -> None:
+        """Nothing to release: Ray counts references."""
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _read_ready(self, timeout_ms: int | None) -> None:
+        with self._reading:
+            self._read_ready_locked(timeout_ms)
+
+    def _read_ready_locked(self, timeout_ms: int | None) -> None:
+        arrivals = self._arrivals
+        with arrivals.cond:
+            if not arrivals.ready and timeout_ms != 0:
+                arrivals.cond.wait(None if timeout_ms is None else timeout_ms / 1000)
+            ready = list(arrivals.ready)
+            arrivals.ready.clear()
+        for message in ready:
+            tag = message[0]
+            if tag == m.ABORT:
+                if message[1] not in self._ended:
+                    self._aborted[message[1]] = message[2]
+            elif tag == m.REPLY:
+                self._replies[message[1]] = message[2]
+                continue
+            elif tag == LINK:
+                self._siblings = dict(message[1])
+                self._batches = {site: [] for site in self._siblings}
+                continue
+            self._inbox.append(message)
+
+    def _pump_until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            self._read_ready(1000)
+
+    def _next_message(self) -> tuple[Any, ...]:
+        while not self._inbox:
+            self._flush_all()
+            self._read_ready(None)
+        return self._inbox.popleft()
+
+    def abort_requested(self, job_id: int) -> str | None:
+        """The abort reason for ``job_id`` if the client asked (reads without waiting; any thread)."""
+        if job_id not in self._aborted and self._reading.acquire(blocking=False):
+            try:
+                self._read_ready_locked(0)
+            finally:
+                self._reading.release()
+        return self._aborted.get(job_id)
+
+    def send_to_job(self, from_job: int, to_job: int, name: str, value: Any, close: bool) -> None:
+        """Feed another job's stream input through the client; wait for its answer."""
+        self._request += 1
+        request = self._request
+        payload = (
+            self._dumps_inline(value, f"value for job {to_job}'s input {name!r}")
+            if value is not None or not close
+            else None
+        )
+        self._flush_all()
+        self._send_event((m.SEND_TO_JOB, request, from_job, to_job, name, payload, close))
+        self._pump_until(lambda: request in self._replies)
+        error = self._replies.pop(request)
+        if error is not None:
+            raise TokenRejectedError(to_job, error)
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def log(self, level: str, event: str, **fields: Any) -> None:
+        """Send one log record to the client, tagged with this site, its pid and node."""
+        fields.setdefault("site", self.site)
+        fields.setdefault("pid", self.pid)
+        fields.setdefault("node", self.node)
+        self._send_event((m.LOG, [(level, event, fields)]))
+
+    def structlog_logger(self) -> Any:
+        """A structlog logger whose records travel to the client."""
+        if self._structlog is None:
+            import logging
+
+            import structlog
+
+            runner = self
+
+            def forward(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+                event = str(event_dict.pop("event", ""))
+                event_dict.pop("level", None)
+                fields = {
+                    k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+                    for k, v in event_dict.items()
+                }
+                runner.log(method, event, **fields)
+                raise structlog.DropEvent
+
+            level = getattr(logging, self.spec.log_level.upper(), logging.INFO)
+            self._structlog = structlog.wrap_logger(
+                None,
+                processors=[forward],
+                wrapper_class=structlog.make_filtering_bound_logger(level),
+                context_class=dict,
+            ).bind(site=self.site, pid=self.pid, node=self.node)
+        return self._structlog
+
+    def forward_stdlib_logging(self) -> None:
+        """Send records of the standard ``logging`` module (user code, libraries) to the client."""
+        import logging
+
+        runner = self
+
+        class _Forward(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.name.startswith("ray"):
+                    return  # Ray's own records stay in Ray's logs
+                try:
+                    fields: dict[str, Any] = {"origin": record.name}
+                    run = runner._run
+                    if run is not None:
+                        fields["job_id"] = run.job_id
+                    if runner._current_step is not None:
+                        fields["step"] = runner._current_step
+                    if record.exc_info:
+                        fields["exception"] = self.format(record).split("\n", 1)[-1]
+                    runner.log(record.levelname.lower(), record.getMessage(), **fields)
+                except Exception:  # noqa: BLE001 - logging must never break a step
+                    self.handleError(record)
+
+        level = getattr(logging, self.spec.log_level.upper(), logging.WARNING)
+        root = logging.getLogger()
+        root.addHandler(_Forward(level))
+        if root.level > level or root.level == logging.NOTSET:
+            root.setLevel(level)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Serve until STOP."""
+        while True:
+            message = self._next_message()
+            tag = message[0]
+            if tag == m.TOKENS:
+                self._on_tokens(message[1], message[2])
+            elif tag == m.START:
+                self._on_start(message[1], message[2], message[3])
+            elif tag == m.ABORT:
+                self._on_abort(message[1], message[2])
+            elif tag == m.PLAN:
+                if len(self._plans) >= m.PLAN_CACHE:
+                    self._plans.pop(next(iter(self._plans)))
+                self._plans[message[1]] = pickle.loads(message[2])
+            elif tag == m.STOP:
+                self._flush_all()
+                return
+
+
+class _LineWriter:
+    """``sys.stdout``/``sys.stderr`` of a site actor: whole lines go to the client as events."""
+
+    def __init__(self, emit: Callable[[Any], None], stdout: bool) -> None:
+        self._emit = emit
+        self._stdout = stdout
+        self._partial = ""
+        self._lock = threading.Lock()
+        self.encoding = "utf-8"
+        self.errors = "replace"
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            data = self._partial + text
+            *lines, self._partial = data.split("\n")
+        if lines:
+            self._emit((OUTPUT, self._stdout, lines))
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            rest, self._partial = self._partial, ""
+        if rest:
+            self._emit((OUTPUT, self._stdout, [rest]))
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+
+class SiteActor:
+    """The Ray actor of one site of one slot (made a Ray actor class by the client).
+
+    Args:
+        spec_bytes: the pickled :class:`~federation._messages.WorkerSpec` (cloudpickle: it
+            holds the site's setup function).
+        sys_path: the client's ``sys.path``, put in front here where its entries exist.
+    """
+
+    def __init__(self, spec_bytes: bytes, sys_path: tuple[str, ...]) -> None:
+        self._cond = threading.Condition()
+        self._outgoing: list[Any] = []
+        self._closed = False
+        self._inbox = _Inbox()
+        self._runner: SiteRunner | None = None
+        self._spec_bytes = spec_bytes
+        self._sys_path = sys_path
+        try:
+            import ray
+
+            self._node = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 - outside a Ray worker (unit use)
+            self._node = "?"
+        self._thread = threading.Thread(target=self._main, name="federation-site", daemon=True)
+        self._thread.start()
+
+    # -- Ray methods (each returns at once, but events) -----------------------------------
+
+    def deliver(self, sender: str, seq: int, message: tuple[Any, ...]) -> None:
+        """A message from the client (``sender`` "") or a sibling site, number ``seq`` of its sender."""
+        self._inbox.put(sender, seq, message)
+
+    def events(self) -> list[Any]:
+        """Wait for events and return every one so far, in order (the client's long poll)."""
+        with self._cond:
+            self._cond.wait_for(lambda: bool(self._outgoing))
+            out, self._outgoing = self._outgoing, []
+            self._cond.notify_all()
+        return out
+
+    def where(self) -> tuple[str, int]:
+        """This actor's node id and pid."""
+        return self._node, os.getpid()
+
+    # -- the runner thread ----------------------------------------------------------------
+
+    def _emit(self, event: Any) -> None:
+        with self._cond:
+            self._outgoing.append(event)
+            self._cond.notify_all()
+            if len(self._outgoing) > _OUTGOING_HIGH and threading.current_thread() is self._thread:
+                # A client that reads slower than steps produce holds the steps back
+                # (as a full pipe does), instead of this actor's memory growing.
+                self._cond.wait_for(lambda: len(self._outgoing) <= _OUTGOING_HIGH, 60.0)
+
+    def _main(self) -> None:
+        address = "?"
+        try:
+            import ray
+
+            address = ray.util.get_node_ip_address()
+        except Exception:  # noqa: BLE001
+            pass
+        for entry in reversed(self._sys_path):
+            if entry not in sys.path and os.path.isdir(entry):
+                sys.path.insert(0, entry)
+        try:
+            spec: m.WorkerSpec = pickle.loads(self._spec_bytes)
+        except BaseException:  # noqa: BLE001 - e.g. a setup function this node cannot import
+            self._emit((m.START_FAILED, traceback.format_exc()))
+            return
+        runner = SiteRunner(spec, self._inbox, self._node, self._emit)
+        self._runner = runner
+        sys.stdout = _LineWriter(self._emit, True)  # type: ignore[assignment]
+        sys.stderr = _LineWriter(self._emit, False)  # type: ignore[assignment]
+        try:
+            if spec.data_dir:
+                os.makedirs(spec.data_dir, exist_ok=True)
+            self._emit((m.BOOTED,))
+            if spec.setup is not None:
+                runner.state = spec.setup()
+        except BaseException as exc:  # noqa: BLE001 - report any setup failure, SystemExit too
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            self._emit((m.START_FAILED, tb))
+            return
+        self._emit((m.READY, os.getpid(), self._node, address))
+        runner.forward_stdlib_logging()
+        try:
+            runner.serve()
+        except BaseException:  # noqa: BLE001 - the client must hear of it, not wait for ever
+            tb = traceback.format_exc()
+            runner.log("critical", "site actor crashed", traceback=tb)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            self._emit((STOPPED,))
