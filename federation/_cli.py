@@ -283,9 +283,16 @@ def _build_parser() -> argparse.ArgumentParser:
 def _add_federation_options(parser: argparse.ArgumentParser, default_pool: int) -> None:
     parser.add_argument(
         "--backend",
-        choices=("process", "thread"),
+        choices=("process", "thread", "ray"),
         default="process",
-        help="where sites run (default: process)",
+        help="where sites run (default: process); ray: Ray actors on the nodes labelled for each site",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="with --backend ray: 'auto' (the cluster running here) or host:port; default: a private "
+        "local Ray instance",
     )
     parser.add_argument(
         "--start-method",
@@ -304,7 +311,10 @@ def _add_federation_options(parser: argparse.ArgumentParser, default_pool: int) 
 
 def _start_options(args: argparse.Namespace) -> dict[str, Any]:
     # Only when asked: with --backend thread the default is no option at all, not an error.
-    return {"start_method": args.start_method} if args.start_method != "spawn" else {}
+    options: dict[str, Any] = {"start_method": args.start_method} if args.start_method != "spawn" else {}
+    if args.ray_address is not None:
+        options["ray_address"] = args.ray_address
+    return options
 
 
 def _positive_int(text: str) -> int:

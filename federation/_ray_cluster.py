@@ -112,7 +112,7 @@ def connect(address: str | None) -> Lease:
             return Lease(current, private=_owned == "private")
         options: dict[str, Any] = {
             "log_to_driver": verbose,
-            "logging_level": logging.INFO if verbose else logging.WARNING,
+            "logging_level": logging.INFO if verbose else logging.ERROR,
             "include_dashboard": False,
             "namespace": "federation",
         }

@@ -56,6 +56,7 @@ class RayWorker:
         self.node_id: str | None = None
         self.node_address: str | None = None
         self.gone = False  # its poll failed: the actor is dead
+        self.exitcode: int | None = None  # what it passed to os._exit, if it said so
         self.seq = 0  # the number of the client's next message to it
         self.poll: Any = None  # the outstanding events() call
 

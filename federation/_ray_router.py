@@ -29,13 +29,20 @@ from typing import Any
 from . import _messages as m
 from ._callbacks import CallbackThread
 from ._config import FederationConfig
-from ._exceptions import FederationError, SerializationError, SiteStartError, StepFailedError, WorkerDiedError
+from ._exceptions import (
+    FederationError,
+    SerializationError,
+    SiteStartError,
+    StepFailedError,
+    WorkerDiedError,
+    describe_exitcode,
+)
 from ._execution import SlotState
 from ._handle import Job, JobStatus
 from ._log import log_worker_record
 from ._ray_cluster import died_reason
 from ._ray_pool import RayPool, RaySlot, RayWorker, _backoff
-from ._ray_site import OUTPUT, STOPPED
+from ._ray_site import EXITING, OUTPUT, STOPPED
 from ._serialization import load_exception
 
 __all__ = ["RayRouter"]
@@ -221,6 +228,8 @@ class RayRouter(RayPool):
         elif tag == m.START_FAILED:
             slot.start_failed = True
             self._on_start_failed(slot, site, f"a site actor of site {site!r} failed to start", message[1])
+        elif tag == EXITING:
+            worker.exitcode = message[1]
         elif tag == STOPPED:
             worker.kill()  # its runner has ended: all it said has arrived; the poll confirms the death
 
@@ -284,15 +293,18 @@ class RayRouter(RayPool):
             self._maybe_reap(slot)
             return
         reason = died_reason(exc)
+        if worker.exitcode is not None:
+            reason = f"{describe_exitcode(worker.exitcode)} (os._exit)"
         last = tuple(slot.last_lines[site])
         if slot.state is SlotState.STARTING:
-            kind = type(exc).__name__
-            if slot.start_failed:
-                self._maybe_reap(slot)
-                return
-            if "RuntimeEnv" in kind or "__init__" in reason or "runtime_env" in reason.lower():
+            if not _killed_from_outside(reason):
+                # A setup that exited, a runtime_env that failed, an import the node lacks:
+                # it will fail again, so it counts towards giving up.
                 self._on_start_failed(
-                    slot, site, f"the site actor of site {site!r} could not be created: {reason}", None
+                    slot,
+                    site,
+                    f"the site actor of site {site!r} on {worker.where()} died during start: {reason}",
+                    "\n".join(last) or None,
                 )
                 return
             self.start_deaths += 1
@@ -326,7 +338,7 @@ class RayRouter(RayPool):
             job_id=job.id,
             site=worker.site,
             pid=worker.pid,
-            exitcode=None,
+            exitcode=worker.exitcode,
             reason=reason,
             last_log=last,
             node=worker.node_id,
@@ -434,3 +446,9 @@ class RayRouter(RayPool):
             self.changed.notify_all()
         if lease is not None:
             lease.release()
+
+
+def _killed_from_outside(reason: str) -> bool:
+    """Whether Ray's reason says the actor was killed or lost its node: that may pass."""
+    text = reason.lower()
+    return "ray.kill" in text or "node has died" in text or "node was" in text or "node died" in text

@@ -43,12 +43,13 @@ from ._exceptions import TokenRejectedError
 from ._serialization import OOB_THRESHOLD, Payload, dumps, payload_size
 from ._steps import StepRunner, _JobRun
 
-__all__ = ["LINK", "OUTPUT", "STOPPED", "RayValues", "SiteActor", "SiteRunner"]
+__all__ = ["EXITING", "LINK", "OUTPUT", "STOPPED", "RayValues", "SiteActor", "SiteRunner"]
 
 # Messages of the Ray transport beside those of _messages.
 LINK = 100  # (LINK, {site: actor handle})                client -> actor, first of all
 OUTPUT = 101  # (OUTPUT, stdout?, [line, ...])             actor -> client: what steps printed
 STOPPED = 102  # (STOPPED,)                                 actor -> client: after STOP, all sent
+EXITING = 103  # (EXITING, exit code)                       actor -> client: os._exit was called
 
 _SENDS_PER_JOB = 10_000  # timeline records of frames sent, per job and site
 _OUTGOING_HIGH = 4096  # events waiting for the client beyond which the runner waits for it
@@ -478,6 +479,28 @@ class SiteActor:
                 # (as a full pipe does), instead of this actor's memory growing.
                 self._cond.wait_for(lambda: len(self._outgoing) <= _OUTGOING_HIGH, 60.0)
 
+    def _report_exits(self) -> None:
+        """Make ``os._exit`` in a step or setup tell the client its exit code before the process ends.
+
+        Ray reports only that the worker process died; a process worker's
+        client reads the exit code, and users of both deserve the same error.
+        """
+        real_exit = os._exit
+        actor = self
+
+        def exit_reporting(code: int) -> Any:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                actor._emit((EXITING, code))
+                with actor._cond:
+                    actor._cond.wait_for(lambda: not actor._outgoing, 1.0)
+                time.sleep(0.2)  # the poll's answer leaves the process after events() returned
+            finally:
+                real_exit(code)
+
+        os._exit = exit_reporting
+
     def _main(self) -> None:
         address = "?"
         try:
@@ -496,6 +519,7 @@ class SiteActor:
             return
         runner = SiteRunner(spec, self._inbox, self._node, self._emit)
         self._runner = runner
+        self._report_exits()
         sys.stdout = _LineWriter(self._emit, True)  # type: ignore[assignment]
         sys.stderr = _LineWriter(self._emit, False)  # type: ignore[assignment]
         try:

@@ -1,8 +1,15 @@
-"""Fixtures shared by every test: backends, federations, and the leak check.
+"""Fixtures shared by every test: backends, federations, the Ray cluster, and the leak check.
 
 The autouse ``no_leaks`` fixture fails a test that leaves behind a child
-process, a thread, a shared-memory segment or an open file descriptor; it waits
-(with a deadline) for things that end asynchronously rather than sleeping.
+process, a thread, a shared-memory segment, an open file descriptor or a live
+Ray actor; it waits (with a deadline) for things that end asynchronously rather
+than sleeping.
+
+Tests on the ``ray`` backend share one local Ray cluster per session (see
+:mod:`ray_cluster`): a head with no CPUs and one node per test site, labelled
+``federation/site=<site>``. The client process connects to it once, so every
+federation on ``backend="ray"`` uses it (``ray_address=None`` takes the
+program's own connection).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import pytest
 
 import federation as fed
 
-BACKENDS = ["process", "thread"]
+BACKENDS = ["process", "thread", "ray"]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:
@@ -48,11 +55,49 @@ def _counts(proc: psutil.Process) -> bool:
     except psutil.Error:
         return False
     # multiprocessing's resource tracker lives as long as this process, by design.
-    return "resource_tracker" not in cmdline and "forkserver" not in cmdline
+    # The session's Ray cluster's daemons and worker processes come and go as Ray
+    # pleases; a federation's leftovers there are live actors, checked apart.
+    return (
+        "resource_tracker" not in cmdline
+        and "forkserver" not in cmdline
+        and not (_ray_active() and _is_ray_process(cmdline))
+    )
+
+
+def _is_ray_process(cmdline: str) -> bool:
+    return cmdline.startswith("ray::") or "/ray/" in cmdline or "ray_process_reaper" in cmdline
+
+
+def _ray_active() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _ray_actors() -> set[str]:
+    """Live actors of the session's Ray cluster (none when it is not running)."""
+    if not _ray_active():
+        return set()
+    import ray._private.state
+
+    return {
+        actor_id
+        for actor_id, info in ray._private.state.actors().items()
+        if info.get("State") not in ("DEAD",)
+    }
 
 
 def _threads() -> set[str]:
-    return {f"{t.name}#{t.ident}" for t in threading.enumerate() if t.is_alive()}
+    # Ray's driver starts threads of its own on first use (listeners, callbacks).
+    return {
+        f"{t.name}#{t.ident}"
+        for t in threading.enumerate()
+        if t.is_alive() and not (_ray_active() and t.name.startswith(_RAY_THREADS))
+    }
+
+
+_RAY_THREADS = ("ray_", "Thread-", "AsyncIO Thread", "asyncio_", "grpc")
 
 
 def _shm() -> set[str]:
@@ -68,15 +113,24 @@ def _fds() -> int:
 
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Fail the test if it leaves a child process, thread, shm segment or fd behind."""
+    """Fail the test if it leaves a child process, thread, shm segment, fd or Ray actor behind."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "ray":
+        # The session's cluster starts before the snapshot: it is not this test's leak.
+        request.getfixturevalue("ray_cluster")
     children, threads, shm = _children(), _threads(), _shm()
     fds = _fds()
+    actors = _ray_actors()
     yield
     if request.node.get_closest_marker("allow_leaks"):
         return
     gc.collect()
     ok = wait_until(
-        lambda: _children() <= children and _threads() <= threads and _shm() <= shm and _fds() <= fds,
+        lambda: _children() <= children
+        and _threads() <= threads
+        and _shm() <= shm
+        and _fds() <= fds + _ray_fd_slack()
+        and _ray_actors() <= actors,
         timeout=10.0,
     )
     if not ok:
@@ -93,14 +147,36 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
             problems.append(f"threads {sorted(_threads() - threads)}")
         if _shm() - shm:
             problems.append(f"shared memory {sorted(_shm() - shm)}")
-        if _fds() > fds:
+        if _fds() > fds + _ray_fd_slack():
             problems.append(f"{_fds() - fds} file descriptors")
+        if _ray_actors() - actors:
+            problems.append(f"Ray actors {sorted(_ray_actors() - actors)}")
         pytest.fail("test leaked " + ", ".join(problems))
+
+
+def _ray_fd_slack() -> int:
+    # Ray's driver opens connections to nodes (gRPC) as it first talks to them,
+    # and keeps them: a few fds more after a test is Ray's cache, not a leak.
+    return 16 if _ray_active() else 0
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[object]:
+    """The session's local Ray cluster, this process connected to it (see ray_cluster.py)."""
+    from ray_cluster import start_test_cluster
+
+    cluster = start_test_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Each test using it runs once per backend."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_cluster")
     return str(request.param)
 
 
