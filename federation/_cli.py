@@ -276,6 +276,13 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="also list the nodes of the Ray cluster there ('auto': the one running here), with "
+        "their federation/site labels and resources",
+    )
     doctor.set_defaults(handler=_cmd_doctor)
     return parser
 
@@ -625,8 +632,27 @@ def _limit(value: int) -> str:
     return "unlimited" if value == resource.RLIM_INFINITY else str(value)
 
 
+def ray_nodes_report(address: str) -> dict[str, Any]:
+    """The nodes of the Ray cluster at ``address``: id, address, site labels, resources."""
+    from ._ray_cluster import import_ray, live_nodes, node_summary
+
+    ray = import_ray()
+    import logging
+
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)
+    except Exception as exc:  # noqa: BLE001 - Ray's errors become one line
+        return {"address": address, "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        return {"address": address, "nodes": [node_summary(node) for node in live_nodes()]}
+    finally:
+        ray.shutdown()
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     report = doctor_report()
+    if args.ray_address is not None:
+        report["ray_cluster"] = ray_nodes_report(args.ray_address)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return EXIT_OK
@@ -667,6 +693,24 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         warnings.append(
             "the open-files limit is low for large pools: every worker uses several pipes (ulimit -n)"
         )
+    cluster = report.get("ray_cluster")
+    if cluster is not None:
+        _print_ray_nodes(cluster)
     for warning in warnings:
         print(f"warning: {warning}")
     return EXIT_OK
+
+
+def _print_ray_nodes(cluster: dict[str, Any]) -> None:
+    if "error" in cluster:
+        print(f"ray cluster:  {cluster['address']}: could not connect: {cluster['error']}")
+        return
+    nodes = cluster["nodes"]
+    print(f"ray cluster:  {cluster['address']}, {len(nodes)} live node(s)")
+    for node in nodes:
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(node["labels"].items())) or "no labels"
+        resources = ", ".join(
+            f"{k}={v:g}" for k, v in sorted(node["resources"].items()) if k not in ("memory", "object_store_memory")
+        )
+        head = " (head)" if node["head"] else ""
+        print(f"  node {node['node_id'][:12]} {node['address']}{head}: {labels}; {resources or 'no CPUs'}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +49,84 @@ _SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_failure_threshold
 _lock = threading.Lock()
 _users = 0  # federations holding the process's connection
 _owned: str | None = None  # "private" or "joined" when a federation made the connection; None otherwise
+_watchdog: _Watchdog | None = None  # ends a private instance's processes if this process dies
+
+# Run in a process of its own: waits for EOF on the lifeline (this process gone, or
+# the instance shut down), then kills the private instance's daemons and whatever
+# they started (Ray's agents and workers outlive a killed driver otherwise).
+_MARK = "FEDERATION_RAY_INSTANCE"  # set in the environment every process of the instance inherits
+_WATCHDOG = """
+import os, sys
+import psutil
+fd = int(sys.argv[1])
+mark = sys.argv[2]
+roots = [entry.split(":") for entry in sys.argv[3:]]
+while True:
+    try:
+        if not os.read(fd, 1):
+            break
+    except InterruptedError:
+        continue
+    except OSError:
+        break
+doomed = []
+for pid, created in roots:
+    try:
+        root = psutil.Process(int(pid))
+        if abs(root.create_time() - float(created)) > 0.01:
+            continue  # that pid is another process now
+        doomed.append(root)
+        doomed.extend(root.children(recursive=True))
+    except psutil.Error:
+        continue
+# Ray's agents may have lost their parent (the raylet) already: found by the mark.
+# Read raw: a renamed process (setproctitle) has NULs where psutil's parser stops.
+needle = ("\\0FEDERATION_RAY_INSTANCE=" + mark + "\\0").encode()
+for proc in psutil.process_iter():
+    try:
+        with open(f"/proc/{proc.pid}/environ", "rb") as file:
+            found = needle in b"\\0" + file.read() + b"\\0"
+        if found and proc.pid != os.getpid():
+            doomed.append(proc)
+    except (OSError, psutil.Error):
+        continue
+for proc in doomed:
+    try:
+        proc.kill()
+    except psutil.Error:
+        pass
+psutil.wait_procs(doomed, timeout=5)
+"""
+
+
+class _Watchdog:
+    """A process that kills a private Ray instance's processes when the lifeline closes."""
+
+    def __init__(self, mark: str, roots: list[Any]) -> None:
+        import subprocess
+        import sys
+
+        read_fd, self._write_fd = os.pipe()
+        os.set_inheritable(self._write_fd, False)
+        args = [f"{proc.pid}:{proc.create_time()}" for proc in roots]
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(read_fd), mark, *args],
+            pass_fds=(read_fd,),
+            start_new_session=True,  # Ctrl+C in a terminal is the client's to handle
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(read_fd)
+
+    def stop(self) -> None:
+        """The instance was shut down: let the watchdog clean what is left, and wait for it."""
+        try:
+            os.close(self._write_fd)
+        except OSError:
+            pass
+        try:
+            self._process.wait(10.0)
+        except Exception:  # noqa: BLE001 - never hang close() on it
+            self._process.kill()
 
 
 def import_ray() -> Any:
@@ -72,7 +151,7 @@ class Lease:
 
     def release(self) -> None:
         """Give the connection back; the last federation out disconnects (and stops a private instance)."""
-        global _users, _owned
+        global _users, _owned, _watchdog
         with _lock:
             if self._released:
                 return
@@ -81,9 +160,12 @@ class Lease:
             if _users > 0 or _owned is None:
                 return
             _owned = None
+            watchdog, _watchdog = _watchdog, None
         import ray
 
         ray.shutdown()
+        if watchdog is not None:
+            watchdog.stop()
 
 
 def connect(address: str | None) -> Lease:
@@ -97,7 +179,7 @@ def connect(address: str | None) -> Lease:
         ConfigError: Ray is missing, or the process is connected to another cluster.
         SiteStartError: the cluster cannot be reached or started.
     """
-    global _users, _owned
+    global _users, _owned, _watchdog
     ray = import_ray()
     verbose = os.environ.get("FEDERATION_RAY_VERBOSE", "") not in ("", "0")
     with _lock:
@@ -118,7 +200,17 @@ def connect(address: str | None) -> Lease:
         }
         try:
             if address is None:
-                ray.init(address="local", _system_config=_SYSTEM_CONFIG, **options)
+                import psutil
+
+                before = {proc.pid for proc in psutil.Process().children()}
+                mark = f"{os.getpid()}-{time.time_ns()}"
+                os.environ[_MARK] = mark
+                try:
+                    ray.init(address="local", _system_config=_SYSTEM_CONFIG, **options)
+                finally:
+                    del os.environ[_MARK]
+                started = [proc for proc in psutil.Process().children() if proc.pid not in before]
+                _watchdog = _Watchdog(mark, started)
             else:
                 ray.init(address=address, **options)
         except ConnectionError as exc:
