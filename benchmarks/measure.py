@@ -54,6 +54,7 @@ ENGINES: dict[str, str] = {
     "federation": "federation",
     "pipe": "Pipe floor",
     "process-pool": "ProcessPool",
+    "fed-ray": "federation on Ray",
     "ray": "Ray actors",
     "copy": "copy ceiling",
 }

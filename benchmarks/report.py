@@ -84,9 +84,16 @@ class Report:
         return [m for m in METRICS if m.scenario in self.scenarios and (m.scenario, m.key) in self.values]
 
     def ratio(self, metric: Metric, engine: str) -> float | None:
-        """How many times better federation is than ``engine`` on ``metric``; None if either is missing."""
+        """How many times better federation is than ``engine`` on ``metric``; None if either is missing.
+
+        The Ray actors' column is compared with federation on Ray (the same
+        runtime, written by hand), when that ran; federation on Ray itself has no ratio.
+        """
         values = self.values.get((metric.scenario, metric.key), {})
-        ours, theirs = values.get("federation"), values.get(engine)
+        if engine == "fed-ray":
+            return None
+        base = "fed-ray" if engine == "ray" and "fed-ray" in values else "federation"
+        ours, theirs = values.get(base), values.get(engine)
         if ours is None or theirs is None or ours <= 0 or theirs <= 0:
             return None
         return theirs / ours if metric.better == "lower" else ours / theirs

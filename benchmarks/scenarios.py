@@ -29,6 +29,7 @@ from .measure import MIB, Measured, Settings, cpu_percent, median, memory_per_pr
 
 __all__ = [
     "FederationEngine",
+    "FederationRayEngine",
     "fan_out_pipeline",
     "hang_pipeline",
     "one_site_pipeline",
@@ -330,4 +331,42 @@ class FederationEngine:
                 raise AssertionError(f"expected {expected} worker processes, found {len(workers)}")
             rss, uss = memory_per_process(workers)
             cpu = cpu_percent(workers, s.idle_window)
+        return {"rss_per_worker_mib": rss, "uss_per_worker_mib": uss, "idle_cpu_percent": cpu}
+
+
+class FederationRayEngine(FederationEngine):
+    """The same scenarios on ``backend="ray"``, on the Ray the Ray baseline started.
+
+    Run in the Ray phase, each scenario right after the hand-written actors'
+    (:class:`~benchmarks.baselines.RayBaseline`), so the two see the same
+    machine; the report compares this column with that one.
+    """
+
+    name = "fed-ray"
+    cold_start = None  # a fresh process would start a private Ray: not the comparison asked for
+
+    def _federation(self, sites: int, slots: int, **options: Any) -> fed.Federation:
+        options.pop("start_method", None)
+        return fed.Federation(sites=list(SITES[:sites]), pool_size=slots, backend="ray", **options)
+
+    def pool_start(self) -> Measured:
+        """4 slots x 3 sites of site actors: until a 3-site job has run, until all are ready."""
+        first, starting, ready = self._start_times("spawn")
+        return {"first_job_s": first, "starting_at_first_job": starting, "all_ready_s": ready}
+
+    def close(self) -> Measured:
+        """``close()`` of an idle, ready pool of 4 slots x 3 sites: every actor confirmed dead."""
+        measured = super().close()
+        return {"close_idle_s": measured["close_idle_s"]}
+
+    def footprint(self) -> Measured:
+        """RSS and USS per idle site actor, and idle CPU of the client and the actors."""
+        s = self.settings
+        with self._federation(s.sites, s.slots) as federation:
+            pids = [w.pid for w in federation.stats().workers if w.pid is not None]
+            expected = s.sites * s.slots
+            if len(pids) != expected:
+                raise AssertionError(f"expected {expected} site actors, found {len(pids)}")
+            rss, uss = memory_per_process(pids)
+            cpu = cpu_percent(pids, s.idle_window)
         return {"rss_per_worker_mib": rss, "uss_per_worker_mib": uss, "idle_cpu_percent": cpu}

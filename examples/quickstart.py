@@ -44,7 +44,7 @@ def load_b():
 def main() -> None:
     sites = [fed.Site("clinic-a", setup=load_a), fed.Site("clinic-b", setup=load_b), "hub"]
     started = time.perf_counter()
-    with fed.Federation(sites=sites, pool_size=4) as federation:
+    with fed.Federation(sites=sites, backend="process", pool_size=4) as federation:
         print(f"federation of {len(federation.sites)} sites ready in {time.perf_counter() - started:.2f} s")
         job = federation.submit(pipeline, threshold=0.5)
         print(f"mean of values above 0.5: {job.result(timeout=30):.4f}")

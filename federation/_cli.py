@@ -710,7 +710,9 @@ def _print_ray_nodes(cluster: dict[str, Any]) -> None:
     for node in nodes:
         labels = ", ".join(f"{k}={v}" for k, v in sorted(node["labels"].items())) or "no labels"
         resources = ", ".join(
-            f"{k}={v:g}" for k, v in sorted(node["resources"].items()) if k not in ("memory", "object_store_memory")
+            f"{k}={v:g}"
+            for k, v in sorted(node["resources"].items())
+            if k not in ("memory", "object_store_memory")
         )
         head = " (head)" if node["head"] else ""
         print(f"  node {node['node_id'][:12]} {node['address']}{head}: {labels}; {resources or 'no CPUs'}")

@@ -126,7 +126,9 @@ def _path(value: Any) -> Path | None:
 def _choice(*choices: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value not in choices:
-            _fail(f"must be {' or '.join(repr(choice) for choice in choices)}, not {value!r}")
+            quoted = [repr(choice) for choice in choices]
+            allowed = " or ".join(quoted) if len(quoted) <= 2 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+            _fail(f"must be {allowed}, not {value!r}")
         return str(value)
 
     return check
@@ -381,7 +383,8 @@ class FederationConfig(_Frozen):
         backend: ``"process"`` (every site a spawned worker process), ``"thread"``
             (every site a thread in this process, to step through in a debugger) or
             ``"ray"`` (every site a Ray actor on the nodes labelled ``federation/site=<name>``).
-        ray_address: with ``backend="ray"``: ``None`` (default) uses the Ray connection
+        ray_address: with ``backend="ray"``: ``None`` (default) joins the cluster the
+            ``RAY_ADDRESS`` environment variable names, else uses the Ray connection
             this program made with ``ray.init``, else starts a private local instance
             (never another program's cluster); ``"auto"`` joins the cluster running on
             this machine; ``"host:port"`` joins the cluster there.

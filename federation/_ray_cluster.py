@@ -171,9 +171,10 @@ class Lease:
 def connect(address: str | None) -> Lease:
     """Connect this process to Ray as ``ray_address`` asks; see :class:`~federation.FederationConfig`.
 
-    ``None``: the connection this program already made with ``ray.init``, else a
-    private local instance (never another program's cluster); ``"auto"``: the
-    cluster running on this machine; anything else: the cluster at that address.
+    ``None``: the cluster ``RAY_ADDRESS`` names if it is set, else the
+    connection this program already made with ``ray.init``, else a private
+    local instance (never another program's cluster); ``"auto"``: the cluster
+    running on this machine; anything else: the cluster at that address.
 
     Raises:
         ConfigError: Ray is missing, or the process is connected to another cluster.
@@ -181,6 +182,9 @@ def connect(address: str | None) -> Lease:
     """
     global _users, _owned, _watchdog
     ray = import_ray()
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        # Ray's own convention, and the user's explicit choice: `RAY_ADDRESS=host:port python app.py`.
+        address = os.environ["RAY_ADDRESS"]
     verbose = os.environ.get("FEDERATION_RAY_VERBOSE", "") not in ("", "0")
     with _lock:
         if ray.is_initialized():
@@ -217,7 +221,7 @@ def connect(address: str | None) -> Lease:
             raise SiteStartError(
                 f"could not connect to the Ray cluster at ray_address={address!r}: {exc}", site="*"
             ) from exc
-        except Exception as exc:  # noqa: BLE001 - Ray's own errors never reach the user
+        except Exception as exc:
             where = "start a private Ray instance" if address is None else f"join ray_address={address!r}"
             raise SiteStartError(f"could not {where}: {type(exc).__name__}: {exc}", site="*") from exc
         _owned = "private" if address is None else "joined"
@@ -234,16 +238,18 @@ def _gcs_address(ray: Any) -> str:
 
 def _same_address(wanted: str, current: str) -> bool:
     wanted = wanted.removeprefix("ray://")
-    return wanted == current or wanted.split(":")[-1] == current.split(":")[-1] and (
-        wanted.split(":")[0] in ("127.0.0.1", "localhost") or current.startswith(wanted.split(":")[0])
+    return wanted == current or (
+        wanted.split(":")[-1] == current.rsplit(":", maxsplit=1)[-1]
+        and (wanted.split(":")[0] in ("127.0.0.1", "localhost") or current.startswith(wanted.split(":")[0]))
     )
 
 
 def live_nodes() -> list[dict[str, Any]]:
     """The cluster's live nodes as Ray reports them (labels, resources, address)."""
-    import ray
+    import importlib
 
-    return [node for node in ray.nodes() if node.get("Alive")]
+    nodes: list[dict[str, Any]] = importlib.import_module("ray").nodes()
+    return [node for node in nodes if node.get("Alive")]
 
 
 def node_summary(node: Mapping[str, Any]) -> dict[str, Any]:
@@ -253,9 +259,7 @@ def node_summary(node: Mapping[str, Any]) -> dict[str, Any]:
         "node_id": node.get("NodeID"),
         "address": node.get("NodeManagerAddress"),
         "labels": labels,
-        "resources": {
-            k: v for k, v in (node.get("Resources") or {}).items() if not k.startswith("node:")
-        },
+        "resources": {k: v for k, v in (node.get("Resources") or {}).items() if not k.startswith("node:")},
         "head": "node:__internal_head__" in (node.get("Resources") or {}),
     }
 
@@ -267,6 +271,18 @@ class Placement:
         self.mode = mode  # "label", "resource" or "anywhere"
         self.options = options
         self.nodes = nodes  # site -> ids of the live nodes that may take its actors
+
+
+def _has_label_selector() -> bool:
+    """Whether this Ray can pin actors by node label (``label_selector``, Ray 2.49 and later)."""
+    import importlib
+
+    version = str(getattr(importlib.import_module("ray"), "__version__", "0"))
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return True  # a development build: assume the newest
+    return (major, minor) >= (2, 49)
 
 
 def _site_labels(nodes: list[dict[str, Any]]) -> list[str]:
@@ -302,7 +318,7 @@ def site_placement(config: FederationConfig, nodes: list[dict[str, Any]] | None 
     """
     if nodes is None:
         nodes = live_nodes()
-    labelled = any(LABEL in (node.get("Labels") or {}) for node in nodes)
+    labelled = _has_label_selector() and any(LABEL in (node.get("Labels") or {}) for node in nodes)
     by_resource = not labelled and any(
         key.startswith(RESOURCE_PREFIX) for node in nodes for key in node.get("Resources") or {}
     )
@@ -362,8 +378,7 @@ def died_reason(exc: BaseException) -> str:
     reason = [
         line
         for line in lines[1:]
-        if line
-        and not line.startswith(("class_name:", "actor_id:", "pid:", "namespace:", "ip:", "name:"))
+        if line and not line.startswith(("class_name:", "actor_id:", "pid:", "namespace:", "ip:", "name:"))
     ]
     if reason:
         return " ".join(reason)

@@ -34,7 +34,7 @@ from ._handle import Job, JobStatus
 from ._jobs import JobSide
 from ._log import SiteLogFiles, worker_log_level
 from ._ray_cluster import Lease, Placement, connect, import_ray, site_placement
-from ._ray_site import LINK, SiteActor, RayValues
+from ._ray_site import LINK, RayValues, SiteActor
 from ._serialization import dumps_function
 
 __all__ = ["RayPool", "RaySlot", "RayWorker"]
@@ -386,7 +386,9 @@ class RayPool(JobSide[RaySlot]):
             except Exception as exc:  # noqa: BLE001 - e.g. the cluster is shutting down
                 self.start_deaths += 1
                 delay = _backoff(self.start_deaths, cap=1.0)
-                self.log.error("could not start a replacement slot; trying again", slot=index, error=repr(exc))
+                self.log.error(
+                    "could not start a replacement slot; trying again", slot=index, error=repr(exc)
+                )
                 self._replace_at[index] = now + delay
 
     def _on_start_failed(self, slot: RaySlot, site: str, message: str, tb: str | None) -> None:

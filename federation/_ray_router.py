@@ -351,7 +351,11 @@ class RayRouter(RayPool):
         now = time.monotonic()
         self._on_job_deadlines(now)
         for slot in self._all_slots():
-            if slot.kill_deadline is not None and slot.kill_deadline <= now and slot.state is SlotState.DRAINING:
+            if (
+                slot.kill_deadline is not None
+                and slot.kill_deadline <= now
+                and slot.state is SlotState.DRAINING
+            ):
                 (self.log.debug if self.closing and self.interrupted else self.log.warning)(
                     "killing a slot whose job did not stop in time",
                     slot=slot.index,

@@ -40,7 +40,7 @@ from typing import Any
 
 from . import _messages as m
 from ._exceptions import TokenRejectedError
-from ._serialization import OOB_THRESHOLD, Payload, dumps, payload_size
+from ._serialization import Payload, dumps, payload_size
 from ._steps import StepRunner, _JobRun
 
 __all__ = ["EXITING", "LINK", "OUTPUT", "STOPPED", "RayValues", "SiteActor", "SiteRunner"]
@@ -69,12 +69,11 @@ class RayValues:
         data = dumps(value, what=what, out_of_band=buffers)
         if not buffers:
             return data
-        import ray
-
+        ray = _ray()
         # A PickleBuffer is stored out of band by Ray too: one copy into the store,
         # and a reader on the same node gets a view of it.
-        refs = tuple((ray.put(pickle.PickleBuffer(raw)), raw.nbytes) for raw in buffers)
-        return (data, refs)  # type: ignore[return-value]
+        refs: Any = tuple((ray.put(pickle.PickleBuffer(raw)), raw.nbytes) for raw in buffers)
+        return (data, refs)
 
     def release(self, name: Any) -> None:
         """Nothing to do: the object store frees a buffer when its last reference goes."""
@@ -86,9 +85,7 @@ class RayValues:
         data, refs = payload
         buffers: list[Any] = [ref for ref, _ in refs]
         if buffers and _is_ref(buffers[0]):
-            import ray
-
-            buffers = ray.get(buffers)
+            buffers = _ray().get(buffers)
         if copy:
             buffers = [bytearray(buffer) for buffer in buffers]
         return pickle.loads(data, buffers=buffers)
@@ -115,6 +112,13 @@ def _is_ref(value: Any) -> bool:
     return type(value).__name__ == "ObjectRef"
 
 
+def _ray() -> Any:
+    """Ray, typed loosely: its stubs differ between versions, and it is absent where mypy runs."""
+    import importlib
+
+    return importlib.import_module("ray")
+
+
 def inline_buffers(payload: Payload) -> Payload:
     """``payload`` with its object-store buffers fetched (locally) and carried in it."""
     if isinstance(payload, bytes) or payload is None:
@@ -122,10 +126,11 @@ def inline_buffers(payload: Payload) -> Payload:
     data, refs = payload
     if not refs or not _is_ref(refs[0][0]):
         return payload
-    import ray
-
-    buffers = ray.get([ref for ref, _ in refs])
-    return (data, tuple((pickle.PickleBuffer(buffer), size) for buffer, (_, size) in zip(buffers, refs)))  # type: ignore[return-value]
+    buffers: list[Any] = _ray().get([ref for ref, _ in refs])
+    inline: Any = tuple(
+        (pickle.PickleBuffer(buffer), size) for buffer, (_, size) in zip(buffers, refs, strict=True)
+    )
+    return (data, inline)
 
 
 class _Inbox:
@@ -442,9 +447,7 @@ class SiteActor:
         self._spec_bytes = spec_bytes
         self._sys_path = sys_path
         try:
-            import ray
-
-            self._node = ray.get_runtime_context().get_node_id()
+            self._node = str(_ray().get_runtime_context().get_node_id())
         except Exception:  # noqa: BLE001 - outside a Ray worker (unit use)
             self._node = "?"
         self._thread = threading.Thread(target=self._main, name="federation-site", daemon=True)
@@ -499,14 +502,12 @@ class SiteActor:
             finally:
                 real_exit(code)
 
-        os._exit = exit_reporting
+        setattr(os, "_exit", exit_reporting)  # noqa: B010 - mypy: os._exit is typed NoReturn
 
     def _main(self) -> None:
         address = "?"
         try:
-            import ray
-
-            address = ray.util.get_node_ip_address()
+            address = str(_ray().util.get_node_ip_address())
         except Exception:  # noqa: BLE001
             pass
         for entry in reversed(self._sys_path):
@@ -520,8 +521,9 @@ class SiteActor:
         runner = SiteRunner(spec, self._inbox, self._node, self._emit)
         self._runner = runner
         self._report_exits()
-        sys.stdout = _LineWriter(self._emit, True)  # type: ignore[assignment]
-        sys.stderr = _LineWriter(self._emit, False)  # type: ignore[assignment]
+        # What steps print goes to the client, as a worker process's pipes do.
+        setattr(sys, "stdout", _LineWriter(self._emit, True))  # noqa: B010
+        setattr(sys, "stderr", _LineWriter(self._emit, False))  # noqa: B010
         try:
             if spec.data_dir:
                 os.makedirs(spec.data_dir, exist_ok=True)

@@ -171,7 +171,9 @@ class FederationStats(BaseModel):
 _STATUSES = ("queued", "running", "suspended", "finished", "failed", "cancelled")
 
 # CPU samples per router, per worker pid: (wall time, cpu seconds) at the previous snapshot.
-_samples: weakref.WeakKeyDictionary[Router | RayRouter, dict[int, tuple[float, float]]] = weakref.WeakKeyDictionary()
+_samples: weakref.WeakKeyDictionary[Router | RayRouter, dict[int, tuple[float, float]]] = (
+    weakref.WeakKeyDictionary()
+)
 _samples_lock = threading.Lock()
 
 

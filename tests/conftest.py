@@ -126,11 +126,13 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     gc.collect()
     ok = wait_until(
-        lambda: _children() <= children
-        and _threads() <= threads
-        and _shm() <= shm
-        and _fds() <= fds + _ray_fd_slack()
-        and _ray_actors() <= actors,
+        lambda: (
+            _children() <= children
+            and _threads() <= threads
+            and _shm() <= shm
+            and _fds() <= fds + _ray_fd_slack()
+            and _ray_actors() <= actors
+        ),
         timeout=10.0,
     )
     if not ok:

@@ -72,7 +72,7 @@ def test_every_problem_is_named_in_one_error() -> None:
 
 def test_a_wrong_value_names_the_option_and_what_is_allowed() -> None:
     assert _message(lambda: fed.Federation(["a"], backend="carrier-pigeon")) == (
-        "backend: must be 'process' or 'thread', not 'carrier-pigeon'"
+        "backend: must be 'process', 'thread' or 'ray', not 'carrier-pigeon'"
     )
     assert "'1'" in _message(lambda: fed.Site("a", env={"OMP_NUM_THREADS": 1}))
 

@@ -262,26 +262,56 @@ def test_a_federation_joins_a_cluster_started_with_ray_start(tmp_path) -> None:
     common = ["--disable-usage-stats", f"--temp-dir={temp}", "--object-store-memory=80000000"]
     try:
         subprocess.run(
-            [_ray_cli(), "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false", *common],
-            check=True, capture_output=True, text=True, env=env, timeout=120,
+            [
+                _ray_cli(),
+                "start",
+                "--head",
+                f"--port={port}",
+                "--num-cpus=0",
+                "--include-dashboard=false",
+                *common,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
         )
         subprocess.run(
-            [_ray_cli(), "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
-             "--labels=federation/site=clinic-a", *common],
-            check=True, capture_output=True, text=True, env=env, timeout=120,
+            [
+                _ray_cli(),
+                "start",
+                f"--address=127.0.0.1:{port}",
+                "--num-cpus=1",
+                "--labels=federation/site=clinic-a",
+                *common,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
         )
         script = tmp_path / "join.py"
         script.write_text(JOIN.format(tests=str(Path(__file__).parent)))
         out = subprocess.run(
             [sys.executable, str(script), f"127.0.0.1:{port}"],
-            capture_output=True, text=True, env=env, timeout=120,
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
         )
         assert out.returncode == 0, out.stderr
         node, value = eval(out.stdout.strip().splitlines()[-1])
         assert value == 42
         doctor = subprocess.run(
             [sys.executable, "-m", "federation", "doctor", "--ray-address", f"127.0.0.1:{port}"],
-            capture_output=True, text=True, env=env, timeout=120,
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
         )
         assert doctor.returncode == 0, doctor.stderr
         assert node[:12] in doctor.stdout and "federation/site=clinic-a" in doctor.stdout
@@ -325,7 +355,11 @@ def test_a_private_instance_goes_with_its_killed_client(tmp_path, ray_cluster, b
     """ray_address=None in a fresh client: its own Ray, not the cluster running here, gone with it."""
     script = tmp_path / "private.py"
     script.write_text(PRIVATE.format(tests=str(Path(__file__).parent)))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
     client = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )

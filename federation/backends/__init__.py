@@ -1,4 +1,7 @@
-"""Backends: the only code that knows how a worker is started, watched and killed.
+"""Local backends: the only code that knows how a worker process or thread is started, watched and killed.
+
+(The Ray backend has no pipes: its transport is ``federation._ray_pool`` and
+``federation._ray_router``, its site runtime ``federation._ray_site``.)
 
 The seam is narrow. A backend starts a worker on pipes the execution created
 and hands back a :class:`WorkerHandle`: a sentinel file descriptor that becomes
@@ -101,4 +104,7 @@ def get_backend(config: FederationConfig) -> Backend:
         from .thread import ThreadBackend
 
         return ThreadBackend()
-    raise ValueError(f"unknown backend {config.backend!r}; choose 'process' or 'thread'")
+    raise ValueError(
+        f"backend {config.backend!r} has no local workers; choose 'process' or 'thread' "
+        "(backend='ray' runs on Ray actors: see federation._ray_router)"
+    )
