@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._config import FederationConfig, SiteConfig
@@ -127,6 +127,43 @@ class _Watchdog:
             self._process.wait(10.0)
         except Exception:  # noqa: BLE001 - never hang close() on it
             self._process.kill()
+
+
+_closers: list[Callable[[], None]] = []  # open federations' shutdowns, for interpreter exit
+_exit_hook = False
+
+
+def register_closer(close: Callable[[], None]) -> None:
+    """Run ``close`` at interpreter exit, before Ray's own exit handler disconnects.
+
+    Exit handlers run last registered first: this one is registered after
+    ``ray.init`` registered Ray's, so federations close while Ray still runs.
+    """
+    global _exit_hook
+    with _lock:
+        _closers.append(close)
+        if not _exit_hook:
+            import atexit
+
+            atexit.register(_close_all)
+            _exit_hook = True
+
+
+def unregister_closer(close: Callable[[], None]) -> None:
+    """``close`` ran: nothing to do at exit."""
+    with _lock:
+        if close in _closers:
+            _closers.remove(close)
+
+
+def _close_all() -> None:
+    with _lock:
+        closers = list(_closers)
+    for close in closers:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - exiting: close what can be closed
+            pass
 
 
 def import_ray() -> Any:

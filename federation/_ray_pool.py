@@ -111,7 +111,10 @@ class RaySlot:
             return
         seq = worker.seq
         worker.seq += 1
-        worker.actor.deliver.remote(m.CLIENT, seq, message)
+        try:
+            worker.actor.deliver.remote(m.CLIENT, seq, message)
+        except Exception:  # noqa: BLE001 - Ray is shutting down: the poll reports the end
+            pass
 
     def stop(self) -> None:
         """Ask every actor to stop after what it is doing."""

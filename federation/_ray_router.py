@@ -20,6 +20,7 @@ one poll at a time.
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 import sys
 import threading
@@ -40,7 +41,7 @@ from ._exceptions import (
 from ._execution import SlotState
 from ._handle import Job, JobStatus
 from ._log import log_worker_record
-from ._ray_cluster import died_reason
+from ._ray_cluster import died_reason, register_closer, unregister_closer
 from ._ray_pool import RayPool, RaySlot, RayWorker, _backoff
 from ._ray_site import EXITING, OUTPUT, STOPPED
 from ._serialization import load_exception
@@ -55,6 +56,8 @@ class RayRouter(RayPool):
 
     def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
         super().__init__(config, callbacks)
+        # Closed before Ray's own exit handler disconnects this process (see _ray_cluster).
+        register_closer(self._close_at_exit)
         self._arrivals: queue.SimpleQueue[tuple[RaySlot, RayWorker, Any] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="federation-ray-router", daemon=True)
 
@@ -99,11 +102,18 @@ class RayRouter(RayPool):
         self._arrivals.put(None)
 
     def _poll(self, slot: RaySlot, worker: RayWorker) -> None:
-        ref = worker.actor.events.remote()
-        worker.poll = ref
         arrivals = self._arrivals
+        try:
+            ref = worker.actor.events.remote()
+            future = ref.future()
+        except Exception as exc:  # noqa: BLE001 - Ray itself is gone (shut down under us)
+            failed: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            failed.set_exception(exc)
+            arrivals.put((slot, worker, failed))
+            return
+        worker.poll = ref
         # Called on a Ray thread once the answer is here (or the actor is dead).
-        ref.future().add_done_callback(lambda future: arrivals.put((slot, worker, future)))
+        future.add_done_callback(lambda done: arrivals.put((slot, worker, done)))
 
     # -- the thread --------------------------------------------------------------------------
 
@@ -212,8 +222,14 @@ class RayRouter(RayPool):
                 )
                 log_worker_record(site, level, event, fields)
         elif tag == OUTPUT:
-            for line in message[2]:
-                self._output_line(slot, worker, line, message[1])
+            _, stdout, lines, job_id, step = message
+            tag_text = worker.name
+            if job_id is not None:
+                tag_text += f" job={job_id}" + (f" step={step}" if step else "")
+            if worker.node_id is not None:
+                tag_text += f" node={worker.node_id[:12]}"
+            for line in lines:
+                self._output_line(slot, worker, line, stdout, tag_text)
         elif tag == m.READY:
             _, worker.pid, worker.node_id, worker.node_address = message
             slot.ready.add(site)
@@ -233,14 +249,15 @@ class RayRouter(RayPool):
         elif tag == STOPPED:
             worker.kill()  # its runner has ended: all it said has arrived; the poll confirms the death
 
-    def _output_line(self, slot: RaySlot, worker: RayWorker, line: str, stdout: bool) -> None:
+    def _output_line(self, slot: RaySlot, worker: RayWorker, line: str, stdout: bool, where: str) -> None:
         slot.last_lines[worker.site].append(line)
         if self.log_files is not None:
-            self.log_files.output(worker.site, worker.name, line)
+            self.log_files.output(worker.site, where, line)
         if self.config.echo_worker_output:
+            # Tagged as a process worker's lines are, plus the job, step and node.
             stream = sys.stdout if stdout else sys.stderr
             try:
-                stream.write(f"[{worker.name}] {line}\n")
+                stream.write(f"[{where}] {line}\n")
                 if stdout:
                     stream.flush()
             except (OSError, ValueError):
@@ -434,8 +451,14 @@ class RayRouter(RayPool):
             self.thread.join(10.0)
         self._abandon()
 
+    def _close_at_exit(self) -> None:
+        """Interpreter exit with this federation open: close it while Ray still runs."""
+        if not self.stopped:
+            self.shutdown(cancel_pending=True, timeout=0.0)
+
     def _abandon(self) -> None:
         """Kill whatever is left and give the Ray connection back. Idempotent."""
+        unregister_closer(self._close_at_exit)
         with self.lock:
             self.stopped = True
             for slot in self._all_slots():

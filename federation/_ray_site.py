@@ -47,7 +47,7 @@ __all__ = ["EXITING", "LINK", "OUTPUT", "STOPPED", "RayValues", "SiteActor", "Si
 
 # Messages of the Ray transport beside those of _messages.
 LINK = 100  # (LINK, {site: actor handle})                client -> actor, first of all
-OUTPUT = 101  # (OUTPUT, stdout?, [line, ...])             actor -> client: what steps printed
+OUTPUT = 101  # (OUTPUT, stdout?, [line, ...], job, step)  actor -> client: what steps printed
 STOPPED = 102  # (STOPPED,)                                 actor -> client: after STOP, all sent
 EXITING = 103  # (EXITING, exit code)                       actor -> client: os._exit was called
 
@@ -398,11 +398,15 @@ class SiteRunner(StepRunner):
 
 
 class _LineWriter:
-    """``sys.stdout``/``sys.stderr`` of a site actor: whole lines go to the client as events."""
+    """``sys.stdout``/``sys.stderr`` of a site actor: whole lines go to the client as events,
+    with the job and step that printed them."""
 
-    def __init__(self, emit: Callable[[Any], None], stdout: bool) -> None:
+    def __init__(
+        self, emit: Callable[[Any], None], stdout: bool, context: Callable[[], tuple[int | None, str | None]]
+    ) -> None:
         self._emit = emit
         self._stdout = stdout
+        self._context = context
         self._partial = ""
         self._lock = threading.Lock()
         self.encoding = "utf-8"
@@ -413,14 +417,14 @@ class _LineWriter:
             data = self._partial + text
             *lines, self._partial = data.split("\n")
         if lines:
-            self._emit((OUTPUT, self._stdout, lines))
+            self._emit((OUTPUT, self._stdout, lines, *self._context()))
         return len(text)
 
     def flush(self) -> None:
         with self._lock:
             rest, self._partial = self._partial, ""
         if rest:
-            self._emit((OUTPUT, self._stdout, [rest]))
+            self._emit((OUTPUT, self._stdout, [rest], *self._context()))
 
     def isatty(self) -> bool:
         return False
@@ -522,8 +526,12 @@ class SiteActor:
         self._runner = runner
         self._report_exits()
         # What steps print goes to the client, as a worker process's pipes do.
-        setattr(sys, "stdout", _LineWriter(self._emit, True))  # noqa: B010
-        setattr(sys, "stderr", _LineWriter(self._emit, False))  # noqa: B010
+        def context() -> tuple[int | None, str | None]:
+            run = runner._run
+            return (run.job_id if run is not None else None), runner._current_step
+
+        setattr(sys, "stdout", _LineWriter(self._emit, True, context))  # noqa: B010
+        setattr(sys, "stderr", _LineWriter(self._emit, False, context))  # noqa: B010
         try:
             if spec.data_dir:
                 os.makedirs(spec.data_dir, exist_ok=True)

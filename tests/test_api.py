@@ -53,7 +53,7 @@ TYPE_ONLY_UPWARD = {
     ("backends", "_config"),  # get_backend's parameter is annotated with the config it reads
 }
 #: What a worker process runs: it must never reach the client's side.
-WORKER_SIDE = {"_exceptions", "_messages", "_channel", "_serialization", "_steps", "_worker"}
+WORKER_SIDE = {"_exceptions", "_messages", "_channel", "_serialization", "_steps", "_worker", "_ray_site"}
 
 
 def _module_of(path: Path) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
-from conftest import worker_processes
+from conftest import _is_ray_process, worker_processes
 from pipelines import mean_pipeline, mean_sites
 
 import federation as fed
@@ -75,7 +75,16 @@ _MIX = (("fanout", 0.74), ("stream", 0.89), ("array", 0.99), ("raise", 1.01))
 
 def _child_pids() -> list[int]:
     """This process's children (the workers: the client starts no other child here)."""
-    return [child.pid for child in psutil.Process().children()]
+    # The session's Ray cluster (if a ray test started it) runs daemons as our children
+    # too: killing a raylet would end this very process (Ray's driver exits with it).
+    return [child.pid for child in psutil.Process().children() if not _ray_daemon(child)]
+
+
+def _ray_daemon(child: psutil.Process) -> bool:
+    try:
+        return _is_ray_process(" ".join(child.cmdline()))
+    except psutil.Error:
+        return False
 
 
 def _shm() -> set[str]:

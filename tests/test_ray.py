@@ -185,7 +185,7 @@ def test_prints_and_logs_reach_the_client_tagged_with_the_node(make_federation, 
 
     def printed() -> bool:
         out.append(capsys.readouterr().out)
-        return "[a/slot-0] printed at a" in "".join(out)
+        return f"step=talk node={ray_cluster.node_id('a')[:12]}] printed at a" in "".join(out)
 
     try:
         federation.submit(pipeline).result(timeout=T)
