@@ -651,8 +651,9 @@ def ray_nodes_report(address: str) -> dict[str, Any]:
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     report = doctor_report()
-    if args.ray_address is not None:
-        report["ray_cluster"] = ray_nodes_report(args.ray_address)
+    address = getattr(args, "ray_address", None)
+    if address is not None:
+        report["ray_cluster"] = ray_nodes_report(address)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return EXIT_OK

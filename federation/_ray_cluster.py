@@ -69,6 +69,18 @@ while True:
         continue
     except OSError:
         break
+def marked():
+    # Read raw: a renamed process (setproctitle) has NULs where psutil's parser stops.
+    needle = ("\\0FEDERATION_RAY_INSTANCE=" + mark + "\\0").encode()
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            with open(f"/proc/{proc.pid}/environ", "rb") as file:
+                if needle in b"\\0" + file.read() + b"\\0" and proc.pid != os.getpid():
+                    found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
 doomed = []
 for pid, created in roots:
     try:
@@ -79,23 +91,17 @@ for pid, created in roots:
         doomed.extend(root.children(recursive=True))
     except psutil.Error:
         continue
-# Ray's agents may have lost their parent (the raylet) already: found by the mark.
-# Read raw: a renamed process (setproctitle) has NULs where psutil's parser stops.
-needle = ("\\0FEDERATION_RAY_INSTANCE=" + mark + "\\0").encode()
-for proc in psutil.process_iter():
-    try:
-        with open(f"/proc/{proc.pid}/environ", "rb") as file:
-            found = needle in b"\\0" + file.read() + b"\\0"
-        if found and proc.pid != os.getpid():
-            doomed.append(proc)
-    except (OSError, psutil.Error):
-        continue
-for proc in doomed:
-    try:
-        proc.kill()
-    except psutil.Error:
-        pass
-psutil.wait_procs(doomed, timeout=5)
+# Ray's agents may have lost their parent (the raylet) already: found by the mark,
+# twice: a daemon dying as the driver went may start one more on its way out.
+for attempt in range(3):
+    doomed.extend(marked())
+    for proc in doomed:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(doomed, timeout=2)
+    doomed = []
 """
 
 

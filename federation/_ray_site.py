@@ -525,6 +525,7 @@ class SiteActor:
         runner = SiteRunner(spec, self._inbox, self._node, self._emit)
         self._runner = runner
         self._report_exits()
+
         # What steps print goes to the client, as a worker process's pipes do.
         def context() -> tuple[int | None, str | None]:
             run = runner._run

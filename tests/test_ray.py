@@ -373,7 +373,16 @@ def test_a_private_instance_goes_with_its_killed_client(tmp_path, ray_cluster, b
         client.send_signal(signal.SIGKILL)
         client.wait(T)
         _, alive = psutil.wait_procs(ray_procs, timeout=20)
-        assert not alive, f"Ray processes left by the killed client: {alive}"
+        assert not alive, f"Ray processes left by the killed client: {[_describe(p) for p in alive]}"
     finally:
         client.kill()
         client.communicate(timeout=T)
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        with open(f"/proc/{proc.pid}/environ", "rb") as file:
+            marked = b"FEDERATION_RAY_INSTANCE=" in file.read()
+        return f"{proc.pid} {proc.name()} parent {proc.ppid()} marked {marked}"
+    except (OSError, psutil.Error) as exc:
+        return f"{proc.pid}: {exc!r}"
