@@ -246,6 +246,9 @@ def connect(address: str | None) -> Lease:
             "namespace": "federation",
         }
         try:
+            import warnings
+
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")  # Ray's tips
             if address is None:
                 import psutil
 

@@ -59,6 +59,9 @@ class RayWorker:
         self.exitcode: int | None = None  # what it passed to os._exit, if it said so
         self.seq = 0  # the number of the client's next message to it
         self.poll: Any = None  # the outstanding events() call
+        # Events come numbered, by the poll or a START's answer: handled in their order.
+        self.next_event = 0
+        self.held: dict[int, Any] = {}
 
     def where(self) -> str:
         """The node it runs on, for messages: ``node 1a2b3c4d5e6f (10.0.0.5)``."""
@@ -104,17 +107,20 @@ class RaySlot:
         self.start_failed = False
         self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=20) for site in sites}
 
-    def send(self, site: str, message: tuple[Any, ...]) -> None:
-        """Send a message to the site's actor (fire and forget, numbered for its order)."""
+    def send(self, site: str, *messages: tuple[Any, ...]) -> Any:
+        """Send messages to the site's actor in one call, numbered for its order; the call's ref.
+
+        Only a call carrying START answers with events (see ``SiteActor.deliver``).
+        """
         worker = self.workers[site]
         if worker.gone:
-            return
+            return None
         seq = worker.seq
         worker.seq += 1
         try:
-            worker.actor.deliver.remote(m.CLIENT, seq, message)
+            return worker.actor.deliver.remote(m.CLIENT, seq, list(messages))
         except Exception:  # noqa: BLE001 - Ray is shutting down: the poll reports the end
-            pass
+            return None
 
     def stop(self) -> None:
         """Ask every actor to stop after what it is doing."""
@@ -211,6 +217,10 @@ class RayPool(JobSide[RaySlot]):
         """Keep one events() call outstanding on ``worker``; its answer goes to the router thread."""
         raise NotImplementedError
 
+    def _watch_reply(self, slot: RaySlot, worker: RayWorker, ref: Any) -> None:
+        """The events a START's call answers with go to the router thread too."""
+        raise NotImplementedError
+
     # -- the slot state machine -------------------------------------------------------------
 
     def _move(self, slot: RaySlot, state: SlotState) -> None:
@@ -248,15 +258,19 @@ class RayPool(JobSide[RaySlot]):
         for site in compiled.participants:
             digest, plan = compiled.plans[site]
             cached = slot.plans[site]
+            messages: list[tuple[Any, ...]] = []
             if digest not in cached:
                 if len(cached) >= m.PLAN_CACHE:  # the actor evicts its oldest plan too
                     del cached[next(iter(cached))]
-                slot.send(site, (m.PLAN, digest, plan))
+                messages.append((m.PLAN, digest, plan))
                 cached[digest] = None
             site_inputs = {
                 name: inputs[name] for name in compiled.site_inputs.get(site, ()) if name in inputs
             }
-            slot.send(site, (m.START, job.id, digest, site_inputs))
+            messages.append((m.START, job.id, digest, site_inputs))
+            ref = slot.send(site, *messages)
+            if ref is not None:
+                self._watch_reply(slot, slot.workers[site], ref)
         if job.status is JobStatus.QUEUED:
             self._count(JobStatus.RUNNING, JobStatus.QUEUED)
         first = not job.attempts

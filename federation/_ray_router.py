@@ -58,7 +58,8 @@ class RayRouter(RayPool):
         super().__init__(config, callbacks)
         # Closed before Ray's own exit handler disconnects this process (see _ray_cluster).
         register_closer(self._close_at_exit)
-        self._arrivals: queue.SimpleQueue[tuple[RaySlot, RayWorker, Any] | None] = queue.SimpleQueue()
+        # (slot, worker, a finished call's future, whether it was the long poll), or None to wake.
+        self._arrivals: queue.SimpleQueue[tuple[RaySlot, RayWorker, Any, bool] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="federation-ray-router", daemon=True)
 
     def start(self, wait: bool) -> None:
@@ -109,11 +110,19 @@ class RayRouter(RayPool):
         except Exception as exc:  # noqa: BLE001 - Ray itself is gone (shut down under us)
             failed: concurrent.futures.Future[Any] = concurrent.futures.Future()
             failed.set_exception(exc)
-            arrivals.put((slot, worker, failed))
+            arrivals.put((slot, worker, failed, True))
             return
         worker.poll = ref
         # Called on a Ray thread once the answer is here (or the actor is dead).
-        future.add_done_callback(lambda done: arrivals.put((slot, worker, done)))
+        future.add_done_callback(lambda done: arrivals.put((slot, worker, done, True)))
+
+    def _watch_reply(self, slot: RaySlot, worker: RayWorker, ref: Any) -> None:
+        arrivals = self._arrivals
+        try:
+            future = ref.future()
+        except Exception:  # noqa: BLE001 - Ray is going: the poll says so
+            return
+        future.add_done_callback(lambda done: arrivals.put((slot, worker, done, False)))
 
     # -- the thread --------------------------------------------------------------------------
 
@@ -162,17 +171,24 @@ class RayRouter(RayPool):
             return None
         return max(0.0, min(deadlines) - time.monotonic()) + 0.001
 
-    def _on_poll(self, slot: RaySlot, worker: RayWorker, future: Any) -> None:
+    def _on_poll(self, slot: RaySlot, worker: RayWorker, future: Any, poll: bool) -> None:
         if worker.gone:
             return
         try:
             events = future.result(timeout=0)
         except Exception as exc:  # noqa: BLE001 - Ray's errors are translated here, never raised
-            self._on_worker_gone(slot, worker, exc)
+            if poll:  # a START's call that failed: the poll fails too, and says why
+                self._on_worker_gone(slot, worker, exc)
             return
-        for event in events:
+        # Numbered by the actor: a START's answer and the poll may arrive in either order.
+        held = worker.held
+        for number, event in events:
+            held[number] = event
+        while worker.next_event in held and not worker.gone:
+            event = held.pop(worker.next_event)
+            worker.next_event += 1
             self._on_event(slot, worker, event)
-        if not worker.gone and self.lease is not None:
+        if poll and not worker.gone and self.lease is not None:
             self._poll(slot, worker)
 
     # -- events ------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ EXITING = 103  # (EXITING, exit code)                       actor -> client: os.
 
 _SENDS_PER_JOB = 10_000  # timeline records of frames sent, per job and site
 _OUTGOING_HIGH = 4096  # events waiting for the client beyond which the runner waits for it
+_REPLY_WAIT = 0.5  # seconds a START waits for its job to be done here, to answer with its events
+_LINGER = 0.002  # seconds the long poll leaves events to a waiting START
 
 
 class RayValues:
@@ -140,19 +142,19 @@ class _Inbox:
         self.cond = threading.Condition()
         self.ready: deque[tuple[Any, ...]] = deque()
         self._next: dict[str, int] = {}
-        self._held: dict[str, dict[int, tuple[Any, ...]]] = {}
+        self._held: dict[str, dict[int, list[tuple[Any, ...]]]] = {}
 
-    def put(self, sender: str, seq: int, message: tuple[Any, ...]) -> None:
+    def put(self, sender: str, seq: int, messages: list[tuple[Any, ...]]) -> None:
         with self.cond:
             expected = self._next.get(sender, 0)
             if seq != expected:
-                self._held.setdefault(sender, {})[seq] = message
+                self._held.setdefault(sender, {})[seq] = messages
                 return
-            self.ready.append(message)
+            self.ready.extend(messages)
             expected += 1
             held = self._held.get(sender)
             while held and expected in held:
-                self.ready.append(held.pop(expected))
+                self.ready.extend(held.pop(expected))
                 expected += 1
             self._next[sender] = expected
             self.cond.notify_all()
@@ -232,7 +234,7 @@ class SiteRunner(StepRunner):
         seq = self._link_seq.get(site, 0)
         self._link_seq[site] = seq + 1
         # Fire and forget: a sibling that died is the client's to notice (its poll fails).
-        sibling.deliver.remote(self.site, seq, message)
+        sibling.deliver.remote(self.site, seq, [message])
 
     def _flush_results(self) -> None:
         if self._results and self._run is not None:
@@ -444,8 +446,10 @@ class SiteActor:
 
     def __init__(self, spec_bytes: bytes, sys_path: tuple[str, ...]) -> None:
         self._cond = threading.Condition()
-        self._outgoing: list[Any] = []
-        self._closed = False
+        self._outgoing: list[tuple[int, Any]] = []  # (event number, event), in order
+        self._emitted = 0
+        self._oldest = 0.0  # when the oldest event waiting was emitted
+        self._waiting: dict[int, bool] = {}  # job id -> its DONE was emitted, for a START's reply
         self._inbox = _Inbox()
         self._runner: SiteRunner | None = None
         self._spec_bytes = spec_bytes
@@ -457,16 +461,52 @@ class SiteActor:
         self._thread = threading.Thread(target=self._main, name="federation-site", daemon=True)
         self._thread.start()
 
-    # -- Ray methods (each returns at once, but events) -----------------------------------
+    # -- Ray methods ----------------------------------------------------------------------
 
-    def deliver(self, sender: str, seq: int, message: tuple[Any, ...]) -> None:
-        """A message from the client (``sender`` "") or a sibling site, number ``seq`` of its sender."""
-        self._inbox.put(sender, seq, message)
+    def deliver(self, sender: str, seq: int, messages: list[tuple[Any, ...]]) -> list[tuple[int, Any]]:
+        """Messages from the client (``sender`` "") or a sibling site, call ``seq`` of its sender.
 
-    def events(self) -> list[Any]:
-        """Wait for events and return every one so far, in order (the client's long poll)."""
+        A client's call that starts a job here waits (up to ``_REPLY_WAIT``) for
+        the job to be done at this site and answers with the events so far: a
+        short job costs one Ray call, as a hand-written actor call does. Every
+        other call answers at once, with nothing; events then go by :meth:`events`.
+        """
+        job = None
+        if sender == m.CLIENT:
+            for message in messages:
+                if message[0] == m.START:
+                    job = message[1]
+        if job is None:
+            self._inbox.put(sender, seq, messages)
+            return []
         with self._cond:
-            self._cond.wait_for(lambda: bool(self._outgoing))
+            self._waiting[job] = False
+        self._inbox.put(sender, seq, messages)
+        with self._cond:
+            self._cond.wait_for(lambda: self._waiting[job], _REPLY_WAIT)
+            del self._waiting[job]
+            out, self._outgoing = self._outgoing, []
+            self._cond.notify_all()
+        return out
+
+    def events(self) -> list[tuple[int, Any]]:
+        """Wait for events and return every one so far, numbered (the client's long poll).
+
+        While a job's START waits to answer with its events, this leaves them to
+        it unless they have waited ``_LINGER`` (a streaming result is late by that
+        at most, and a short job is one Ray call).
+        """
+        with self._cond:
+            while True:
+                if self._outgoing:
+                    if not self._waiting:
+                        break
+                    left = self._oldest + _LINGER - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                else:
+                    self._cond.wait()
             out, self._outgoing = self._outgoing, []
             self._cond.notify_all()
         return out
@@ -479,7 +519,12 @@ class SiteActor:
 
     def _emit(self, event: Any) -> None:
         with self._cond:
-            self._outgoing.append(event)
+            if not self._outgoing:
+                self._oldest = time.monotonic()
+            self._outgoing.append((self._emitted, event))
+            self._emitted += 1
+            if event[0] == m.DONE and event[1] in self._waiting:
+                self._waiting[event[1]] = True
             self._cond.notify_all()
             if len(self._outgoing) > _OUTGOING_HIGH and threading.current_thread() is self._thread:
                 # A client that reads slower than steps produce holds the steps back
@@ -501,6 +546,8 @@ class SiteActor:
                 sys.stderr.flush()
                 actor._emit((EXITING, code))
                 with actor._cond:
+                    actor._waiting.clear()  # the poll takes it now
+                    actor._cond.notify_all()
                     actor._cond.wait_for(lambda: not actor._outgoing, 1.0)
                 time.sleep(0.2)  # the poll's answer leaves the process after events() returned
             finally:
