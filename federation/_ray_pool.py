@@ -39,7 +39,9 @@ from ._serialization import dumps_function
 
 __all__ = ["RayPool", "RaySlot", "RayWorker"]
 
-_ACTOR_THREADS = 4  # a site actor's Ray threads: the client's long poll, and messages arriving
+# A site actor's Ray threads: the long poll, a START waiting to answer, the steps
+# running in the thread that delivered their message, and messages arriving meanwhile.
+_ACTOR_THREADS = 8
 
 
 class RayWorker:

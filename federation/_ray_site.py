@@ -280,12 +280,6 @@ class SiteRunner(StepRunner):
         while not condition():
             self._read_ready(1000)
 
-    def _next_message(self) -> tuple[Any, ...]:
-        while not self._inbox:
-            self._flush_all()
-            self._read_ready(None)
-        return self._inbox.popleft()
-
     def abort_requested(self, job_id: int) -> str | None:
         """The abort reason for ``job_id`` if the client asked (reads without waiting; any thread)."""
         if job_id not in self._aborted and self._reading.acquire(blocking=False):
@@ -379,10 +373,15 @@ class SiteRunner(StepRunner):
 
     # -- the loop --------------------------------------------------------------------------
 
-    def serve(self) -> None:
-        """Serve until STOP."""
+    def serve_ready(self) -> bool:
+        """Handle every message that has arrived, then return; False once STOP was handled."""
         while True:
-            message = self._next_message()
+            if not self._inbox:
+                self._read_ready(0)
+                if not self._inbox:
+                    self._flush_all()
+                    return True
+            message = self._inbox.popleft()
             tag = message[0]
             if tag == m.TOKENS:
                 self._on_tokens(message[1], message[2])
@@ -396,7 +395,7 @@ class SiteRunner(StepRunner):
                 self._plans[message[1]] = pickle.loads(message[2])
             elif tag == m.STOP:
                 self._flush_all()
-                return
+                return False
 
 
 class _LineWriter:
@@ -445,13 +444,24 @@ class SiteActor:
     """
 
     def __init__(self, spec_bytes: bytes, sys_path: tuple[str, ...]) -> None:
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # a START waiting for its job's DONE; back-pressure
+        # The long poll waits apart, on the same lock: an event a waiting START will
+        # answer with need not wake it (a thread switch per job, on every site).
+        self._poll_cond = threading.Condition(lock)
         self._outgoing: list[tuple[int, Any]] = []  # (event number, event), in order
         self._emitted = 0
         self._oldest = 0.0  # when the oldest event waiting was emitted
         self._waiting: dict[int, bool] = {}  # job id -> its DONE was emitted, for a START's reply
         self._inbox = _Inbox()
         self._runner: SiteRunner | None = None
+        # Whoever holds it runs the steps: the thread that delivered a message when no
+        # other was running them (no hand-over to a thread of our own: a hop each), and
+        # the start-up thread until the site's setup is done.
+        self._serving = threading.Lock()
+        self._serving.acquire()
+        self._server: int | None = None  # the thread running the steps now
+        self._stopped = False
         self._spec_bytes = spec_bytes
         self._sys_path = sys_path
         try:
@@ -478,15 +488,18 @@ class SiteActor:
                     job = message[1]
         if job is None:
             self._inbox.put(sender, seq, messages)
+            self._serve()
             return []
         with self._cond:
             self._waiting[job] = False
         self._inbox.put(sender, seq, messages)
+        self._serve()
         with self._cond:
             self._cond.wait_for(lambda: self._waiting[job], _REPLY_WAIT)
             del self._waiting[job]
             out, self._outgoing = self._outgoing, []
-            self._cond.notify_all()
+            self._cond.notify_all()  # back-pressure: the steps may go on
+            self._poll_cond.notify()  # no START waits now: the poll takes what comes
         return out
 
     def events(self) -> list[tuple[int, Any]]:
@@ -496,7 +509,7 @@ class SiteActor:
         it unless they have waited ``_LINGER`` (a streaming result is late by that
         at most, and a short job is one Ray call).
         """
-        with self._cond:
+        with self._poll_cond:
             while True:
                 if self._outgoing:
                     if not self._waiting:
@@ -504,16 +517,49 @@ class SiteActor:
                     left = self._oldest + _LINGER - time.monotonic()
                     if left <= 0:
                         break
-                    self._cond.wait(left)
+                    self._poll_cond.wait(left)
                 else:
-                    self._cond.wait()
+                    self._poll_cond.wait()
             out, self._outgoing = self._outgoing, []
-            self._cond.notify_all()
+            self._cond.notify_all()  # back-pressure: the steps may go on
         return out
 
     def where(self) -> tuple[str, int]:
         """This actor's node id and pid."""
         return self._node, os.getpid()
+
+    # -- running the steps ----------------------------------------------------------------
+
+    def _serve(self, held: bool = False) -> None:
+        """Run what has arrived, in this thread, unless another thread is running the steps."""
+        runner = self._runner
+        while True:
+            if not held and not self._serving.acquire(blocking=False):
+                return  # the thread running the steps sees this message (it looks again below)
+            held = False
+            try:
+                if self._stopped or runner is None:
+                    return
+                self._server = threading.get_ident()
+                try:
+                    going_on = runner.serve_ready()
+                except BaseException:  # noqa: BLE001 - the client must hear of it, not wait for ever
+                    runner.log("critical", "site actor crashed", traceback=traceback.format_exc())
+                    going_on = True
+                if not going_on:
+                    self._stopped = True
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    self._emit((STOPPED,))
+                    return
+            finally:
+                self._server = None
+                self._serving.release()
+            # A message that arrived after the last look, while the lock was still held,
+            # found it taken: it is ours to run.
+            with self._inbox.cond:
+                if not self._inbox.ready:
+                    return
 
     # -- the runner thread ----------------------------------------------------------------
 
@@ -525,8 +571,10 @@ class SiteActor:
             self._emitted += 1
             if event[0] == m.DONE and event[1] in self._waiting:
                 self._waiting[event[1]] = True
-            self._cond.notify_all()
-            if len(self._outgoing) > _OUTGOING_HIGH and threading.current_thread() is self._thread:
+                self._cond.notify_all()
+            elif len(self._outgoing) == 1 or not self._waiting:
+                self._poll_cond.notify()
+            if len(self._outgoing) > _OUTGOING_HIGH and threading.get_ident() == self._server:
                 # A client that reads slower than steps produce holds the steps back
                 # (as a full pipe does), instead of this actor's memory growing.
                 self._cond.wait_for(lambda: len(self._outgoing) <= _OUTGOING_HIGH, 60.0)
@@ -547,7 +595,7 @@ class SiteActor:
                 actor._emit((EXITING, code))
                 with actor._cond:
                     actor._waiting.clear()  # the poll takes it now
-                    actor._cond.notify_all()
+                    actor._poll_cond.notify()
                     actor._cond.wait_for(lambda: not actor._outgoing, 1.0)
                 time.sleep(0.2)  # the poll's answer leaves the process after events() returned
             finally:
@@ -592,12 +640,6 @@ class SiteActor:
             return
         self._emit((m.READY, os.getpid(), self._node, address))
         runner.forward_stdlib_logging()
-        try:
-            runner.serve()
-        except BaseException:  # noqa: BLE001 - the client must hear of it, not wait for ever
-            tb = traceback.format_exc()
-            runner.log("critical", "site actor crashed", traceback=tb)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            self._emit((STOPPED,))
+        # What arrived during the setup runs now; later messages run in the threads
+        # that deliver them.
+        self._serve(held=True)
