@@ -111,7 +111,7 @@ class JobExecution:
         self.jobs_run = 0
         self.kill_deadline: float | None = None  # meaning by state: see SlotState
         self.start_failed = False  # a worker reported START_FAILED (its setup raised)
-        self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=20) for site in self.sites}
+        self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=40) for site in self.sites}
         self.partial_output: dict[tuple[str, int], bytes] = {}  # (site, fd): a line not yet ended
         self.memory_killed: str | None = None  # the site the memory watchdog killed
         self.oom_kills: int | None = None  # the cgroup's OOM-kill count when the slot started
