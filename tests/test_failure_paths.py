@@ -619,9 +619,11 @@ def test_a_pool_that_cannot_fit_the_fd_limit_is_a_config_error() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > 200_000:
         pytest.skip("the hard limit on open files is too high to exceed here")
+    # Thread workers live in the client, each with a pipe to every other site: the
+    # square of the sites. (A process slot's fds grow linearly: see test_scale.py.)
     sites = [f"s{i}" for i in range(int(hard**0.5) + 10)]
     with pytest.raises(fed.ConfigError, match="hard limit") as info:
-        fed.Federation(sites, pool_size=2)
+        fed.Federation(sites, pool_size=2, backend="thread")
     assert f"{hard:,}" in str(info.value)
 
 
