@@ -432,7 +432,8 @@ def _absent_sites(
         unknown = sorted(set(chosen) - set(declared))
         if unknown:
             raise PipelineError(
-                f"participants[{step!r}]: {unknown} are not among the sites it was declared at {list(declared)}"
+                f"participants[{step!r}]: {unknown} are not among the sites it was declared at "
+                f"{list(declared)}"
             )
         for site in declared:
             if site not in chosen:

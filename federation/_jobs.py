@@ -27,7 +27,6 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from . import _messages as m
-
 from ._callbacks import CallbackThread
 from ._config import FederationConfig
 from ._exceptions import FederationClosedError, FederationError, JobError
@@ -292,7 +291,9 @@ class JobSide(Generic[SlotT]):
             self._cancel_site(job, slot, site)
 
     def _add_metrics(self, job: Job, site: str, records: list[tuple[str, str, float, float]]) -> None:
-        new = [MetricRecord(job.id, job.pipeline, site, step, name, value, t) for step, name, value, t in records]
+        new = [
+            MetricRecord(job.id, job.pipeline, site, step, name, value, t) for step, name, value, t in records
+        ]
         job._metrics.extend(new)
         self.metrics.extend(new)
 

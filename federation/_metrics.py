@@ -46,7 +46,12 @@ class Metrics:
         return f"<Metrics {len(self.records)} records>"
 
     def where(
-        self, *, name: str | None = None, site: str | None = None, step: str | None = None, job_id: int | None = None
+        self,
+        *,
+        name: str | None = None,
+        site: str | None = None,
+        step: str | None = None,
+        job_id: int | None = None,
     ) -> Metrics:
         """The records that match every filter given."""
         return Metrics(

@@ -136,9 +136,7 @@ class quorum:  # noqa: N801 - used like a function in bindings, as fed.collect
 
     __slots__ = ("deadline", "minimum", "source")
 
-    def __init__(
-        self, source: str | Step[Any], *, min: float = 1, deadline: float | None = None
-    ) -> None:  # noqa: A002 - the natural name
+    def __init__(self, source: str | Step[Any], *, min: float = 1, deadline: float | None = None) -> None:
         if isinstance(min, bool) or not isinstance(min, (int, float)):
             raise PipelineError(f"quorum min= must be an int (sites) or a float fraction, not {min!r}")
         if isinstance(min, float) and not 0.0 < min <= 1.0:
@@ -526,7 +524,8 @@ class Pipeline:
                     params[pname] = _Binding(P_UPSTREAM, target, want_collect, streaming, quorum=tolerant)
                 elif tolerant is not None:
                     raise PipelineError(
-                        f"step {step.name!r}: parameter {pname!r} is a quorum of {target!r}, which is not a step"
+                        f"step {step.name!r}: parameter {pname!r} is a quorum of {target!r}, "
+                        "which is not a step"
                     )
                 elif target in self._inputs:
                     is_stream = self._inputs[target].stream
@@ -753,15 +752,17 @@ class Pipeline:
         }
         tolerant: dict[str, tuple[str, ...]] = {}
         gathering = {
-            site for name, params in bindings.items() if any(b.quorum for b in params.values())
+            site
+            for name, params in bindings.items()
+            if any(b.quorum for b in params.values())
             for site in self._steps[name].sites
         }
         for site, steps in per_site.items():
             targets: set[str] = set()
             ok = site not in gathering
-            for plan in steps:
-                ok = ok and not plan.outputs
-                for route in plan.routes:
+            for step_plan in steps:
+                ok = ok and not step_plan.outputs
+                for route in step_plan.routes:
                     if route.site == site:
                         continue
                     binding = bindings[route.step][route.param]

@@ -425,7 +425,9 @@ class Router(SlotPool):
             slot.pending_sites.discard(site)
             slot.site_kill.pop(site, None)
             slot.repair = True
-            self.log.warning("worker died inside a tolerant fan-in", site=site, slot=slot.index, job_id=job.id)
+            self.log.warning(
+                "worker died inside a tolerant fan-in", site=site, slot=slot.index, job_id=job.id
+            )
             self._maybe_finish(slot, job)
             return
         if job is not None and not job.done():

@@ -44,8 +44,8 @@ from typing import Any
 from . import _messages as m
 from ._exceptions import JobCancelledError, QuorumError, SerializationError
 from ._gather import Gather
-from ._store import SiteStore
 from ._serialization import Payload, SegmentPool, SegmentViews, dump_exception, dumps, payload_size
+from ._store import SiteStore
 
 __all__ = ["StepContext", "StepRunner"]
 

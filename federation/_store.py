@@ -116,7 +116,7 @@ class SiteStore(MutableMapping[str, Any]):
 
     # ``update`` reads better at the call site; MutableMapping.update (merge a dict) stays
     # available through ``store.merge``.
-    def update(self, key: Any = (), fn: Any = None, /, default: Any = _MISSING, **kwargs: Any) -> Any:  # type: ignore[override]
+    def update(self, key: Any = (), fn: Any = None, /, default: Any = _MISSING, **kwargs: Any) -> Any:
         """``update(key, fn, default=...)``: atomic read-modify-write (see :meth:`update_value`).
 
         ``update(mapping)`` or ``update(**pairs)`` sets several keys, like a dict.

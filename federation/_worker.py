@@ -265,7 +265,9 @@ class Worker(StepRunner):
                     self._views.trim()
                     trimmed = True
                     continue
-                self._read_ready(min(int(left * 1000) + 1, left_ms) if timer is not None else int(left * 1000) + 1)
+                self._read_ready(
+                    min(int(left * 1000) + 1, left_ms) if timer is not None else int(left * 1000) + 1
+                )
             else:
                 self._read_ready(None)
         return self._inbox.popleft()
