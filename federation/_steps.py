@@ -65,7 +65,11 @@ class StepContext:
         site: the site's name.
         job_id: the running job's id.
         step: the running step's name.
-        state: the result of the site's ``setup`` in this worker (``None`` without one).
+        state: the result of the site's ``setup`` in *this worker* (``None`` without one): a
+            cache of what setup made. Each slot of the pool has its own worker per site, so
+            with ``pool_size=N`` a site's jobs are spread over N workers and state written
+            here is seen by about 1/N of them; keep state that must follow the site in
+            :attr:`store`.
         data_dir: the site's data directory, or ``None``.
         env: the environment variables configured for this site.
         source_site: for a step run per stream item, the site the item came from.
