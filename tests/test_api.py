@@ -18,12 +18,15 @@ ORDER = [
     "_messages",
     "_channel",
     "_serialization",
+    "_gather",
+    "_store",
     "_steps",
     "_worker",
     "backends",
     "_log",
     "_config",
     "_pipeline",
+    "_metrics",
     "_callbacks",
     "_oom",
     "_timeline_events",
@@ -49,7 +52,16 @@ TYPE_ONLY_UPWARD = {
     ("backends", "_config"),  # get_backend's parameter is annotated with the config it reads
 }
 #: What a worker process runs: it must never reach the client's side.
-WORKER_SIDE = {"_exceptions", "_messages", "_channel", "_serialization", "_steps", "_worker"}
+WORKER_SIDE = {
+    "_exceptions",
+    "_messages",
+    "_channel",
+    "_serialization",
+    "_gather",
+    "_store",
+    "_steps",
+    "_worker",
+}
 
 
 def _module_of(path: Path) -> str:
