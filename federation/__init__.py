@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._config import FederationConfig, Site, SiteConfig
+    from ._context import StepContext
     from ._exceptions import (
         ConfigError,
         FederationClosedError,
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
     from ._metrics import MetricRecord, Metrics
     from ._pipeline import Input, Pipeline, Step, collect, per_site, quorum
     from ._stats import FederationStats, LinkStats, SlotStats, WorkerStats
-    from ._steps import StepContext
     from ._store import SiteStore
     from ._timeline import TimelineEvent, TimelineKind
 

@@ -20,6 +20,7 @@ ORDER = [
     "_serialization",
     "_gather",
     "_store",
+    "_context",
     "_steps",
     "_worker",
     "backends",
@@ -59,6 +60,7 @@ WORKER_SIDE = {
     "_serialization",
     "_gather",
     "_store",
+    "_context",
     "_steps",
     "_worker",
 }
