@@ -49,6 +49,8 @@ if TYPE_CHECKING:
         UnpicklableError,
         WorkerDiedError,
     )
+    from . import faults
+    from ._fault_plan import FaultPlan
     from ._federation import Federation
     from ._handle import Attempt, Job, JobStatus, Result
     from ._messages import Missing
@@ -63,6 +65,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Attempt",
     "ConfigError",
+    "FaultPlan",
     "Federation",
     "FederationClosedError",
     "FederationConfig",
@@ -101,6 +104,7 @@ __all__ = [
     "WorkerStats",
     "__version__",
     "collect",
+    "faults",
     "per_site",
     "quorum",
 ]
@@ -108,6 +112,7 @@ __all__ = [
 _LOCATIONS = {
     "Attempt": "_handle",
     "ConfigError": "_exceptions",
+    "FaultPlan": "_fault_plan",
     "Federation": "_federation",
     "FederationClosedError": "_exceptions",
     "FederationConfig": "_config",
@@ -151,6 +156,8 @@ _LOCATIONS = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "faults":  # the fault kinds' namespace: fed.faults.Crash, fed.faults.Delay, ...
+        return importlib.import_module(f"{__name__}.faults")
     module = _LOCATIONS.get(name)
     if module is None:
         raise AttributeError(f"module 'federation' has no attribute {name!r}")

@@ -96,6 +96,7 @@ class JobExecution:
         lifeline_fd: int,
         log_level: str,
         on_pending: Callable[[Outbox], None] | None = None,
+        fail_start: dict[str, str] | None = None,
     ) -> None:
         self.index = index
         self.generation = generation
@@ -126,6 +127,7 @@ class JobExecution:
         self._on_pending = on_pending
         self._sentinels: select.poll | None = None  # made on first use by dead_sites()
         self._sentinel_sites: dict[int, str] = {}
+        self._fail_start = fail_start or {}  # a fault plan's FailStart: site -> why its setup raises
         self._start(config, backend, lifeline_fd, log_level)
 
     def _start(self, config: FederationConfig, backend: Backend, lifeline_fd: int, log_level: str) -> None:
@@ -167,6 +169,7 @@ class JobExecution:
                     max_token_bytes=config.max_token_bytes,
                     shm_prefix=self.shm_prefix(site),
                     index=index,
+                    fail_start=self._fail_start.get(site),
                 )
                 init = (m.INIT, spec.sys_path, dumps_function(spec, what=f"the setup of site {site!r}"))
                 self.control[site].send(pickle.dumps(init, protocol=5))

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._callbacks import CallbackThread
 from ._config import FederationConfig, SiteConfig, federation_config
-from ._exceptions import FederationClosedError, PipelineError, SerializationError
+from ._exceptions import ConfigError, FederationClosedError, PipelineError, SerializationError
+from ._fault_plan import FaultPlan
 from ._handle import Job
 from ._log import get_logger
 from ._metrics import Metrics
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["Federation"]
 
 #: Keywords of ``Federation(...)`` that are not config fields, offered when an option is misspelt.
-_OWN_KEYWORDS = ("wait_ready", "config")
+_OWN_KEYWORDS = ("wait_ready", "config", "faults")
 
 _open: weakref.WeakSet[Federation] = weakref.WeakSet()
 _open_lock = threading.Lock()
@@ -61,6 +62,7 @@ class Federation:
         pool_size: int | None = None,
         wait_ready: bool = True,
         config: FederationConfig | None = None,
+        faults: FaultPlan | None = None,
         **options: Any,
     ) -> None:
         if config is None:
@@ -80,6 +82,9 @@ class Federation:
         self._closed = False
         self._callbacks = CallbackThread()
         self._router = Router(config, self._callbacks)
+        self._faults = _check_plan(faults, self._site_names, per_submit=False)
+        self._router.fault_plan = self._faults
+        self._submits = 0  # a fault plan's job numbers: the Nth submit is job N
         self._shutdown = _Shutdown(self._router, self._callbacks, config.shutdown_timeout)
         self._router.start(wait=wait_ready)
         # A federation dropped without close() is closed when collected (as
@@ -125,6 +130,7 @@ class Federation:
         block: bool = True,
         queue_timeout: float | None = None,
         participants: Mapping[str, Sequence[str]] | None = None,
+        faults: FaultPlan | None = None,
         **kwargs: Any,
     ) -> Job:
         """Submit a run of ``pipeline`` and return its :class:`~federation.Job` at once.
@@ -145,6 +151,8 @@ class Federation:
                 every step it runs sits the job out. Gathers of the step get
                 ``{site: value}`` for the chosen sites, and a quorum's fraction
                 counts the chosen sites.
+            faults: a :class:`~federation.FaultPlan` for this job, instead of the
+                federation's own (see "Testing a federation" in the docs).
 
         Raises:
             PipelineError: the pipeline does not fit this federation or these inputs.
@@ -215,6 +223,11 @@ class Federation:
             callbacks=self._callbacks,
         )
         job._absent = absent
+        plan = _check_plan(faults, self._site_names, per_submit=True) if faults is not None else self._faults
+        with self._router.lock:
+            self._submits += 1
+            job._fault_number = self._submits
+        job._faults = plan
         self._router.submit(job, payloads, block, queue_timeout)
         return job
 
@@ -391,6 +404,15 @@ class _Shutdown:
             ).start()
         else:
             self.run(cancel_pending=True, timeout=None)
+
+
+def _check_plan(plan: Any, sites: Sequence[str], *, per_submit: bool) -> FaultPlan | None:
+    if plan is None:
+        return None
+    if not isinstance(plan, FaultPlan):
+        raise ConfigError(f"faults= takes a fed.FaultPlan, not {type(plan).__name__}")
+    plan.check(sites, per_submit=per_submit)
+    return plan
 
 
 @atexit.register

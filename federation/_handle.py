@@ -24,6 +24,7 @@ from ._metrics import MetricRecord
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from ._fault_plan import FaultPlan
     from ._pipeline import Compiled
     from ._timeline import PathArg, TimelineEvent
 
@@ -115,6 +116,11 @@ class Job:
         self._missing: dict[str, Missing] = {}
         self._excused: set[str] = set()
         self._metrics: list[MetricRecord] = []
+        # A fault plan for this job and its number (the federation's Nth submit); what each
+        # site said it waits for, once it had waited a while (for a timeout's message).
+        self._faults: FaultPlan | None = None
+        self._fault_number = 0
+        self._waiting: dict[str, str] = {}
         # Set by the router at submit: why the job still waits, for a timeout's message.
         self._why_queued: Callable[[Job], str | None] | None = None
         # Set by the router at submit: told when Ctrl+C interrupts a wait on this job.

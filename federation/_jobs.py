@@ -363,7 +363,9 @@ class JobSide(Generic[SlotT]):
                 self._deadlines.pop(job_id, None)
                 if job is not None:
                     self._end_job(
-                        job, JobStatus.CANCELLED, job._cancelled_error(f"timed out after {job.timeout} s")
+                        job,
+                        JobStatus.CANCELLED,
+                        job._cancelled_error(f"timed out after {job.timeout} s{_where_stuck(job)}"),
                     )
 
     def _wait_for_jobs(self, timeout: float | None) -> None:
@@ -385,6 +387,14 @@ class JobSide(Generic[SlotT]):
                 jobs=left[:20],
                 count=len(left),
             )
+
+
+def _where_stuck(job: Job) -> str:
+    """Where a job that timed out was stuck: what each site that had waited a while waited for."""
+    if not job._waiting:
+        return ""
+    lines = "; ".join(f"at site {site!r}: {text}" for site, text in sorted(job._waiting.items()))
+    return f"; where it stuck: {lines} (sites not named were busy in a step, or done)"
 
 
 class _StreamInputs:

@@ -42,6 +42,12 @@ LOG = 16  # (LOG, [(level, event, fields), ...])
 BOOTED = 17  # (BOOTED,)  the interpreter is up; the site's setup runs next
 CUT = 18  # (CUT, job_id, [site, ...])  a tolerant gather stopped waiting for these (late) sites
 
+# fault plans (see _faults)
+FAULTS = 20  # (FAULTS, job_id, seed, job_number, [(index, fault), ...])  client -> worker, before START
+INJECT = 21  # (INJECT, job_id, index, fault)  client -> worker: crash or pause now (thread backend)
+FAULT = 22  # (FAULT, job_id, [record, ...])  worker -> client: faults it applied, for the timeline
+WAITING = 23  # (WAITING, job_id, text or None)  worker -> client: what its job waits for (None: no more)
+
 # Token kinds: an item; the last item from its source; the end of a stream with no item.
 ITEM = 0
 LAST = 1
@@ -148,3 +154,4 @@ class WorkerSpec:
     max_token_bytes: int
     shm_prefix: str  # names of the shared-memory segments this worker creates
     index: int = 0  # the site's place in its slot: its sender number in the others' inboxes
+    fail_start: str | None = None  # a fault plan's FailStart: the setup raises with this message

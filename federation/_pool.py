@@ -27,6 +27,7 @@ from ._callbacks import CallbackThread
 from ._channel import Outbox
 from ._config import FederationConfig
 from ._exceptions import ConfigError, FederationError, SiteStartError
+from ._fault_control import FaultControl
 from ._execution import TRANSITIONS, JobExecution, SlotState, SlotTransitionError, fds_per_slot
 from ._handle import Job, JobStatus
 from ._jobs import JobSide
@@ -42,7 +43,7 @@ EVENTS, SENTINEL, OUTPUT, STDOUT, WAKE = range(5)  # what a registered fd is
 TRIM_AFTER = 1.0  # seconds without jobs after which the client unmaps workers' segments
 
 
-class SlotPool(JobSide[JobExecution]):
+class SlotPool(JobSide[JobExecution], FaultControl):
     """The slots of one federation and their workers' pipes, under the job side's lock."""
 
     def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
@@ -120,6 +121,7 @@ class SlotPool(JobSide[JobExecution]):
             self._lifeline_r,
             self._log_level,
             self._on_pending,
+            self._faults_start_failures(self._site_names()) if self.fault_plan is not None else None,
         )
         self.slots[index] = slot
         slot.oom_kills = oom_kill_count()
@@ -138,6 +140,9 @@ class SlotPool(JobSide[JobExecution]):
                 self._register(worker.output, OUTPUT, slot, site)
         self.log.debug("slot starting", slot=index, generation=slot.generation)
         return slot
+
+    def _site_names(self) -> list[str]:
+        return [site.name for site in self.config.sites]
 
     def _register(self, fd: int, kind: int, slot: JobExecution | None, site: str) -> None:
         self._fds[fd] = (kind, slot, site)
@@ -208,6 +213,8 @@ class SlotPool(JobSide[JobExecution]):
         slot.pending_sites = set(participants)
         self.running[job.id] = (job, slot)
         started = time.time()  # the attempt's start: before any site can start
+        if job._faults is not None:
+            self._faults_dispatch(job, slot, participants)  # each site's rules, ahead of START
         for site in participants:
             digest, plan = compiled.plans[site]
             cached = slot.plans[site]

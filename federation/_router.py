@@ -187,6 +187,8 @@ class Router(SlotPool):
                 deadlines.append(slot.started_at + self.config.start_timeout)
         if self.config.max_worker_memory is not None and self.running:
             deadlines.append(self._next_memory_check)
+        if self._fault_timers:
+            deadlines.append(self._fault_timers[0][0])  # a fault plan's timed crash or pause
         if not deadlines:
             return None
         return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
@@ -254,6 +256,8 @@ class Router(SlotPool):
             )
             error.__cause__ = cause
             self._end_job(job, JobStatus.FAILED, error)
+        elif tag == m.FAULT or tag == m.WAITING:
+            self._on_fault_event(slot, site, message)  # faults applied; what a site waits for
         elif tag == m.CUT:
             job = slot.job
             if job is not None and job.id == message[1]:
@@ -499,6 +503,8 @@ class Router(SlotPool):
             if not self.running:
                 # Idle: what workers' segments this client still maps is given back too.
                 self._views.trim()
+        if self._fault_timers:
+            self._faults_due(now)
         self._on_job_deadlines(now)
         for slot in self._all_slots():
             for site, when in list(slot.site_kill.items()):

@@ -44,6 +44,7 @@ from typing import Any
 from . import _messages as m
 from ._context import StepContext
 from ._exceptions import JobCancelledError, QuorumError, SerializationError
+from ._faults import FaultRuntime
 from ._gather import Gather
 from ._serialization import Payload, SegmentPool, SegmentViews, dump_exception, dumps, payload_size
 from ._store import SiteStoreOwner
@@ -153,7 +154,7 @@ class _JobRun:
         self.metrics: list[tuple[str, str, float, float]] = []  # (step, name, value, time)
 
 
-class StepRunner(SiteStoreOwner):
+class StepRunner(SiteStoreOwner, FaultRuntime):
     """Runs one site's steps of the current job; a site runtime supplies the pipes."""
 
     # State the runtime sets up (see Worker.__init__).
@@ -225,6 +226,7 @@ class StepRunner(SiteStoreOwner):
         self._run = run
         self._links = {}
         self._sends = []
+        self._faults_start(job_id)  # a fault plan's rules for this job, if any (see _faults)
         for step_plan in plan.steps:
             run.steps[step_plan.name] = self._prepare(run, step_plan)
         run.order = list(reversed(run.steps.values()))
@@ -383,6 +385,8 @@ class StepRunner(SiteStoreOwner):
             return
         finally:
             self._current_step = None
+        if self._faults is not None and not plan.generator:  # a generator is slowed per item
+            self._faults_slow(plan.name, step_run.call_started)
         if plan.generator:
             step_run.active = value
             return
@@ -397,6 +401,7 @@ class StepRunner(SiteStoreOwner):
         assert generator is not None
         while True:
             self._current_step = step_run.plan.name
+            item_started = time.time() if self._faults is not None else 0.0
             try:
                 value = next(generator)
             except StopIteration:
@@ -412,6 +417,8 @@ class StepRunner(SiteStoreOwner):
                 return
             finally:
                 self._current_step = None
+            if self._faults is not None:
+                self._faults_slow(step_run.plan.name, item_started)
             step_run.call_count += 1
             self._emit(run, step_run, value, m.ITEM)
             if self._yield_turn(run, step_run):
@@ -493,6 +500,8 @@ class StepRunner(SiteStoreOwner):
                 batch.append((route.step, route.param, self.site, seq, payload, kind))
                 if eager or len(batch) >= _BATCH:
                     self._flush_batch(route.site)
+        if self._faults is not None:
+            self._faults_after_value(plan.name)  # a crash or pause after N values (see _faults)
 
     def _step_done(self, run: _JobRun, step_run: _StepRun) -> None:
         """A step made its last value: its streams end at their consumers."""
@@ -540,15 +549,20 @@ class StepRunner(SiteStoreOwner):
         self._flush_releases()
 
     def _next_timer(self) -> float | None:
-        """When the nearest deadline of a tolerant gather of the running job falls (monotonic)."""
+        """When the nearest deadline of a tolerant gather of the running job, or a frame a
+        fault plan holds, falls (monotonic)."""
+        held = self._faults_timer()
         run = self._run
         if run is None:
-            return None
+            return held
         deadlines = [g.deadline for g in self._tolerant_gathers(run) if g.deadline is not None]
+        if held is not None:
+            deadlines.append(held)
         return min(deadlines) if deadlines else None
 
     def _on_tick(self) -> None:
         """A deadline came due: those gathers go on without the late sites, which the client cancels."""
+        self._faults_flush()
         run = self._run
         if run is None:
             return

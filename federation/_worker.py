@@ -128,6 +128,8 @@ class Worker(StepRunner):
     # -- sending ---------------------------------------------------------------------------
 
     def _send_event(self, message: tuple[Any, ...]) -> None:
+        if self._faults is not None and self._faults_event(message):
+            return  # a fault plan holds it (a slow or cut link to the client; see _faults)
         try:
             if not self._events.send(pickle.dumps(message, protocol=5)):
                 self._stalled.add(self._events)
@@ -142,8 +144,11 @@ class Worker(StepRunner):
         batch = self._batches.pop(site, None)
         if not batch:
             return
+        self._send_tokens(site, self._run.job_id, batch)
+
+    def _send_tokens(self, site: str, job_id: int, batch: list[m.Token], shaped: bool = False) -> None:
         outbox = self._siblings_out[site]
-        data = pickle.dumps((m.TOKENS, self._run.job_id, batch), protocol=5)
+        data = pickle.dumps((m.TOKENS, job_id, batch), protocol=5)
         # Every byte the frame carries: its pickle, and the buffers its tokens sent out
         # of band through shared memory (a large array is a few hundred bytes of pickle).
         size = len(data)
@@ -151,6 +156,8 @@ class Worker(StepRunner):
             payload = token[4]
             if payload is not None and not isinstance(payload, bytes):
                 size += payload_size(payload) - len(payload[0])
+        if not shaped and self._faults is not None and self._faults_batch(site, job_id, batch, size):
+            return  # the fault plan sends it later (delay, bandwidth, partition) or lost it
         link = self._links.setdefault(site, [0, 0])
         link[0] += len(batch)
         link[1] += size
@@ -170,6 +177,8 @@ class Worker(StepRunner):
             self._send_event((m.RESULTS, self._run.job_id, batch))
 
     def _flush_all(self) -> None:
+        if self._fault_due:
+            self._faults_flush()  # frames a fault plan held whose time has come
         for site in list(self._batches):
             self._flush_batch(site)
         self._flush_results()
@@ -278,7 +287,11 @@ class Worker(StepRunner):
                     min(int(left * 1000) + 1, left_ms) if timer is not None else int(left * 1000) + 1
                 )
             else:
-                self._read_ready(None)
+                # Blocks for ever, except while a job waits here: after a while the site
+                # tells the client what the job waits for (see _faults.describe_waiting).
+                self._read_ready(self._wait_timeout_ms())
+        if self._wait_since is not None:
+            self._wait_over()
         return self._inbox.popleft()
 
     def abort_requested(self, job_id: int) -> str | None:
@@ -387,7 +400,8 @@ class Worker(StepRunner):
             message = self._next_message()
             tag = message[0]
             if tag == m.TOKENS:
-                self._on_tokens(message[1], message[2])
+                if self._faults is None or not self._faults_inbound(message):
+                    self._on_tokens(message[1], message[2])
             elif tag == m.START:
                 self._on_start(message[1], message[2], message[3], message[4])
             elif tag == m.MISSING:
@@ -398,6 +412,10 @@ class Worker(StepRunner):
                 self._on_abort(message[1], message[2])
             elif tag == m.PLAN:
                 self._on_plan(message[1], message[2])
+            elif tag == m.FAULTS:
+                self._on_faults(message[1], message[2], message[3], message[4])
+            elif tag == m.INJECT:
+                self._on_inject(message[1], message[2], message[3])
             elif tag == m.STOP:
                 self._flush_all()
                 self._pump_until(lambda: not self._events.has_pending)
@@ -472,6 +490,10 @@ def run_worker(
             os.makedirs(spec.data_dir, exist_ok=True)
         events.send(pickle.dumps((m.BOOTED,), protocol=5))
         try:
+            if spec.fail_start is not None:
+                from ._faults import InjectedStartFailure
+
+                raise InjectedStartFailure(spec.fail_start)
             if spec.setup is not None:
                 worker.state = spec.setup()
         except BaseException as exc:  # noqa: BLE001 - report any setup failure, SystemExit too

@@ -16,11 +16,13 @@ PACKAGE = Path(fed.__file__).parent
 ORDER = [
     "_exceptions",
     "_messages",
+    "_fault_plan",
     "_channel",
     "_serialization",
     "_gather",
     "_store",
     "_context",
+    "_faults",
     "_steps",
     "_worker",
     "backends",
@@ -38,6 +40,7 @@ ORDER = [
     "_handle",
     "_execution",
     "_jobs",
+    "_fault_control",
     "_pool",
     "_router",
     "_stats",
@@ -45,6 +48,7 @@ ORDER = [
     "_federation",
     "_demo",
     "_cli",
+    "faults",
     "__init__",
     "__main__",
 ]
@@ -56,6 +60,8 @@ TYPE_ONLY_UPWARD = {
 WORKER_SIDE = {
     "_exceptions",
     "_messages",
+    "_fault_plan",
+    "_faults",
     "_channel",
     "_serialization",
     "_gather",
