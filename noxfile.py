@@ -124,7 +124,7 @@ def examples(session: nox.Session) -> None:
     """Run every example; fail if one fails."""
     import pathlib
 
-    session.install(".", "numpy", "scikit-learn")  # fedavg.py trains on scikit-learn's digits
+    session.install(".[viz]", "numpy", "scikit-learn")  # fedavg.py, fault_drill.py: digits; the drill draws a PNG
     for path in sorted(pathlib.Path("examples").glob("*.py")):
         session.run("python", str(path))
 

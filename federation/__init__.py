@@ -29,6 +29,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from . import faults
     from ._config import FederationConfig, Site, SiteConfig
     from ._context import StepContext
     from ._exceptions import (
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
         UnpicklableError,
         WorkerDiedError,
     )
-    from . import faults
     from ._fault_plan import FaultPlan
     from ._federation import Federation
     from ._handle import Attempt, Job, JobStatus, Result

@@ -66,12 +66,15 @@ class FaultControl:
         for site in sites:
             start = self._fault_starts[site] = self._fault_starts.get(site, 0) + 1
             for index, fault in enumerate(plan.faults):
-                if isinstance(fault, FailStart) and fault.site in (site, "*"):
-                    if fault.skip < start <= fault.skip + fault.times:
-                        failing[site] = (
-                            f"injected by fault {index} of the fault plan (seed {plan.seed}): "
-                            f"FailStart of site {site!r}, start {start}"
-                        )
+                if (
+                    isinstance(fault, FailStart)
+                    and fault.site in (site, "*")
+                    and fault.skip < start <= fault.skip + fault.times
+                ):
+                    failing[site] = (
+                        f"injected by fault {index} of the fault plan (seed {plan.seed}): "
+                        f"FailStart of site {site!r}, start {start}"
+                    )
         return failing
 
     def _fault_timer(self, when: float, action: str, args: Any) -> None:

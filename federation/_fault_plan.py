@@ -92,7 +92,9 @@ class Fault:
         if not 0.0 <= self.probability <= 1.0:
             raise ConfigError(f"{self.kind}: probability={self.probability!r} must be in [0, 1]")
         if self.per not in _PER:
-            raise ConfigError(f"{self.kind}: per={self.per!r} must be one of {list(_PER)}{_hint(self.per, _PER)}")
+            raise ConfigError(
+                f"{self.kind}: per={self.per!r} must be one of {list(_PER)}{_hint(self.per, _PER)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The fault as plain data: its kind and the fields that differ from their defaults."""
@@ -290,7 +292,9 @@ class FaultPlan:
         object.__setattr__(self, "faults", tuple(faults))
         for fault in self.faults:
             if not isinstance(fault, Fault):
-                raise ConfigError(f"FaultPlan: {fault!r} is not a fault (use the classes in federation.faults)")
+                raise ConfigError(
+                    f"FaultPlan: {fault!r} is not a fault (use the classes in federation.faults)"
+                )
 
     def __repr__(self) -> str:
         inner = ", ".join(_fault_repr(fault) for fault in self.faults)
@@ -313,7 +317,9 @@ class FaultPlan:
             kind = fields.pop("kind", None)
             fault_class = KINDS.get(str(kind))
             if fault_class is None:
-                raise ConfigError(f"unknown fault kind {kind!r}{_hint(str(kind), KINDS)}; kinds: {sorted(KINDS)}")
+                raise ConfigError(
+                    f"unknown fault kind {kind!r}{_hint(str(kind), KINDS)}; kinds: {sorted(KINDS)}"
+                )
             known = {f.name for f in dataclasses.fields(fault_class)}
             for name in fields:
                 if name not in known:
@@ -341,9 +347,16 @@ class FaultPlan:
     @classmethod
     def from_toml(cls, text: str) -> FaultPlan:
         """The plan in a TOML text."""
-        import tomllib
+        import importlib
 
-        return cls.from_dict(tomllib.loads(text))
+        try:
+            toml = importlib.import_module("tomllib")  # Python 3.11+
+        except ImportError:  # pragma: no cover - Python 3.10
+            try:
+                toml = importlib.import_module("tomli")
+            except ImportError as exc:
+                raise ConfigError("reading a TOML plan needs Python 3.11+ or `pip install tomli`") from exc
+        return cls.from_dict(toml.loads(text))
 
     def save(self, path: str | Path) -> Path:
         """Write the plan to ``path``: TOML for ``.toml``, else JSON."""

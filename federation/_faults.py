@@ -58,7 +58,13 @@ from ._fault_plan import (
 __all__ = [
     "FaultRuntime",
     "InjectedCrash",
-    "InjectedStartFailure", "JobSchedule", "LinkShaper", "SiteFaults", "describe_waiting", "schedule"]
+    "InjectedStartError",
+    "JobSchedule",
+    "LinkShaper",
+    "SiteFaults",
+    "describe_waiting",
+    "schedule",
+]
 
 WAIT_REPORT = 0.2  # seconds a job's site waits before it tells the client what for
 _REORDER_HOLD = 0.02  # seconds a reordered frame is held back (the next one overtakes it)
@@ -67,7 +73,7 @@ _RECORDS_PER_JOB = 1000  # fault events a site reports per job; later ones are o
 Rule = tuple[int, Fault]  # (the fault's index in the plan, the fault)
 
 
-class InjectedStartFailure(RuntimeError):
+class InjectedStartError(RuntimeError):
     """What a site's setup raises under a :class:`~federation.faults.FailStart` fault."""
 
 
@@ -117,7 +123,11 @@ def schedule(plan: FaultPlan, number: int, attempt: int, sites: Sequence[str]) -
             for source, target in fault.links():
                 for src in sites if source == ALL else [source]:
                     for dst in sites if target == ALL else [target]:
-                        if src == dst or (src not in sites and src != CLIENT) or (dst not in sites and dst != CLIENT):
+                        if (
+                            src == dst
+                            or (src not in sites and src != CLIENT)
+                            or (dst not in sites and dst != CLIENT)
+                        ):
                             continue
                         if not _per_site(plan.seed, index, number, fault, f"{src}>{dst}"):
                             continue
@@ -155,7 +165,7 @@ class SiteFaults:
         self.t0 = time.monotonic()
         self.site_rules = [(i, f) for i, f in rules if isinstance(f, SiteFault)]
         self.slow = [(i, f) for i, f in self.site_rules if isinstance(f, Slow)]
-        self.actions = [(i, f) for i, f in self.site_rules if isinstance(f, (Crash, Pause))]
+        self.actions: list[Rule] = [(i, f) for i, f in self.site_rules if isinstance(f, (Crash, Pause))]
         self.links: dict[tuple[str, str], LinkShaper] = {}  # (source, target) -> its shaper
         for index, fault in rules:
             if isinstance(fault, LinkFault):
@@ -163,7 +173,7 @@ class SiteFaults:
                 shaper = self.links.get(key)
                 if shaper is None:
                     shaper = self.links[key] = LinkShaper(self, fault.source, fault.target)
-                shaper.rules.append((index, fault))
+                shaper.rules.append((index, fault))  # a LinkFault (checked above)
         self.sent: dict[str | None, int] = {}  # values each step sent (None: all steps)
         self.fired: set[int] = set()
         self.records: list[dict[str, Any]] = []
@@ -185,7 +195,9 @@ class SiteFaults:
 
     def at_start(self) -> list[Rule]:
         """Crashes and pauses with no time or count trigger: they act as the job starts here."""
-        due = [(i, f) for i, f in self.actions if f.at is None and f.after is None and f.per != "token"]
+        due: list[Rule] = [
+            (i, f) for i, f in self.actions if f.at is None and f.after is None and f.per != "token"
+        ]
         self.fired.update(i for i, _ in due)
         return due
 
@@ -193,7 +205,7 @@ class SiteFaults:
         """A step sent a value: the crashes and pauses it sets off, with the count that did."""
         total = self.sent[None] = self.sent.get(None, 0) + 1
         own = self.sent[step] = self.sent.get(step, 0) + 1
-        due = []
+        due: list[tuple[int, Fault, int]] = []
         for index, fault in self.actions:
             if index in self.fired or (fault.step is not None and fault.step != step):
                 continue
@@ -236,7 +248,7 @@ class LinkShaper:
         self.owner = owner
         self.source = source
         self.target = target
-        self.rules: list[Rule] = []
+        self.rules: list[tuple[int, LinkFault]] = []
         self.tokens = 0  # tokens over the link so far
         self.frames = 0
         self.free_at = 0.0  # when the link has sent what it was given (bandwidth)
@@ -274,11 +286,19 @@ class LinkShaper:
                 else:
                     heal = owner.t0 + (fault.at or 0.0) + fault.seconds
                     due = max(due, heal)
-                    owner.record(index, fault, target=self.target, source=self.source, held=round(heal - now, 6))
+                    owner.record(
+                        index, fault, target=self.target, source=self.source, held=round(heal - now, 6)
+                    )
             elif isinstance(fault, Drop):
-                kept = [t for k, t in enumerate(keep) if not self._per_token(index, fault, elapsed, self.tokens + k)]
+                kept = [
+                    t
+                    for k, t in enumerate(keep)
+                    if not self._per_token(index, fault, elapsed, self.tokens + k)
+                ]
                 if len(kept) != len(keep):
-                    owner.record(index, fault, target=self.target, source=self.source, lost=len(keep) - len(kept))
+                    owner.record(
+                        index, fault, target=self.target, source=self.source, lost=len(keep) - len(kept)
+                    )
                 keep = kept
             elif isinstance(fault, Duplicate):
                 for k, token in enumerate(keep):
@@ -298,11 +318,20 @@ class LinkShaper:
             elif isinstance(fault, Bandwidth):
                 start = max(due, self.free_at)
                 due = self.free_at = start + nbytes / fault.bytes_per_second
-                owner.record(index, fault, target=self.target, source=self.source, nbytes=nbytes, seconds=round(due - now, 6))
+                owner.record(
+                    index,
+                    fault,
+                    target=self.target,
+                    source=self.source,
+                    nbytes=nbytes,
+                    seconds=round(due - now, 6),
+                )
             elif isinstance(fault, Delay):
                 added = fault.seconds
                 if fault.jitter:
-                    rng = rng_for(owner.seed, "jitter", index, owner.number, self.source, self.target, self.frames)
+                    rng = rng_for(
+                        owner.seed, "jitter", index, owner.number, self.source, self.target, self.frames
+                    )
                     added = max(0.0, added + rng.uniform(-fault.jitter, fault.jitter))
                 due += added
                 owner.record(index, fault, target=self.target, source=self.source, seconds=round(added, 6))
@@ -492,10 +521,11 @@ class FaultRuntime:
         if shaper is None or message[0] in (m.FAULT, m.WAITING):
             return False
         now = time.monotonic()
+        deliveries: list[tuple[float, Any]]
         if message[0] == m.RESULTS:
             records = [(*record, m.ITEM) for record in message[2]]
-            deliveries = shaper.shape(records, _size(records), now)
-            deliveries = [(due, (m.RESULTS, message[1], [r[:-1] for r in kept])) for due, kept in deliveries]
+            shaped = shaper.shape(records, _size(records), now)
+            deliveries = [(due, (m.RESULTS, message[1], [r[:-1] for r in kept])) for due, kept in shaped]
         else:  # control events are never lost; they keep their place behind delayed results
             deliveries = [(max(now, shaper.last_due), message)]
         self._send_fault_records()
@@ -541,7 +571,8 @@ class FaultRuntime:
         while due and due[0][0] <= now:
             _, _, what, args = heapq.heappop(due)
             if what == "tokens":
-                self._send_tokens(*args, shaped=True)
+                site, job_id, tokens = args
+                self._send_tokens(site, job_id, tokens, shaped=True)
             elif what == "event":
                 faults, self._faults = self._faults, None  # not shaped twice
                 try:

@@ -27,8 +27,8 @@ from ._callbacks import CallbackThread
 from ._channel import Outbox
 from ._config import FederationConfig
 from ._exceptions import ConfigError, FederationError, SiteStartError
-from ._fault_control import FaultControl
 from ._execution import TRANSITIONS, JobExecution, SlotState, SlotTransitionError, fds_per_slot
+from ._fault_control import FaultControl
 from ._handle import Job, JobStatus
 from ._jobs import JobSide
 from ._log import SiteLogFiles, get_logger, worker_log_level

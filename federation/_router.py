@@ -256,7 +256,7 @@ class Router(SlotPool):
             )
             error.__cause__ = cause
             self._end_job(job, JobStatus.FAILED, error)
-        elif tag == m.FAULT or tag == m.WAITING:
+        elif tag in (m.FAULT, m.WAITING):
             self._on_fault_event(slot, site, message)  # faults applied; what a site waits for
         elif tag == m.CUT:
             job = slot.job

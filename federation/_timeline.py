@@ -156,7 +156,12 @@ def to_chrome_trace(events: Sequence[TimelineEvent]) -> dict[str, Any]:
                     "ts": us(event.time),
                     "name": f"fault: {event.detail.get('fault')}",
                     "cat": "fault",
-                    "args": {"target": event.target, "step": event.step, "tokens": event.count, **event.detail},
+                    "args": {
+                        "target": event.target,
+                        "step": event.step,
+                        "tokens": event.count,
+                        **event.detail,
+                    },
                 }
             )
         elif event.site is None and event.kind not in (TimelineKind.QUEUED, TimelineKind.STARTED):

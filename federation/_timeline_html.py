@@ -195,9 +195,10 @@ def to_html(events: Sequence[TimelineEvent], *, title: str | None = None) -> str
         if event.kind is TimelineKind.FAULT:
             drawn.add("fault")
             cx, cy = x(event.time), y[event.row] + 7
+            diamond = f"M {cx} {cy - 6} L {cx + 6} {cy} L {cx} {cy + 6} L {cx - 6} {cy} z"
             parts.append(
                 f'<path class="fault" data-fault="{esc(str(event.detail.get("fault", "")))}" '
-                f'd="M {cx} {cy - 6} L {cx + 6} {cy} L {cx} {cy + 6} L {cx - 6} {cy} z" {_svg_paint("fault")}>'
+                f'd="{diamond}" {_svg_paint("fault")}>'
                 f"<title>{esc(layout.fault_label(event))}</title></path>"
             )
     # Token arrows, on top.

@@ -314,8 +314,9 @@ def fault_label(event: TimelineEvent) -> str:
     extra = ", ".join(
         f"{key}={value}" for key, value in detail.items() if key not in ("fault", "seed", "index", "source")
     )
-    return f"{detail.get('fault', 'fault')} at {where} (fault {detail.get('index')}, seed {detail.get('seed')})" + (
-        f": {extra}" if extra else ""
+    return (
+        f"{detail.get('fault', 'fault')} at {where} (fault {detail.get('index')}, seed {detail.get('seed')})"
+        + (f": {extra}" if extra else "")
     )
 
 

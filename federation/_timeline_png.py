@@ -194,7 +194,9 @@ def _png_figure(events: Sequence[TimelineEvent], *, title: str | None = None, dp
             handles[-1].set_markeredgewidth(1.5)
         elif mark == "fault":
             handles.append(
-                Line2D([], [], color=layout.FAULT_COLOUR, linestyle="none", marker="X", markersize=8, label=label)
+                Line2D(
+                    [], [], color=layout.FAULT_COLOUR, linestyle="none", marker="X", markersize=8, label=label
+                )
             )
         elif mark in ("tokens", "tokens-estimated"):
             handles.append(

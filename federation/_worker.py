@@ -491,9 +491,9 @@ def run_worker(
         events.send(pickle.dumps((m.BOOTED,), protocol=5))
         try:
             if spec.fail_start is not None:
-                from ._faults import InjectedStartFailure
+                from ._faults import InjectedStartError
 
-                raise InjectedStartFailure(spec.fail_start)
+                raise InjectedStartError(spec.fail_start)
             if spec.setup is not None:
                 worker.state = spec.setup()
         except BaseException as exc:  # noqa: BLE001 - report any setup failure, SystemExit too
