@@ -38,14 +38,23 @@ import gc
 import pickle
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _messages as m
 from ._context import StepContext
 from ._exceptions import JobCancelledError, QuorumError, SerializationError
 from ._gather import Gather
-from ._serialization import Payload, SegmentPool, SegmentViews, dump_exception, dumps, payload_size
+from ._serialization import (
+    Payload,
+    SegmentPool,
+    SegmentViews,
+    dump_exception,
+    dumps,
+    inline,
+    payload_size,
+    shared_segments,
+)
 from ._store import SiteStoreOwner
 
 __all__ = ["StepContext", "StepRunner"]
@@ -267,16 +276,41 @@ class StepRunner(SiteStoreOwner):
         self._flush_releases()
 
     def _deliver_remote(self, run: _JobRun, tokens: Any) -> None:
+        loads = self._views.loads
+        last: tuple[str, str, str] | None = None
+        append: Callable[[Any], None] | None = None
         for step, param, source, _seq, payload, kind in tokens:
             # No local name holds the value: it is released as soon as the step lets go.
-            self._deliver(
-                run,
-                step,
-                param,
-                source,
-                self._views.loads(payload, source) if payload is not None else None,
-                kind,
-            )
+            if payload is None:
+                value = None
+            elif type(payload) is tuple and len(payload) == 1:
+                value = payload[0]  # inline: unpickled with the frame
+            else:
+                value = loads(payload, source)
+            if append is not None and kind == m.ITEM and (step, param, source) == last:
+                append(value)  # a stream's next item: where the previous one went
+                continue
+            self._deliver(run, step, param, source, value, kind)
+            last = (step, param, source)
+            append = self._item_sink(run, step, param, source) if kind == m.ITEM else None
+
+    def _item_sink(self, run: _JobRun, step: str, param: str, source: str) -> Callable[[Any], None] | None:
+        """Where more items from ``source`` to ``step``'s ``param`` go, while a frame is read.
+
+        Nothing runs between two tokens of one frame, so what took the first item
+        takes the next: a stream of small items skips the lookups per item.
+        """
+        step_run = run.steps.get(step)
+        if step_run is None or step_run.done:
+            return None
+        if param == step_run.driver:
+            queue = step_run.queue
+            return lambda value: queue.append((source, value))
+        gather = step_run.gathers[param]
+        items = gather.values.get(source)
+        if gather.param.stream and isinstance(items, list) and source in gather.pending:
+            return items.append
+        return None
 
     def _on_abort(self, job_id: int, reason: str) -> None:
         run = self._run
@@ -472,7 +506,10 @@ class StepRunner(SiteStoreOwner):
         eager = kind != m.ITEM or now - self._last_emit > _LINGER
         self._last_emit = now
         payload: Payload | None = None
-        if step_run.destinations:
+        if step_run.destinations and not plan.outputs:
+            # Only other sites receive it: a small value rides in the frame's one pickle.
+            payload = inline(value)
+        if step_run.destinations and payload is None:
             try:
                 payload = self._dumps(value, step_run.what, step_run.destinations)
             except Exception as exc:  # noqa: BLE001 - cannot pickle it, too large, /dev/shm full
@@ -633,6 +670,5 @@ class StepRunner(SiteStoreOwner):
 
     def _release_own(self, payload: Payload | None) -> None:
         """Give back this worker's segments that ``payload`` holds, which will never be sent."""
-        if payload is not None and not isinstance(payload, bytes):
-            for name, _ in payload[1]:
-                self._pool.release(name)
+        for name, _ in shared_segments(payload):
+            self._pool.release(name)

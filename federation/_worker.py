@@ -149,7 +149,7 @@ class Worker(StepRunner):
         size = len(data)
         for token in batch:
             payload = token[4]
-            if payload is not None and not isinstance(payload, bytes):
+            if payload is not None and type(payload) is tuple and len(payload) == 2:
                 size += payload_size(payload) - len(payload[0])
         link = self._links.setdefault(site, [0, 0])
         link[0] += len(batch)
