@@ -29,7 +29,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._config import FederationConfig, Site, SiteConfig
+    from ._config import FederationConfig, Service, Site, SiteConfig
     from ._exceptions import (
         ConfigError,
         FederationClosedError,
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from ._federation import Federation
     from ._handle import Attempt, Job, JobStatus, Result
     from ._pipeline import Input, Pipeline, Step, collect
+    from ._service_address import ServiceAddress
     from ._stats import FederationStats, LinkStats, SlotStats, WorkerStats
     from ._steps import StepContext
     from ._timeline import TimelineEvent, TimelineKind
@@ -77,6 +78,8 @@ __all__ = [
     "ResourceExhaustedError",
     "Result",
     "SerializationError",
+    "Service",
+    "ServiceAddress",
     "Site",
     "SiteConfig",
     "SiteStartError",
@@ -115,6 +118,8 @@ _LOCATIONS = {
     "ResourceExhaustedError": "_exceptions",
     "Result": "_handle",
     "SerializationError": "_exceptions",
+    "Service": "_config",
+    "ServiceAddress": "_service_address",
     "Site": "_config",
     "SiteConfig": "_config",
     "SiteStartError": "_exceptions",

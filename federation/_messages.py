@@ -15,8 +15,8 @@ Workers import this module: standard library only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 # client -> worker (control pipe)
@@ -120,3 +120,4 @@ class WorkerSpec:
     log_level: str
     max_token_bytes: int
     shm_prefix: str  # names of the shared-memory segments this worker creates
+    services: Mapping[str, Any] = field(default_factory=dict)  # the site's ServiceMap: ctx.services

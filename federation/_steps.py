@@ -36,7 +36,7 @@ import gc
 import pickle
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from . import _messages as m
@@ -72,10 +72,23 @@ class StepContext:
         state: the result of the site's ``setup`` in this worker (``None`` without one).
         data_dir: the site's data directory, or ``None``.
         env: the environment variables configured for this site.
+        services: the site's services by name: where each listens
+            (:class:`~federation.ServiceAddress`), as ``ctx.services["db"].port``.
         source_site: for a step run per stream item, the site the item came from.
     """
 
-    __slots__ = ("_log", "_worker", "data_dir", "env", "job_id", "site", "source_site", "state", "step")
+    __slots__ = (
+        "_log",
+        "_worker",
+        "data_dir",
+        "env",
+        "job_id",
+        "services",
+        "site",
+        "source_site",
+        "state",
+        "step",
+    )
 
     def __init__(self, worker: StepRunner, job_id: int, step: str, source_site: str | None) -> None:
         self._worker = worker
@@ -85,6 +98,7 @@ class StepContext:
         self.state = worker.state
         self.data_dir = worker.data_dir
         self.env = worker.env
+        self.services = worker.services
         self.source_site = source_site
         self._log: Any = None
 
@@ -213,6 +227,7 @@ class StepRunner:
     state: Any
     data_dir: str | None
     env: dict[str, str]
+    services: Mapping[str, Any]
     dropped: int
     _plans: dict[bytes, m.SitePlan]
     _run: _JobRun | None

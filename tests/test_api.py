@@ -15,6 +15,8 @@ PACKAGE = Path(fed.__file__).parent
 #: Lowest first: a module may import (at its top level) only modules before it.
 ORDER = [
     "_exceptions",
+    "_service_address",
+    "_supervisor",
     "_messages",
     "_channel",
     "_serialization",
@@ -22,7 +24,9 @@ ORDER = [
     "_worker",
     "backends",
     "_log",
+    "_service_checks",
     "_config",
+    "_services",
     "_pipeline",
     "_callbacks",
     "_oom",
@@ -49,7 +53,15 @@ TYPE_ONLY_UPWARD = {
     ("backends", "_config"),  # get_backend's parameter is annotated with the config it reads
 }
 #: What a worker process runs: it must never reach the client's side.
-WORKER_SIDE = {"_exceptions", "_messages", "_channel", "_serialization", "_steps", "_worker"}
+WORKER_SIDE = {
+    "_exceptions",
+    "_service_address",
+    "_messages",
+    "_channel",
+    "_serialization",
+    "_steps",
+    "_worker",
+}
 
 
 def _module_of(path: Path) -> str:
