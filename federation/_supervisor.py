@@ -101,11 +101,14 @@ def _mirror(status: int) -> None:
         signum = os.WTERMSIG(status)
         try:
             signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # SIGKILL, SIGSTOP: cannot be caught, always fatal
             pass
-        os._exit(128 + signum)
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+        try:
+            os.kill(os.getpid(), signum)
+        except OSError:
+            pass
+        os._exit(128 + signum)  # a signal that does not end a process (never from WTERMSIG)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 
 
 def main() -> None:
