@@ -42,9 +42,12 @@ def app_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.cmdline()[1:2] == [APP] and proc.status() != psutil.STATUS_ZOMBIE:
-                if proc.environ().get("TEST_OWNER") == str(os.getpid()):
-                    found.append(proc)
+            if (
+                proc.cmdline()[1:2] == [APP]
+                and proc.status() != psutil.STATUS_ZOMBIE
+                and proc.environ().get("TEST_OWNER") == str(os.getpid())
+            ):
+                found.append(proc)
         except psutil.Error:
             continue
     return found
