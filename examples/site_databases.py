@@ -180,7 +180,8 @@ def main() -> dict[str, object] | None:
         started = time.perf_counter()
         with fed.Federation([*sites, "hub"], pool_size=2) as federation:
             print(
-                f"{len(CLINICS)} PostgreSQL servers and their workers up in {time.perf_counter() - started:.1f} s"
+                f"{len(CLINICS)} PostgreSQL servers and their workers up "
+                f"in {time.perf_counter() - started:.1f} s"
             )
             loaded = federation.submit(load).result(timeout=120)
             print(f"loaded, each into its own database: {loaded}")
@@ -189,7 +190,8 @@ def main() -> dict[str, object] | None:
         assert result["per_clinic"] == expected, (result, expected)
         for clinic, n in result["per_clinic"].items():
             print(
-                f"  {clinic}: {n} of {PATIENTS[clinic]} patients aged {MIN_AGE}+ (counted in its own database)"
+                f"  {clinic}: {n} of {PATIENTS[clinic]} patients aged {MIN_AGE}+ "
+                "(counted in its own database)"
             )
         print(f"total: {result['total']}, and not one row left its clinic")
         return result

@@ -70,7 +70,8 @@ def main() -> dict[str, object]:
         started = time.perf_counter()
         with fed.Federation([*sites, "hub"], pool_size=2) as federation:
             print(
-                f"{len(CLINICS)} record services and their workers up in {time.perf_counter() - started:.2f} s"
+                f"{len(CLINICS)} record services and their workers up "
+                f"in {time.perf_counter() - started:.2f} s"
             )
             result = federation.submit(pipeline, threshold=0.9).result(timeout=60)
         expected = {clinic: sum(1 for v in values if v > 0.9) for clinic, values in data.items()}
