@@ -44,6 +44,7 @@ its workers run; :meth:`FederationServices.signal` is the seam for faults.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import select
@@ -54,6 +55,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -171,6 +173,7 @@ class FederationServices:
             os.set_blocking(self._wake_w, False)
             self._thread = threading.Thread(target=self._watch, name="federation-services", daemon=True)
             self._thread.start()
+            _live.add(self)
             for site in self._sites:
                 if site.data_dir is not None:  # the services' cwd and {data_dir}: made before them
                     site.data_dir.mkdir(parents=True, exist_ok=True)
@@ -199,8 +202,7 @@ class FederationServices:
             self.addresses[site_name] = ServiceMap(site_name, {r.name: r.address for r in services})
 
     def _launch(self, running: _Running) -> None:
-        import mirakuru
-
+        mirakuru = _mirakuru()
         service = running.service
         argv = [sys.executable, "-I", "-S", _SUPERVISOR, str(service.stop_grace), running.label, "--"]
         argv += running.argv
@@ -507,6 +509,30 @@ class FederationServices:
             if fd >= 0:
                 os.close(fd)
         self._wake_r = self._wake_w = self._lifeline_r = self._lifeline_w = -1
+
+
+_live: weakref.WeakSet[FederationServices] = weakref.WeakSet()
+_hooked = False
+
+
+def _mirakuru() -> Any:
+    """mirakuru, imported on the first service (a federation without services never pays for it)."""
+    global _hooked
+    import mirakuru
+
+    if not _hooked:
+        _hooked = True
+        # mirakuru's own atexit hook SIGKILLs whatever it started from this process.
+        # Hooks run last-registered-first, so this one, registered after mirakuru's,
+        # runs before it: a federation left open at exit stops its services gracefully
+        # (SIGTERM, stop_grace) instead, and their ends are not reported as deaths.
+        atexit.register(_stop_all_at_exit)
+    return mirakuru
+
+
+def _stop_all_at_exit() -> None:
+    for services in list(_live):
+        services.stop()
 
 
 def _waiting_for(running: _Running) -> str:

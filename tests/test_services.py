@@ -234,6 +234,12 @@ def test_a_program_that_cannot_run_is_a_start_error_naming_it(backend) -> None:
     assert "cannot run '/nonexistent/postgres'" in error.last_output[-1]
 
 
+def test_a_missing_working_directory_is_a_start_error(backend, tmp_path) -> None:
+    nowhere = fed.Service("db", app("line"), ready_line="ready", cwd=tmp_path / "nowhere")
+    error = _start_error(backend, [fed.Site("a", services=[nowhere])])
+    assert "service 'db' of site 'a' could not start: [Errno 2] No such file or directory" in str(error)
+
+
 def test_a_port_already_taken_is_a_start_error_before_the_service_starts(backend) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -354,6 +360,30 @@ def test_services_die_with_a_client_killed_with_sigkill(backend, tmp_path) -> No
         return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
 
     assert wait_until(gone, T), [p for p in processes if p.is_running()]
+
+
+def test_a_federation_left_open_at_exit_stops_its_services_gracefully(tmp_path) -> None:
+    """Interpreter exit closes it: SIGTERM first (mirakuru's own exit hook would SIGKILL)."""
+    script = tmp_path / "client.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            import federation as fed
+
+            service = fed.Service("svc", [sys.executable, {APP!r}, "stubborn"],
+                                  ready_line="ready to serve", stop_grace=0.2)
+            federation = fed.Federation([fed.Site("a", services=[service])], pool_size=1,
+                                        log_dir={str(tmp_path / "logs")!r})
+            print("leaving it open", flush=True)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=T)
+    assert out.returncode == 0 and "leaving it open" in out.stdout, out.stderr
+    assert "a service died" not in out.stderr
+    assert "a/svc: got SIGTERM, ignoring it" in (tmp_path / "logs" / "a.log").read_text()
 
 
 def test_a_fault_can_signal_a_sites_service(make_federation, records) -> None:
