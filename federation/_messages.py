@@ -120,4 +120,5 @@ class WorkerSpec:
     log_level: str
     max_token_bytes: int
     shm_prefix: str  # names of the shared-memory segments this worker creates
+    index: int = 0  # the site's place in its slot: its sender number in the others' inboxes
     services: Mapping[str, Any] = field(default_factory=dict)  # the site's ServiceMap: ctx.services

@@ -47,7 +47,7 @@ class SlotPool(JobSide[JobExecution]):
 
     def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
         _ensure_stdio()
-        _raise_fd_limit(_fds_needed(config.pool_size, len(config.sites)))
+        _raise_fd_limit(_fds_needed(config.pool_size, len(config.sites), config.backend == "thread"))
         super().__init__(config, callbacks)
         self.backend = get_backend(config)
         self.slots: list[JobExecution | None] = [None] * config.pool_size
@@ -501,11 +501,13 @@ def _ensure_stdio() -> None:
                 os.close(opened)
 
 
-def _fds_needed(pool_size: int, sites: int) -> int:
+def _fds_needed(pool_size: int, sites: int, threads: bool = False) -> int:
     """Open files the client needs for its pool: one slot starting while the others run."""
     # A running slot keeps control and events pipes and each worker's output pipes and
-    # pidfd (5 per site); a starting one briefly holds both ends of every link too.
-    return fds_per_slot(sites) + (pool_size - 1) * 5 * sites
+    # pidfd (5 per site); a starting one briefly holds both ends of every pipe too. Thread
+    # workers keep all their pipes in this process.
+    running = fds_per_slot(sites, threads) if threads else 5 * sites
+    return fds_per_slot(sites, threads) + (pool_size - 1) * running
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -520,8 +522,9 @@ def _raise_fd_limit(needed: int) -> None:
     if hard != resource.RLIM_INFINITY and needed + 64 > hard:
         raise ConfigError(
             f"this pool needs about {needed:,} open files while a slot starts, over the hard limit "
-            f"of {hard:,} (RLIMIT_NOFILE): each slot links every pair of sites; use fewer sites per "
-            f"federation or a smaller pool_size, or raise the hard limit (ulimit -Hn)"
+            f"of {hard:,} (RLIMIT_NOFILE); use fewer sites per federation or a smaller pool_size "
+            f"(on the thread backend, each worker holds a pipe to every other site), "
+            f"or raise the hard limit (ulimit -Hn)"
         )
     want = needed + 256  # the client's own files beside the pool's pipes
     if soft == resource.RLIM_INFINITY or want <= soft:

@@ -2,28 +2,30 @@
 
 What a job run goes through at one site, top to bottom::
 
-    START ─> _on_start: prepare every step (bind value inputs, make gathers)
-             deliver tokens that arrived early ─> run every step that is ready
-    TOKENS ─> _on_tokens ─> _deliver: add to a gather, or queue for the driver
-    _maybe_run(step): when every gather is complete
-        no driver: _call once, then _step_done
-        a driver (a stream consumed item by item): _call per queued item;
-                  _step_done once every source sent its END
-    _call: the user's function; each value it returns or yields goes to _emit
+    START  ─> _on_start: prepare every step (bind value inputs, make gathers),
+              _deliver tokens that arrived early, then _drive
+    TOKENS ─> _on_tokens ─> _deliver (to a gather, or queued for a driver), then _drive
+    ABORT  ─> _on_abort ─> _end(ok=False)
+
+    _drive: a loop; each turn, the deepest step that can go on takes one _turn:
+        a generator in progress ─> _advance: next(generator) ─> _emit one item
+        gathers complete, not run ─> _call the user's function once
+        a driver item queued     ─> _call once for that item
+        its streams all ended    ─> _step_done: END to its consumers
+      until no step can go on (then wait for tokens), every step is done
+      (_end ok: DONE after all data), a step raised (_fail: FAILED, then _end)
+      or the client aborted the job (seen between turns: _end, not ok)
     _emit: pickle once (large buffers to shared memory), then
         outputs    ─> results batch  ─> events pipe (to the client)
         other site ─> token batch    ─> that site's link pipe
-        this site  ─> _deliver ─> _maybe_run: the consuming step runs now,
-                      inside this one (depth first: a long stream is consumed
-                      as it is made, never buffered whole)
-    _step_done: a stream's END to its consumers
-    _maybe_finish: every step done ─> _end(ok=True) ─> DONE (after all data)
+        this site  ─> _deliver: the consumer takes its turn next (it is deeper),
+                      so a long stream is consumed as it is made, never buffered
 
-Two exceptions unwind a run from wherever it is, however deep: ``_Abort``
-(the client aborted the job: seen by ``_emit``, ``_call`` or a step's
-``ctx.check_cancelled``) and ``_StepFailure`` (a step raised; FAILED is sent
-first). Both end in ``_end(ok=False)``, which gives back the shared memory of
-every value that will now never be sent (invariant 7) and sends DONE.
+Nothing re-enters: a step's values are handed on by the loop, never by a
+call inside the step's own call, and the loop is the only place a run ends
+early. ``_end(ok=False)`` closes the generators still in progress and gives
+back the shared memory of every value that will now never be sent
+(invariant 7) before it sends DONE.
 
 The runner moves no bytes itself: :class:`~federation._worker.Worker` supplies
 the pipes (``_send_event``, ``_flush_batch``, ``_flush_results``,
@@ -52,14 +54,6 @@ _LINGER = 0.0002  # seconds since the last item after which an item is sent at o
 _ENDED_WINDOW = 1024
 _TIMINGS_PER_STEP = 64  # timeline records kept per step and job; later calls are merged
 _CHECK_EVERY = 0.002  # seconds between looks at the inbox while a step emits
-
-
-class _Abort(BaseException):
-    """Unwinds a job run when the client aborted it (not an error of the step)."""
-
-
-class _StepFailure(BaseException):
-    """Unwinds a job run after a step raised; the failure is already reported."""
 
 
 class StepContext:
@@ -171,7 +165,13 @@ class _Gather:
 
 
 class _StepRun:
+    """One step of one job at this site: its inputs so far and the call in progress."""
+
     __slots__ = (
+        "active",
+        "call_count",
+        "call_source",
+        "call_started",
         "calls",
         "ctx_param",
         "destinations",
@@ -180,6 +180,7 @@ class _StepRun:
         "driver_pending",
         "gathers",
         "kwargs",
+        "local",
         "plan",
         "queue",
         "ran",
@@ -193,29 +194,50 @@ class _StepRun:
         self.kwargs: dict[str, Any] = {}
         self.gathers: dict[str, _Gather] = {}
         self.driver: str | None = plan.driver
-        self.queue: deque[tuple[str, Any]] = deque()
-        self.driver_pending: set[str] = set()
+        self.queue: deque[tuple[str, Any]] = deque()  # driver items not yet run
+        self.driver_pending: set[str] = set()  # sites whose stream has not ended
         self.ran = False
         self.done = False
         self.seq = 0
         self.ctx_param: str | None = None
         self.destinations = 0  # receivers of each value: outputs and steps at other sites
+        self.local = False  # some of its values go to steps at this site
         self.calls = 0
         self.timing = 0
         self.what = f"the value step {plan.name!r} produced"
+        # A generator call in progress: advanced one item per turn of the loop.
+        self.active: Iterator[Any] | None = None
+        self.call_started = 0.0
+        self.call_count = 0
+        self.call_source: str | None = None
+
+    def has_work(self) -> bool:
+        """Whether this step can take a turn now: advance, start a call, or end."""
+        if self.done:
+            return False
+        if self.active is not None:
+            return True
+        for gather in self.gathers.values():
+            if not gather.complete:
+                return False
+        if self.driver is None:
+            return not self.ran
+        return bool(self.queue) or not self.driver_pending
 
 
 class _JobRun:
-    __slots__ = ("inputs", "job_id", "plan", "remaining", "started", "steps", "timings")
+    __slots__ = ("failed", "inputs", "job_id", "order", "plan", "remaining", "started", "steps", "timings")
 
     def __init__(self, job_id: int, plan: m.SitePlan, inputs: dict[str, bytes]) -> None:
         self.job_id = job_id
         self.plan = plan
         self.steps: dict[str, _StepRun] = {}
+        self.order: list[_StepRun] = []  # deepest first: the order in which steps get a turn
         self.remaining = len(plan.steps)
         self.inputs = inputs
         self.timings: list[tuple[str, float, float, int]] = []
         self.started = time.time()
+        self.failed = False  # a step raised; FAILED was sent
 
 
 class StepRunner:
@@ -269,6 +291,10 @@ class StepRunner:
         """A structlog logger whose records travel to the client."""
         raise NotImplementedError
 
+    def log(self, level: str, event: str, **fields: Any) -> None:
+        """Send one log record to the client, tagged with this site."""
+        raise NotImplementedError
+
     def abort_requested(self, job_id: int) -> str | None:
         """The abort reason for ``job_id`` if the client asked to abort it."""
         raise NotImplementedError
@@ -285,25 +311,17 @@ class StepRunner:
         self._run = run
         self._links = {}
         self._sends = []
-        try:
-            for step_plan in plan.steps:
-                run.steps[step_plan.name] = self._prepare(run, step_plan)
-            for early in self._early.pop(job_id, ()):
-                self._deliver_remote(run, early)
-            if job_id in self._aborted:
-                raise _Abort
-            for step_run in list(run.steps.values()):
-                self._maybe_run(run, step_run)
-        except _Abort:
-            self._end(run, ok=False)
-        except _StepFailure:
-            self._end(run, ok=False)
-        else:
-            self._maybe_finish(run)
+        for step_plan in plan.steps:
+            run.steps[step_plan.name] = self._prepare(run, step_plan)
+        run.order = list(reversed(run.steps.values()))
+        for early in self._early.pop(job_id, ()):
+            self._deliver_remote(run, early)
+        self._drive(run)
 
     def _prepare(self, run: _JobRun, plan: m.StepPlan) -> _StepRun:
         step_run = _StepRun(plan)
         step_run.destinations = len(plan.outputs) + sum(1 for r in plan.routes if r.site != self.site)
+        step_run.local = any(route.site == self.site for route in plan.routes)
         for param in plan.params:
             if param.kind == m.P_CTX:
                 step_run.ctx_param = param.name
@@ -328,12 +346,8 @@ class StepRunner:
                 # A sibling started this job before our START arrived: keep them for it.
                 self._early.setdefault(job_id, []).append(tuple(tokens))
             return
-        try:
-            self._deliver_remote(run, tokens)
-        except (_Abort, _StepFailure):
-            self._end(run, ok=False)
-        else:
-            self._maybe_finish(run)
+        self._deliver_remote(run, tokens)
+        self._drive(run)
         self._flush_releases()
 
     def _deliver_remote(self, run: _JobRun, tokens: Any) -> None:
@@ -354,6 +368,7 @@ class StepRunner:
             self._end(run, ok=False)
 
     def _deliver(self, run: _JobRun, step: str, param: str, source: str, value: Any, kind: int) -> None:
+        """Hand a value to a step's input; the step runs on a later turn of :meth:`_drive`."""
         step_run = run.steps.get(step)
         if step_run is None or step_run.done:
             self.dropped += 1
@@ -365,23 +380,64 @@ class StepRunner:
                 step_run.driver_pending.discard(source)
         else:
             step_run.gathers[param].add(source, value, kind)
-        self._maybe_run(run, step_run)
 
-    def _maybe_run(self, run: _JobRun, step_run: _StepRun) -> None:
-        if step_run.done or not all(g.complete for g in step_run.gathers.values()):
-            return
-        if step_run.driver is None:
-            if not step_run.ran:
-                step_run.ran = True
-                self._call(run, step_run, None, None)
-                self._step_done(run, step_run)
-            return
-        while step_run.queue:
-            self._call(run, step_run, *step_run.queue.popleft())
-        if not step_run.driver_pending and not step_run.done:
+    def _drive(self, run: _JobRun) -> None:
+        """Give turns to the steps that can go on, deepest first, until none can; then end or wait.
+
+        Deepest first keeps memory bounded: an item a generator yields to a step
+        of this site is consumed (and passed on) before the generator is asked
+        for the next one, so a long stream is never buffered whole here.
+        """
+        while True:
+            if run.job_id in self._aborted:
+                self._end(run, ok=False)
+                return
+            now = time.monotonic()
+            if now >= self._next_check:
+                # A step that emits but never checks ctx.cancelled still stops promptly
+                # when aborted: look at the inbox (without waiting) every few ms.
+                self._next_check = now + _CHECK_EVERY
+                self._read_ready(0)
+                continue
+            step_run = next((s for s in run.order if s.has_work()), None)
+            if step_run is None:
+                break
+            self._turn(run, step_run)
+            if run.failed:
+                self._end(run, ok=False)
+                return
+        if run.remaining == 0:
+            self._end(run, ok=True)
+
+    def _turn(self, run: _JobRun, step_run: _StepRun) -> None:
+        """A step's turn: its next items, a new call, or its end."""
+        if step_run.active is not None:
+            self._advance(run, step_run)
+        elif step_run.driver is None and not step_run.ran:
+            step_run.ran = True
+            self._call(run, step_run, None, None)
+        elif step_run.queue:
+            queue = step_run.queue
+            while True:
+                self._call(run, step_run, *queue.popleft())
+                if not queue or step_run.active is not None or self._yield_turn(run, step_run):
+                    return
+        else:
             self._step_done(run, step_run)
 
+    def _yield_turn(self, run: _JobRun, step_run: _StepRun) -> bool:
+        """Whether a step must hand the loop back after a value: a deeper step may have work,
+        the run ended, or it is time to look at the inbox. Otherwise it goes on in its turn,
+        which saves a pass over the steps per item of a fast stream."""
+        return (
+            step_run.local
+            or run.failed
+            or run.job_id in self._aborted
+            or time.monotonic() >= self._next_check
+        )
+
     def _call(self, run: _JobRun, step_run: _StepRun, source: str | None, item: Any) -> None:
+        """Call the user's function; a generator's items come on later turns."""
         plan = step_run.plan
         kwargs = dict(step_run.kwargs)
         for name, gather in step_run.gathers.items():
@@ -390,56 +446,78 @@ class StepRunner:
             kwargs[step_run.driver] = item
         if step_run.ctx_param is not None:
             kwargs[step_run.ctx_param] = StepContext(self, run.job_id, plan.name, source)
-        if run.job_id in self._aborted:
-            raise _Abort
-        started = time.time()
-        returned: float | None = None
-        count = 0
-        outer_step, self._current_step = self._current_step, plan.name
+        step_run.call_started = time.time()
+        step_run.call_count = 0
+        step_run.call_source = source
+        self._current_step = plan.name
         try:
-            if plan.generator:
-                generator: Iterator[Any] = plan.fn(**kwargs)
-                try:
-                    for value in generator:
-                        self._emit(run, step_run, value, m.ITEM)
-                        count += 1
-                finally:
-                    close = getattr(generator, "close", None)
-                    if close is not None:
-                        close()
-            else:
-                value = plan.fn(**kwargs)
-                count = 1
-                returned = time.time()  # the step's end, before its value is sent on
-                self._emit(run, step_run, value, m.ITEM if plan.stream else m.LAST)
-        except (_Abort, _StepFailure):
-            raise
-        except JobCancelledError as exc:
-            if run.job_id in self._aborted:
-                raise _Abort from exc
-            self._fail(run, plan.name, exc)
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            self._fail(run, plan.name, exc)
+            value = plan.fn(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - the step's error, reported as FAILED
+            self._record_call(run, step_run, time.time(), 0)
+            self._call_raised(run, step_run, exc)
+            return
         finally:
-            self._current_step = outer_step  # steps run inside a step's emit (same site)
-            ended = returned if returned is not None else time.time()
-            if step_run.calls < _TIMINGS_PER_STEP:
-                run.timings.append((plan.name, started, ended, count))
-                step_run.timing = len(run.timings) - 1
-            else:
-                # A step run per item of a long stream: later calls widen its last record,
-                # so DONE stays small (a million records would be 25 MB to pickle).
-                name, first, _, items = run.timings[step_run.timing]
-                run.timings[step_run.timing] = (name, first, ended, items + count)
-            step_run.calls += 1
+            self._current_step = None
+        if plan.generator:
+            step_run.active = value
+            return
+        self._record_call(run, step_run, time.time(), 1)  # the step's end, before its value is sent on
+        self._emit(run, step_run, value, m.ITEM if plan.stream else m.LAST)
+        if step_run.driver is None and not run.failed:
+            self._step_done(run, step_run)
+
+    def _advance(self, run: _JobRun, step_run: _StepRun) -> None:
+        """Take the next items from a generator step and send them on, until its turn is over."""
+        generator = step_run.active
+        assert generator is not None
+        while True:
+            self._current_step = step_run.plan.name
+            try:
+                value = next(generator)
+            except StopIteration:
+                step_run.active = None
+                self._record_call(run, step_run, time.time(), step_run.call_count)
+                if step_run.driver is None:
+                    self._step_done(run, step_run)
+                return
+            except BaseException as exc:  # noqa: BLE001 - the step's error, reported as FAILED
+                step_run.active = None
+                self._record_call(run, step_run, time.time(), step_run.call_count)
+                self._call_raised(run, step_run, exc)
+                return
+            finally:
+                self._current_step = None
+            step_run.call_count += 1
+            self._emit(run, step_run, value, m.ITEM)
+            if self._yield_turn(run, step_run):
+                return
+
+    def _call_raised(self, run: _JobRun, step_run: _StepRun, exc: BaseException) -> None:
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
+        if isinstance(exc, JobCancelledError) and run.job_id in self._aborted:
+            return  # the step saw the abort (ctx.check_cancelled): _drive ends the run
+        self._fail(run, step_run.plan.name, exc)
+
+    def _record_call(self, run: _JobRun, step_run: _StepRun, ended: float, count: int) -> None:
+        """Keep a timeline record of one call of a step."""
+        name = step_run.plan.name
+        if step_run.calls < _TIMINGS_PER_STEP:
+            run.timings.append((name, step_run.call_started, ended, count))
+            step_run.timing = len(run.timings) - 1
+        else:
+            # A step run per item of a long stream: later calls widen its last record,
+            # so DONE stays small (a million records would be 25 MB to pickle).
+            _, first, _, items = run.timings[step_run.timing]
+            run.timings[step_run.timing] = (name, first, ended, items + count)
+        step_run.calls += 1
 
     def _fail(self, run: _JobRun, step: str, exc: BaseException) -> None:
+        """Report that ``step`` raised; :meth:`_drive` then ends the run."""
         data, tb = dump_exception(exc)
         self._flush_all()
         self._send_event((m.FAILED, run.job_id, step, data, tb))
-        raise _StepFailure
+        run.failed = True
 
     def _dumps(self, value: Any, what: str, destinations: int) -> Payload:
         payload = self._pool.dumps(value, what, destinations)
@@ -458,6 +536,7 @@ class StepRunner:
             )
 
     def _emit(self, run: _JobRun, step_run: _StepRun, value: Any, kind: int) -> None:
+        """Send a value a step made to where it goes: the client, other sites, this site."""
         plan = step_run.plan
         seq = step_run.seq
         step_run.seq += 1
@@ -471,8 +550,9 @@ class StepRunner:
         if step_run.destinations:
             try:
                 payload = self._dumps(value, step_run.what, step_run.destinations)
-            except SerializationError as exc:
+            except Exception as exc:  # noqa: BLE001 - cannot pickle it, too large, /dev/shm full
                 self._fail(run, plan.name, exc)
+                return
         if plan.outputs:
             for output in plan.outputs:
                 self._results.append((output, seq, payload))  # type: ignore[arg-type]
@@ -486,15 +566,9 @@ class StepRunner:
                 batch.append((route.step, route.param, self.site, seq, payload, kind))
                 if eager or len(batch) >= _BATCH:
                     self._flush_batch(route.site)
-        if now >= self._next_check:
-            # A step that emits but never checks ctx.cancelled still stops promptly
-            # when aborted: look at the inbox (without waiting) every few ms.
-            self._next_check = now + _CHECK_EVERY
-            self._read_ready(0)
-        if run.job_id in self._aborted:
-            raise _Abort
 
     def _step_done(self, run: _JobRun, step_run: _StepRun) -> None:
+        """A step made its last value: its streams end at their consumers."""
         step_run.done = True
         run.remaining -= 1
         plan = step_run.plan
@@ -507,10 +581,6 @@ class StepRunner:
                         (route.step, route.param, self.site, step_run.seq, None, m.END)
                     )
                     self._flush_batch(route.site)
-
-    def _maybe_finish(self, run: _JobRun) -> None:
-        if self._run is run and run.remaining == 0:
-            self._end(run, ok=True)
 
     def _end(self, run: _JobRun, ok: bool) -> None:
         if self._run is not run:
@@ -531,6 +601,7 @@ class StepRunner:
                     self._release_own(token[4])
                 self._batches[site] = []
         self._run = None
+        self._close_active(run)
         job_id = run.job_id
         self._ended.add(job_id)
         self._ended_order.append(job_id)
@@ -555,6 +626,24 @@ class StepRunner:
             # traceback); collected now, after DONE so the slot is not held for it,
             # their segments go back with the next flush.
             gc.collect()
+
+    def _close_active(self, run: _JobRun) -> None:
+        """Close the generators an ended run leaves mid-stream, deepest first (their ``finally``)."""
+        for step_run in run.order:
+            generator, step_run.active = step_run.active, None
+            if generator is None:
+                continue
+            self._record_call(run, step_run, time.time(), step_run.call_count)
+            close = getattr(generator, "close", None)
+            if close is None:
+                continue
+            self._current_step = step_run.plan.name
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - the run has ended; its cleanup can only be logged
+                self.log("warning", "a step raised while closing", step=step_run.plan.name, error=repr(exc))
+            finally:
+                self._current_step = None
 
     def _release_own(self, payload: Payload | None) -> None:
         """Give back this worker's segments that ``payload`` holds, which will never be sent."""

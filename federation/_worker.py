@@ -2,9 +2,9 @@
 
 Data flow inside a worker (one per site per pool slot)::
 
-    control pipe (client) ─┐                 ┌─> sibling pipes (tokens to other sites)
-    sibling pipes (tokens) ├─> inbox deque ─> job run ─┤
-                           ┘   (pump)        └─> events pipe (results, done, failed, logs)
+    control pipe (client) ──┐                 ┌─> the other sites' inbox pipes (tokens)
+    inbox pipe (tokens from ├─> inbox deque ─> job run ─┤
+      every other site)   ──┘   (pump)        └─> events pipe (results, done, failed, logs)
 
 The worker is single-threaded; it blocks in ``poll`` on its readers, and on its
 writers only when they have bytes pending. Ordering rules it relies on:
@@ -12,7 +12,8 @@ writers only when they have bytes pending. Ordering rules it relies on:
 * The control pipe is FIFO, and the client writes a job's START before any
   ABORT, stream token or close for it; so a worker never sees those for a job
   it was not started for. Tokens from a sibling can overtake START (the sibling
-  may start first): they are kept until START arrives, keyed by job id.
+  may start first; siblings share this worker's inbox pipe, see ``_channel``):
+  they are kept until START arrives, keyed by job id.
 * A site reports DONE only after every token and result it made is in its
   outboxes, ahead of DONE on the same FIFO pipes, so "done" never overtakes data
   (invariant 2). The client frees the slot once every site reported DONE.
@@ -45,7 +46,7 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from . import _messages as m
-from ._channel import ChannelClosedError, FrameReader, Outbox
+from ._channel import ChannelClosedError, FrameReader, InboxReader, LinkOutbox, Outbox
 from ._exceptions import TokenRejectedError
 from ._serialization import (
     Payload,
@@ -77,8 +78,8 @@ class Worker(StepRunner):
         spec: m.WorkerSpec,
         control: FrameReader,
         events: Outbox,
-        siblings_in: dict[str, FrameReader],
-        siblings_out: dict[str, Outbox],
+        inbox: InboxReader,
+        siblings_out: dict[str, LinkOutbox],
     ) -> None:
         self.site = spec.site
         self.name = spec.name
@@ -90,7 +91,9 @@ class Worker(StepRunner):
         self.pid = os.getpid()
         self._control = control
         self._events = events
-        self._readers = {reader.fileno(): reader for reader in (control, *siblings_in.values())}
+        self._readers: dict[int, FrameReader | InboxReader] = {
+            reader.fileno(): reader for reader in (control, inbox)
+        }
         self._siblings_out = siblings_out
         self._inbox: deque[tuple[Any, ...]] = deque()
         self._poller = select.poll()
@@ -193,7 +196,9 @@ class Worker(StepRunner):
             self._read_ready_locked(timeout_ms)
 
     def _read_ready_locked(self, timeout_ms: int | None) -> None:
-        pending = [o for o in (self._events, *self._siblings_out.values()) if o.has_pending]
+        pending: list[Outbox | LinkOutbox] = [self._events]
+        pending += self._siblings_out.values()
+        pending = [outbox for outbox in pending if outbox.has_pending]
         for outbox in pending:
             self._poller.register(outbox.fileno(), select.POLLOUT)
         try:
@@ -407,7 +412,7 @@ def _watch_lifeline(fd: int) -> None:
 def run_worker(
     control_fd: int,
     events_fd: int,
-    siblings_in: dict[str, int],
+    inbox_fd: int,
     siblings_out: dict[str, int],
     capture_logging: bool = False,
 ) -> None:
@@ -435,8 +440,8 @@ def run_worker(
             spec,
             control,
             events,
-            {site: FrameReader(fd) for site, fd in siblings_in.items()},
-            {site: Outbox(fd) for site, fd in siblings_out.items()},
+            InboxReader(inbox_fd),
+            {site: LinkOutbox(fd, spec.index) for site, fd in siblings_out.items()},
         )
         for frame in frames[1:]:
             worker._inbox.append(pickle.loads(frame))
@@ -504,7 +509,7 @@ def serve_process(args: dict[str, Any]) -> None:
         args["control"],
         args["events"],
         args["lifeline"],
-        *args["siblings_in"].values(),
+        args["inbox"],
         *args["siblings_out"].values(),
     ):
         try:
@@ -518,9 +523,7 @@ def serve_process(args: dict[str, Any]) -> None:
     ).start()
     code = 0
     try:
-        run_worker(
-            args["control"], args["events"], args["siblings_in"], args["siblings_out"], capture_logging=True
-        )
+        run_worker(args["control"], args["events"], args["inbox"], args["siblings_out"], capture_logging=True)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - what an uncaught exception does to `python -c`
