@@ -66,23 +66,10 @@ class StepContext:
         state: the result of the site's ``setup`` in this worker (``None`` without one).
         data_dir: the site's data directory, or ``None``.
         env: the environment variables configured for this site.
-        services: the site's services by name: where each listens
-            (:class:`~federation.ServiceAddress`), as ``ctx.services["db"].port``.
         source_site: for a step run per stream item, the site the item came from.
     """
 
-    __slots__ = (
-        "_log",
-        "_worker",
-        "data_dir",
-        "env",
-        "job_id",
-        "services",
-        "site",
-        "source_site",
-        "state",
-        "step",
-    )
+    __slots__ = ("_log", "_worker", "data_dir", "env", "job_id", "site", "source_site", "state", "step")
 
     def __init__(self, worker: StepRunner, job_id: int, step: str, source_site: str | None) -> None:
         self._worker = worker
@@ -92,9 +79,13 @@ class StepContext:
         self.state = worker.state
         self.data_dir = worker.data_dir
         self.env = worker.env
-        self.services = worker.services
         self.source_site = source_site
         self._log: Any = None
+
+    @property
+    def services(self) -> Mapping[str, Any]:
+        """The site's services by name (:class:`~federation.ServiceAddress`): ``ctx.services["db"].port``."""
+        return self._worker.services
 
     @property
     def log(self) -> Any:
