@@ -37,7 +37,7 @@ from __future__ import annotations
 import gc
 import pickle
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -248,7 +248,7 @@ class StepRunner:
     _ended_order: deque[int]
     _aborted: dict[int, str]
     _early: dict[int, list[tuple[Any, ...]]]
-    _batches: dict[str, list[m.Token]]
+    _batches: defaultdict[str, list[m.Token]]  # tokens waiting per destination site
     _results: list[tuple[str, int, Payload]]
     _links: dict[str, list[int]]
     _sends: list[tuple[float, str, int, int]]
@@ -587,10 +587,10 @@ class StepRunner:
             for _, _, payload in self._results:
                 self._release_own(payload)
             self._results.clear()
-            for site, batch in self._batches.items():
+            for batch in self._batches.values():
                 for token in batch:
                     self._release_own(token[4])
-                self._batches[site] = []
+            self._batches.clear()
         self._run = None
         self._close_active(run)
         job_id = run.job_id

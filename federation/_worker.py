@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -105,7 +105,11 @@ class Worker(StepRunner):
         self._ended_order: deque[int] = deque()
         self._aborted: dict[int, str] = {}
         self._early: dict[int, list[tuple[Any, ...]]] = {}
-        self._batches: dict[str, list[m.Token]] = {site: [] for site in siblings_out}
+        # Only sites with tokens waiting have an entry, and only outboxes that could not
+        # write everything are watched: with 100 sites, looking at every peer on each
+        # flush or wait cost more than the job's own work.
+        self._batches: defaultdict[str, list[m.Token]] = defaultdict(list)
+        self._stalled: set[Outbox | LinkOutbox] = set()
         self._results: list[tuple[str, int, Payload]] = []
         self._links: dict[str, list[int]] = {}
         self.dropped = 0
@@ -126,17 +130,19 @@ class Worker(StepRunner):
 
     def _send_event(self, message: tuple[Any, ...]) -> None:
         try:
-            self._events.send(pickle.dumps(message, protocol=5))
+            if not self._events.send(pickle.dumps(message, protocol=5)):
+                self._stalled.add(self._events)
         except ChannelClosedError:
             raise SystemExit(0) from None  # the client is gone; the lifeline will follow
         if self._events.pending_bytes > _HIGH_WATER:
             self._pump_until(lambda: self._events.pending_bytes < _LOW_WATER)
 
     def _flush_batch(self, site: str) -> None:
-        batch = self._batches[site]
-        if not batch or self._run is None:
+        if self._run is None:
             return
-        self._batches[site] = []
+        batch = self._batches.pop(site, None)
+        if not batch:
+            return
         outbox = self._siblings_out[site]
         data = pickle.dumps((m.TOKENS, self._run.job_id, batch), protocol=5)
         # Every byte the frame carries: its pickle, and the buffers its tokens sent out
@@ -152,7 +158,8 @@ class Worker(StepRunner):
         if len(self._sends) < _SENDS_PER_JOB:
             self._sends.append((time.time(), site, len(batch), size))
         try:
-            outbox.send(data)
+            if not outbox.send(data):
+                self._stalled.add(outbox)
         except ChannelClosedError:
             return  # that worker died; the client fails the job from its sentinel
         if outbox.pending_bytes > _HIGH_WATER:
@@ -164,7 +171,7 @@ class Worker(StepRunner):
             self._send_event((m.RESULTS, self._run.job_id, batch))
 
     def _flush_all(self) -> None:
-        for site in self._batches:
+        for site in list(self._batches):
             self._flush_batch(site)
         self._flush_results()
         self._flush_releases()
@@ -176,7 +183,8 @@ class Worker(StepRunner):
                 outbox = self._siblings_out.get(creator)
                 if outbox is not None:
                     try:
-                        outbox.send(pickle.dumps((m.RELEASE, names), protocol=5))
+                        if not outbox.send(pickle.dumps((m.RELEASE, names), protocol=5)):
+                            self._stalled.add(outbox)
                     except ChannelClosedError:
                         pass
 
@@ -196,9 +204,9 @@ class Worker(StepRunner):
             self._read_ready_locked(timeout_ms)
 
     def _read_ready_locked(self, timeout_ms: int | None) -> None:
-        pending: list[Outbox | LinkOutbox] = [self._events]
-        pending += self._siblings_out.values()
-        pending = [outbox for outbox in pending if outbox.has_pending]
+        if self._events.has_pending:  # also written before the worker existed (BOOTED, START_FAILED)
+            self._stalled.add(self._events)
+        pending = [outbox for outbox in self._stalled if outbox.has_pending]
         for outbox in pending:
             self._poller.register(outbox.fileno(), select.POLLOUT)
         try:
@@ -235,9 +243,10 @@ class Worker(StepRunner):
                     raise SystemExit(0)  # the client closed our control pipe: it is gone
         for outbox in pending:
             try:
-                outbox.flush()
+                if outbox.flush():
+                    self._stalled.discard(outbox)
             except ChannelClosedError:
-                pass
+                self._stalled.discard(outbox)
 
     def _pump_until(self, condition: Callable[[], bool]) -> None:
         while not condition():
