@@ -125,7 +125,7 @@ def examples(session: nox.Session) -> None:
     """Run every example; fail if one fails."""
     import pathlib
 
-    session.install(".")
+    session.install(".", "numpy", "scikit-learn")  # fedavg.py trains on scikit-learn's digits
     for path in sorted(pathlib.Path("examples").glob("*.py")):
         session.run("python", str(path))
 

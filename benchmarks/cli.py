@@ -38,6 +38,7 @@ RUN_ORDER = (
     "failure",
     "footprint",
     "close",
+    "scaling",
 )
 
 

@@ -317,6 +317,18 @@ class FederationEngine:
         # The federation is the whole runtime: closing it stops everything it started.
         return {"close_idle_s": value, "runtime_stop_s": value}
 
+    # -- 10. scaling ------------------------------------------------------------------------
+
+    def scaling(self) -> Measured:
+        """Fan-in latency, pool start and worker memory for 2 to 100 sites (and a plot)."""
+        from .scaling import PLOT, scaling
+
+        self.notes.setdefault("scaling", []).append(
+            f"federation: a fan-out over every site but the hub, gathered at the hub; warm p50 with a "
+            f"pool of 2 (forkserver) and of 1 (thread); plot: {PLOT}"
+        )
+        return scaling(self.settings)
+
     # -- 8. footprint ------------------------------------------------------------------------
 
     def footprint(self) -> Measured:

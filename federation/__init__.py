@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         JobError,
         PipelineError,
         QueueFullError,
+        QuorumError,
         RemoteTraceback,
         ResourceExhaustedError,
         SerializationError,
@@ -49,10 +50,13 @@ if TYPE_CHECKING:
     )
     from ._federation import Federation
     from ._handle import Attempt, Job, JobStatus, Result
-    from ._pipeline import Input, Pipeline, Step, collect
+    from ._messages import Missing
+    from ._metrics import MetricRecord, Metrics
+    from ._pipeline import Input, Pipeline, Step, collect, per_site, quorum
     from ._service_address import ServiceAddress
     from ._stats import FederationStats, LinkStats, SlotStats, WorkerStats
     from ._steps import StepContext
+    from ._store import SiteStore
     from ._timeline import TimelineEvent, TimelineKind
 
 __version__ = "0.1.0"
@@ -71,9 +75,13 @@ __all__ = [
     "JobError",
     "JobStatus",
     "LinkStats",
+    "MetricRecord",
+    "Metrics",
+    "Missing",
     "Pipeline",
     "PipelineError",
     "QueueFullError",
+    "QuorumError",
     "RemoteTraceback",
     "ResourceExhaustedError",
     "Result",
@@ -83,6 +91,7 @@ __all__ = [
     "Site",
     "SiteConfig",
     "SiteStartError",
+    "SiteStore",
     "SlotStats",
     "Step",
     "StepContext",
@@ -95,6 +104,8 @@ __all__ = [
     "WorkerStats",
     "__version__",
     "collect",
+    "per_site",
+    "quorum",
 ]
 
 _LOCATIONS = {
@@ -111,9 +122,13 @@ _LOCATIONS = {
     "JobError": "_exceptions",
     "JobStatus": "_handle",
     "LinkStats": "_stats",
+    "MetricRecord": "_metrics",
+    "Metrics": "_metrics",
+    "Missing": "_messages",
     "Pipeline": "_pipeline",
     "PipelineError": "_exceptions",
     "QueueFullError": "_exceptions",
+    "QuorumError": "_exceptions",
     "RemoteTraceback": "_exceptions",
     "ResourceExhaustedError": "_exceptions",
     "Result": "_handle",
@@ -123,6 +138,7 @@ _LOCATIONS = {
     "Site": "_config",
     "SiteConfig": "_config",
     "SiteStartError": "_exceptions",
+    "SiteStore": "_store",
     "SlotStats": "_stats",
     "Step": "_pipeline",
     "StepContext": "_steps",
@@ -134,6 +150,8 @@ _LOCATIONS = {
     "WorkerDiedError": "_exceptions",
     "WorkerStats": "_stats",
     "collect": "_pipeline",
+    "per_site": "_pipeline",
+    "quorum": "_pipeline",
 }
 
 

@@ -16,7 +16,8 @@ raised), or the machine's (a worker died)::
     └── JobError                            has .job_id
         ├── StepFailedError                 .site, .step; cause: the original exception
         ├── JobCancelledError               .reason
-        └── WorkerDiedError                 .site, .pid, .exitcode, .signal, .reason, .last_log
+        ├── WorkerDiedError                 .site, .pid, .exitcode, .signal, .reason, .last_log
+        └── QuorumError                     a tolerant fan-in got fewer sites than it needs: .missing
 
 ``result(timeout=...)`` that runs out raises the built-in :class:`TimeoutError`;
 the job keeps running.
@@ -36,6 +37,7 @@ __all__ = [
     "JobError",
     "PipelineError",
     "QueueFullError",
+    "QuorumError",
     "RemoteTraceback",
     "SerializationError",
     "SiteStartError",
@@ -168,6 +170,45 @@ class JobCancelledError(JobError):
 
 def _rebuild_cancelled(message: str, job_id: int, reason: str) -> JobCancelledError:
     return JobCancelledError(message, job_id=job_id, reason=reason)
+
+
+class QuorumError(JobError):
+    """A tolerant fan-in got fewer sites than its minimum.
+
+    Attributes:
+        site: the site of the gathering step.
+        step: the gathering step.
+        needed: how many sites it needed.
+        missing: ``{site: Missing}``, each missing site and why (raised, died, late).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        job_id: int,
+        site: str,
+        step: str,
+        needed: int,
+        missing: dict[str, object],
+    ) -> None:
+        super().__init__(message, job_id=job_id)
+        self.site = site
+        self.step = step
+        self.needed = needed
+        self.missing = missing
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_quorum,
+            (str(self), self.job_id, self.site, self.step, self.needed, self.missing),
+        )
+
+
+def _rebuild_quorum(
+    message: str, job_id: int, site: str, step: str, needed: int, missing: dict[str, object]
+) -> QuorumError:
+    return QuorumError(message, job_id=job_id, site=site, step=step, needed=needed, missing=missing)
 
 
 class WorkerDiedError(JobError):

@@ -121,6 +121,10 @@ class JobExecution:
         self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=40) for site in self.sites}
         self.partial_output: dict[tuple[str, int], bytes] = {}  # (site, fd): a line not yet ended
         self.memory_killed: str | None = None  # the site the memory watchdog killed
+        # A worker of it died or was killed inside a tolerant fan-in: the job went on,
+        # and the slot is replaced once it ends (its pipes to that worker are gone).
+        self.repair = False
+        self.site_kill: dict[str, float] = {}  # late site -> when its own worker is killed
         self.oom_kills: int | None = None  # the cgroup's OOM-kill count when the slot started
         self._on_pending = on_pending
         self._sentinels: select.poll | None = None  # made on first use by dead_sites()

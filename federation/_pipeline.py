@@ -37,7 +37,7 @@ from ._messages import (
 )
 from ._serialization import dumps_function
 
-__all__ = ["Compiled", "Input", "OutputSpec", "Pipeline", "Step", "collect"]
+__all__ = ["Compiled", "Input", "OutputSpec", "Pipeline", "Step", "collect", "per_site", "quorum"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _MISSING: Any = object()
@@ -114,6 +114,66 @@ class collect:  # noqa: N801 - used like a function in bindings: bind={"xs": fed
         return f"collect({self.source!r})"
 
 
+class quorum:  # noqa: N801 - used like a function in bindings, as fed.collect
+    """Bind a parameter to a fan-out that may arrive incomplete: a tolerant fan-in.
+
+    The step receives ``{site: value}`` for the sites that delivered, and runs
+    once every site has delivered or is missing (its step raised, its worker
+    died), or at ``deadline`` seconds after the job started at the gathering
+    site, whichever comes first. ``ctx.missing`` says which sites are missing
+    and why. A site that raises or dies inside such a fan-out does not fail the
+    job; a late one is cancelled (and its own worker killed if it does not stop
+    within ``cancel_grace``). With fewer than ``min`` sites the job fails with
+    :class:`~federation.QuorumError`, listing each missing site and its reason.
+
+    Args:
+        source: the fanned-out step (or its name).
+        min: the least number of sites (an int), or fraction of the sites the
+            job runs the step at (a float in (0, 1]); default: 1 site.
+        deadline: seconds to wait at most; ``None`` waits for every site to
+            deliver or be missing.
+    """
+
+    __slots__ = ("deadline", "minimum", "source")
+
+    def __init__(self, source: str | Step[Any], *, min: float = 1, deadline: float | None = None) -> None:
+        if isinstance(min, bool) or not isinstance(min, (int, float)):
+            raise PipelineError(f"quorum min= must be an int (sites) or a float fraction, not {min!r}")
+        if isinstance(min, float) and not 0.0 < min <= 1.0:
+            raise PipelineError(f"quorum min={min!r}: a fraction must be in (0, 1]")
+        if isinstance(min, int) and min < 0:
+            raise PipelineError(f"quorum min={min!r} must not be negative")
+        if deadline is not None and (not isinstance(deadline, (int, float)) or deadline <= 0):
+            raise PipelineError(f"quorum deadline={deadline!r} must be a positive number of seconds")
+        self.source = source
+        self.minimum = min
+        self.deadline = None if deadline is None else float(deadline)
+
+    def plan(self) -> tuple[float, bool, float | None]:
+        return (float(self.minimum), isinstance(self.minimum, float), self.deadline)
+
+    def __repr__(self) -> str:
+        return f"quorum({self.source!r}, min={self.minimum!r}, deadline={self.deadline!r})"
+
+
+class per_site:  # noqa: N801 - used like a function for an input's value
+    """A value input holding one value per site: each site's step sees its own.
+
+    ``federation.submit(p, lr=fed.per_site({"a": 0.1, "b": 0.01}))``. Every
+    site of the job that uses the input needs a value.
+    """
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        if not isinstance(values, Mapping) or not all(isinstance(k, str) for k in values):
+            raise PipelineError(f"per_site() takes a mapping of site name -> value, not {values!r}")
+        self.values = dict(values)
+
+    def __repr__(self) -> str:
+        return f"per_site({self.values!r})"
+
+
 class Step(Generic[F]):
     """A step of a pipeline: a function pinned to one site, or fanned out over several.
 
@@ -174,6 +234,11 @@ class Compiled:
     outputs: dict[str, OutputSpec]
     routes: tuple[tuple[str, str], ...]  # (from site, to site) links used
     site_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Sites whose every value goes only to tolerant gathers (fed.quorum) at other sites:
+    # site -> the gathering sites to tell when it raised or died. Their failure ends nothing.
+    tolerant: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    fanouts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # fan-out step -> its sites
+    site_steps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # site -> its steps
 
 
 @dataclass
@@ -183,6 +248,7 @@ class _Binding:
     collect: bool = False
     stream: bool = False
     has_default: bool = False
+    quorum: tuple[float, bool, float | None] | None = None
 
 
 class Pipeline:
@@ -256,7 +322,7 @@ class Pipeline:
         site: str | None = None,
         sites: Sequence[str] | None = None,
         name: str | None = None,
-        bind: Mapping[str, str | Step[Any] | Input | collect] | None = None,
+        bind: Mapping[str, str | Step[Any] | Input | collect | quorum] | None = None,
         collect: Iterable[str] = (),
     ) -> Step[F]: ...
 
@@ -269,7 +335,7 @@ class Pipeline:
         site: str | None = None,
         sites: Sequence[str] | None = None,
         name: str | None = None,
-        bind: Mapping[str, str | Step[Any] | Input | collect] | None = None,
+        bind: Mapping[str, str | Step[Any] | Input | collect | quorum] | None = None,
         collect: Iterable[str] = (),
     ) -> Callable[[F], Step[F]]: ...
 
@@ -281,7 +347,7 @@ class Pipeline:
         site: str | None = None,
         sites: Sequence[str] | None = None,
         name: str | None = None,
-        bind: Mapping[str, str | Step[Any] | Input | collect] | None = None,
+        bind: Mapping[str, str | Step[Any] | Input | collect | quorum] | None = None,
         collect: Iterable[str] = (),
     ) -> Step[F] | Callable[[F], Step[F]]:
         """Add a step; use as ``@pipeline.step(site="hub")`` or ``pipeline.step(fn, site=...)``.
@@ -374,6 +440,13 @@ class Pipeline:
                     f"step {label!r}: parameter {key!r} is bound to step {target.name!r} "
                     f"of another pipeline ({target.pipeline.name!r})"
                 )
+            if isinstance(target, quorum):
+                target = target.source
+                if isinstance(target, Step) and target.pipeline is not self:
+                    raise PipelineError(
+                        f"step {label!r}: parameter {key!r} is a quorum of step {target.name!r} "
+                        f"of another pipeline ({target.pipeline.name!r})"
+                    )
             if isinstance(target, Input):
                 self._add_input(target)
             elif not isinstance(target, (str, Step)):
@@ -425,8 +498,11 @@ class Pipeline:
                 has_default = param.default is not param.empty
                 want_collect = pname in step.collects
                 target: Any = step.bind.get(pname, _MISSING)
+                tolerant = None
                 if isinstance(target, collect):
                     want_collect, target = True, target.source
+                elif isinstance(target, quorum):
+                    tolerant, target = target.plan(), target.source
                 if target is _MISSING:
                     if pname == "ctx":
                         params[pname] = _Binding(P_CTX)
@@ -439,7 +515,18 @@ class Pipeline:
                 if target in self._steps:
                     upstream = self._steps[target]
                     streaming = self._is_stream(upstream.name, set())
-                    params[pname] = _Binding(P_UPSTREAM, target, want_collect, streaming)
+                    if tolerant is not None and (streaming or not upstream.fanout):
+                        raise PipelineError(
+                            f"step {step.name!r}: parameter {pname!r} is a quorum of {target!r}, which "
+                            "is not a fan-out of single values; fed.quorum() binds a step with sites=[...] "
+                            "that returns (not yields) a value"
+                        )
+                    params[pname] = _Binding(P_UPSTREAM, target, want_collect, streaming, quorum=tolerant)
+                elif tolerant is not None:
+                    raise PipelineError(
+                        f"step {step.name!r}: parameter {pname!r} is a quorum of {target!r}, "
+                        "which is not a step"
+                    )
                 elif target in self._inputs:
                     is_stream = self._inputs[target].stream
                     params[pname] = _Binding(P_INPUT, target, want_collect, is_stream, has_default)
@@ -473,7 +560,7 @@ class Pipeline:
         for pname in step.signature.parameters:
             target: Any = step.bind.get(pname, pname)
             collected = pname in step.collects or isinstance(target, collect)
-            if isinstance(target, collect):
+            if isinstance(target, (collect, quorum)):
                 target = target.source
             if isinstance(target, (Step, Input)):
                 target = target.name
@@ -605,6 +692,7 @@ class Pipeline:
                                 keyed=upstream.fanout,
                                 stream=binding.stream,
                                 collect=binding.collect,
+                                quorum=binding.quorum,
                             )
                         )
                 routes = []
@@ -662,6 +750,26 @@ class Pipeline:
             )
             for output, step_name in self._outputs.items()
         }
+        tolerant: dict[str, tuple[str, ...]] = {}
+        gathering = {
+            site
+            for name, params in bindings.items()
+            if any(b.quorum for b in params.values())
+            for site in self._steps[name].sites
+        }
+        for site, steps in per_site.items():
+            targets: set[str] = set()
+            ok = site not in gathering
+            for step_plan in steps:
+                ok = ok and not step_plan.outputs
+                for route in step_plan.routes:
+                    if route.site == site:
+                        continue
+                    binding = bindings[route.step][route.param]
+                    ok = ok and binding.quorum is not None
+                    targets.add(route.site)
+            if ok and targets:
+                tolerant[site] = tuple(sorted(targets))
         compiled = Compiled(
             pipeline=self.name,
             plans=plans,
@@ -671,6 +779,9 @@ class Pipeline:
             outputs=outputs,
             routes=tuple(sorted(links)),
             site_inputs={site: tuple(sorted(names)) for site, names in site_inputs.items()},
+            tolerant=tolerant,
+            fanouts={name: step.sites for name, step in self._steps.items() if step.fanout},
+            site_steps={site: tuple(plan.name for plan in steps) for site, steps in per_site.items()},
         )
         with self._lock:
             if self._version == key[0]:

@@ -20,6 +20,7 @@ import select
 import sys
 import time
 from collections import deque
+from typing import Any
 
 from . import _messages as m
 from ._callbacks import CallbackThread
@@ -187,7 +188,9 @@ class SlotPool(JobSide[JobExecution]):
         goes to another slot (or waits) instead of starting on a dead worker.
         """
         while self.free:
-            slot = self.free[0]
+            # The slot freed last: its workers ran a moment ago, so their pages and the
+            # CPU caches are warm; a slot nobody needed stays idle.
+            slot = self.free[-1]
             dead = slot.dead_sites()
             if not dead:
                 self._move(slot, SlotState.BUSY)
@@ -203,10 +206,12 @@ class SlotPool(JobSide[JobExecution]):
         compiled = job._compiled
         inputs = job._inputs
         slot.job = job
-        slot.pending_sites = set(compiled.participants)
+        absent = job._absent
+        participants = [site for site in compiled.participants if site not in absent]
+        slot.pending_sites = set(participants)
         self.running[job.id] = (job, slot)
         started = time.time()  # the attempt's start: before any site can start
-        for site in compiled.participants:
+        for site in participants:
             digest, plan = compiled.plans[site]
             cached = slot.plans[site]
             if digest not in cached:
@@ -214,10 +219,14 @@ class SlotPool(JobSide[JobExecution]):
                     del cached[next(iter(cached))]
                 slot.send(site, (m.PLAN, digest, plan))
                 cached[digest] = None
-            site_inputs = {
-                name: inputs[name] for name in compiled.site_inputs.get(site, ()) if name in inputs
-            }
-            slot.send(site, (m.START, job.id, digest, site_inputs))
+            site_inputs = {}
+            for name in compiled.site_inputs.get(site, ()):
+                value = inputs.get(name)
+                if isinstance(value, dict):  # fed.per_site: this site's own value
+                    value = value.get(site)
+                if value is not None:
+                    site_inputs[name] = value
+            slot.send(site, (m.START, job.id, digest, site_inputs, absent))
         # Bookkeeping after the sends: the workers start meanwhile. Their replies are
         # read under the lock this holds, so none can overtake it.
         if job.status is JobStatus.QUEUED:
@@ -259,6 +268,26 @@ class SlotPool(JobSide[JobExecution]):
         elif not slot.pending_sites:
             self._release(slot)
 
+    def _send_site(self, slot: JobExecution, site: str, message: tuple[Any, ...]) -> None:
+        slot.send(site, message)
+
+    def _cancel_site(self, job: Job, slot: JobExecution, site: str) -> None:
+        if site in slot.pending_sites and site not in slot.site_kill:
+            slot.send(site, (m.ABORT, job.id, "late: a tolerant fan-in stopped waiting for it"))
+            slot.site_kill[site] = time.monotonic() + self._cancel_grace()
+            self.wake()
+
+    def _kill_site(self, slot: JobExecution, site: str) -> None:
+        """Kill one worker of a slot (a late site that did not stop); the slot is repaired later."""
+        slot.site_kill.pop(site, None)
+        slot.repair = True
+        self.log.warning("killing a late site's worker that did not stop in time", site=site, slot=slot.index)
+        slot.workers[site].kill()
+        slot.control[site].close()  # a thread worker sees EOF and ends when its step returns
+        if slot.state is SlotState.DRAINING and slot.kill_deadline is not None:
+            # The job ended; the slot waits for this death, not for the cancel grace again.
+            slot.kill_deadline = max(slot.kill_deadline, time.monotonic() + self._cancel_grace())
+
     def _slot_counts(self) -> tuple[int, int]:
         starting = len(self.unstarted) + sum(
             1 for slot in self.slots if slot is not None and slot.state is SlotState.STARTING
@@ -277,8 +306,16 @@ class SlotPool(JobSide[JobExecution]):
             self._trim_at = time.monotonic() + TRIM_AFTER
         slot.job = None
         slot.pending_sites = set()
+        slot.site_kill.clear()
         slot.jobs_run += 1
         if slot.state not in (SlotState.BUSY, SlotState.DRAINING):
+            return
+        if slot.repair:
+            # A worker of it died inside a tolerant fan-in: the others are idle now,
+            # so the slot is replaced whole (its pipes to the dead worker are gone).
+            self.log.info("replacing a slot that lost a worker in a tolerant fan-in", slot=slot.index)
+            self._retire(slot, graceful=True)
+            self._dispatch_queued()
             return
         limit = self.config.max_jobs_per_worker
         if limit is not None and slot.jobs_run >= limit:

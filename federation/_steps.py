@@ -42,8 +42,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from . import _messages as m
-from ._exceptions import JobCancelledError, SerializationError
+from ._exceptions import JobCancelledError, QuorumError, SerializationError
+from ._gather import Gather
 from ._serialization import Payload, SegmentPool, SegmentViews, dump_exception, dumps, payload_size
+from ._store import SiteStore
 
 __all__ = ["StepContext", "StepRunner"]
 
@@ -63,13 +65,30 @@ class StepContext:
         site: the site's name.
         job_id: the running job's id.
         step: the running step's name.
-        state: the result of the site's ``setup`` in this worker (``None`` without one).
+        state: the result of the site's ``setup`` in *this worker* (``None`` without one): a
+            cache of what setup made. Each slot of the pool has its own worker per site, so
+            with ``pool_size=N`` a site's jobs are spread over N workers and state written
+            here is seen by about 1/N of them; keep state that must follow the site in
+            :attr:`store`.
         data_dir: the site's data directory, or ``None``.
         env: the environment variables configured for this site.
         source_site: for a step run per stream item, the site the item came from.
+        missing: for a step with a tolerant fan-in (``fed.quorum``), ``{site: Missing}``:
+            the sites whose value it did not get, and why (raised, died, late).
     """
 
-    __slots__ = ("_log", "_worker", "data_dir", "env", "job_id", "site", "source_site", "state", "step")
+    __slots__ = (
+        "_log",
+        "_worker",
+        "data_dir",
+        "env",
+        "job_id",
+        "missing",
+        "site",
+        "source_site",
+        "state",
+        "step",
+    )
 
     def __init__(self, worker: StepRunner, job_id: int, step: str, source_site: str | None) -> None:
         self._worker = worker
@@ -80,12 +99,26 @@ class StepContext:
         self.data_dir = worker.data_dir
         self.env = worker.env
         self.source_site = source_site
+        self.missing: dict[str, m.Missing] = {}
         self._log: Any = None
 
     @property
     def services(self) -> Mapping[str, Any]:
         """The site's services by name (:class:`~federation.ServiceAddress`): ``ctx.services["db"].port``."""
         return self._worker.services
+
+    @property
+    def store(self) -> SiteStore:
+        """The site's store: shared by every worker of the site, kept in its data directory.
+
+        Unlike :attr:`state` (this worker's own), it survives jobs, slots and worker
+        deaths; see :class:`~federation.SiteStore`.
+        """
+        return self._worker.site_store()
+
+    def metric(self, name: str, value: float) -> None:
+        """Record a named metric of this step at this site (kept on the job and the federation)."""
+        self._worker.record_metric(self.job_id, self.step, name, value)
 
     @property
     def log(self) -> Any:
@@ -119,42 +152,6 @@ class StepContext:
         self._worker.send_to_job(self.job_id, job_id, name, value, close)
 
 
-class _Gather:
-    """Collects one parameter's value: a value, ``{site: value}``, or a whole stream."""
-
-    __slots__ = ("complete", "param", "pending", "values")
-
-    def __init__(self, param: m.Param) -> None:
-        self.param = param
-        self.pending = set(param.sources)
-        self.values: dict[str, Any] = {}
-        self.complete = not self.pending
-
-    def add(self, source: str, value: Any, kind: int) -> None:
-        param = self.param
-        if kind != m.END:
-            if param.stream:
-                self.values.setdefault(source, []).append(value)
-            else:
-                self.values[source] = value
-        elif param.stream:
-            self.values.setdefault(source, [])
-        if kind != m.ITEM:
-            self.pending.discard(source)
-            self.complete = not self.pending
-
-    def value(self) -> Any:
-        param = self.param
-        if param.keyed:
-            return {site: self.values[site] for site in param.sources if site in self.values}
-        if len(param.sources) == 1:
-            return self.values.get(param.sources[0], [] if param.stream else None)
-        merged: list[Any] = []  # a stream input fed from several places
-        for site in param.sources:
-            merged.extend(self.values.get(site, []))
-        return merged
-
-
 class _StepRun:
     """One step of one job at this site: its inputs so far and the call in progress."""
 
@@ -183,7 +180,7 @@ class _StepRun:
     def __init__(self, plan: m.StepPlan) -> None:
         self.plan = plan
         self.kwargs: dict[str, Any] = {}
-        self.gathers: dict[str, _Gather] = {}
+        self.gathers: dict[str, Gather] = {}
         self.driver: str | None = plan.driver
         self.queue: deque[tuple[str, Any]] = deque()  # driver items not yet run
         self.driver_pending: set[str] = set()  # sites whose stream has not ended
@@ -217,9 +214,24 @@ class _StepRun:
 
 
 class _JobRun:
-    __slots__ = ("failed", "inputs", "job_id", "order", "plan", "remaining", "started", "steps", "timings")
+    __slots__ = (
+        "absent",
+        "failed",
+        "inputs",
+        "job_id",
+        "metrics",
+        "order",
+        "plan",
+        "remaining",
+        "started",
+        "steps",
+        "t0",
+        "timings",
+    )
 
-    def __init__(self, job_id: int, plan: m.SitePlan, inputs: dict[str, bytes]) -> None:
+    def __init__(
+        self, job_id: int, plan: m.SitePlan, inputs: dict[str, bytes], absent: frozenset[str]
+    ) -> None:
         self.job_id = job_id
         self.plan = plan
         self.steps: dict[str, _StepRun] = {}
@@ -229,6 +241,9 @@ class _JobRun:
         self.timings: list[tuple[str, float, float, int]] = []
         self.started = time.time()
         self.failed = False  # a step raised; FAILED was sent
+        self.absent = absent  # sites this job runs without (participants chosen at submit)
+        self.t0 = time.monotonic()  # tolerant gathers' deadlines count from here
+        self.metrics: list[tuple[str, str, float, float]] = []  # (step, name, value, time)
 
 
 class StepRunner:
@@ -257,6 +272,7 @@ class StepRunner:
     _next_check: float
     _current_step: str | None
     _last_emit: float
+    _store: SiteStore | None
 
     # -- what the runtime provides -----------------------------------------------------------
 
@@ -296,9 +312,11 @@ class StepRunner:
 
     # -- the job run ---------------------------------------------------------------------------
 
-    def _on_start(self, job_id: int, digest: bytes, inputs: dict[str, bytes]) -> None:
+    def _on_start(
+        self, job_id: int, digest: bytes, inputs: dict[str, bytes], absent: tuple[str, ...] = ()
+    ) -> None:
         plan = self._plans[digest]
-        run = _JobRun(job_id, plan, inputs)
+        run = _JobRun(job_id, plan, inputs, frozenset(absent))
         self._run = run
         self._links = {}
         self._sends = []
@@ -311,19 +329,21 @@ class StepRunner:
 
     def _prepare(self, run: _JobRun, plan: m.StepPlan) -> _StepRun:
         step_run = _StepRun(plan)
-        step_run.destinations = len(plan.outputs) + sum(1 for r in plan.routes if r.site != self.site)
+        step_run.destinations = len(plan.outputs) + sum(
+            1 for r in plan.routes if r.site != self.site and r.site not in run.absent
+        )
         step_run.local = any(route.site == self.site for route in plan.routes)
         for param in plan.params:
             if param.kind == m.P_CTX:
                 step_run.ctx_param = param.name
             elif param.name == plan.driver:
-                step_run.driver_pending = set(param.sources)
+                step_run.driver_pending = set(param.sources) - run.absent
             elif param.kind == m.P_INPUT and not param.stream:
                 payload = run.inputs.get(param.source)
                 if payload is not None:
                     step_run.kwargs[param.name] = pickle.loads(payload)
             else:
-                step_run.gathers[param.name] = _Gather(param)
+                step_run.gathers[param.name] = Gather(param, run.absent, run.t0)
         return step_run
 
     def _on_tokens(self, job_id: int, tokens: list[m.Token]) -> None:
@@ -369,8 +389,8 @@ class StepRunner:
                 step_run.queue.append((source, value))
             if kind != m.ITEM:
                 step_run.driver_pending.discard(source)
-        else:
-            step_run.gathers[param].add(source, value, kind)
+        elif not step_run.gathers[param].add(source, value, kind):
+            self.dropped += 1  # from a source a tolerant gather gave up on
 
     def _drive(self, run: _JobRun) -> None:
         """Give turns to the steps that can go on, deepest first, until none can; then end or wait.
@@ -431,12 +451,21 @@ class StepRunner:
         """Call the user's function; a generator's items come on later turns."""
         plan = step_run.plan
         kwargs = dict(step_run.kwargs)
+        missing: dict[str, m.Missing] = {}
         for name, gather in step_run.gathers.items():
+            if gather.tolerant:
+                short = gather.shortfall()
+                if short is not None:
+                    self._fail(run, plan.name, self._quorum_error(run, plan.name, gather, short))
+                    return
+                missing.update(gather.missing)
             kwargs[name] = gather.value()
         if step_run.driver is not None:
             kwargs[step_run.driver] = item
         if step_run.ctx_param is not None:
-            kwargs[step_run.ctx_param] = StepContext(self, run.job_id, plan.name, source)
+            ctx = StepContext(self, run.job_id, plan.name, source)
+            ctx.missing = missing
+            kwargs[step_run.ctx_param] = ctx
         step_run.call_started = time.time()
         step_run.call_count = 0
         step_run.call_source = source
@@ -552,6 +581,8 @@ class StepRunner:
         for route in plan.routes:
             if route.site == self.site:
                 self._deliver(run, route.step, route.param, self.site, value, kind)
+            elif route.site in run.absent:
+                continue
             else:
                 batch = self._batches[route.site]
                 batch.append((route.step, route.param, self.site, seq, payload, kind))
@@ -567,11 +598,90 @@ class StepRunner:
             for route in plan.routes:
                 if route.site == self.site:
                     self._deliver(run, route.step, route.param, self.site, None, m.END)
-                else:
+                elif route.site not in run.absent:
                     self._batches[route.site].append(
                         (route.step, route.param, self.site, step_run.seq, None, m.END)
                     )
                     self._flush_batch(route.site)
+
+    # -- tolerant gathers, the site store, metrics ---------------------------------------------
+
+    def _quorum_error(self, run: _JobRun, step: str, gather: Gather, short: str) -> QuorumError:
+        return QuorumError(
+            f"step {step!r} of job {run.job_id} at site {self.site!r}: {short}",
+            job_id=run.job_id,
+            site=self.site,
+            step=step,
+            needed=gather.need,
+            missing=dict(gather.missing),
+        )
+
+    def _tolerant_gathers(self, run: _JobRun) -> Iterator[Gather]:
+        for step_run in run.steps.values():
+            if not step_run.ran and not step_run.done:
+                for gather in step_run.gathers.values():
+                    if gather.tolerant and not gather.complete:
+                        yield gather
+
+    def _on_missing(self, job_id: int, sources: list[tuple[str, str, str]]) -> None:
+        """The client says these sources will not deliver (their step raised, their worker died)."""
+        run = self._run
+        if run is None or run.job_id != job_id:
+            return  # this site's run has ended: nothing waits for them any more
+        for gather in list(self._tolerant_gathers(run)):
+            for source, reason, detail in sources:
+                gather.give_up(source, reason, detail)
+        self._drive(run)
+        self._flush_releases()
+
+    def _next_timer(self) -> float | None:
+        """When the nearest deadline of a tolerant gather of the running job falls (monotonic)."""
+        run = self._run
+        if run is None:
+            return None
+        deadlines = [g.deadline for g in self._tolerant_gathers(run) if g.deadline is not None]
+        return min(deadlines) if deadlines else None
+
+    def _on_tick(self) -> None:
+        """A deadline came due: those gathers go on without the late sites, which the client cancels."""
+        run = self._run
+        if run is None:
+            return
+        now = time.monotonic()
+        late: set[str] = set()
+        for gather in list(self._tolerant_gathers(run)):
+            late.update(gather.expire(now))
+        if late:
+            self._send_event((m.CUT, run.job_id, sorted(late)))
+        self._drive(run)
+        self._flush_releases()
+
+    def site_store(self) -> SiteStore:
+        """This worker's handle on the site's store (opened on first use)."""
+        store: SiteStore | None = getattr(self, "_store", None)
+        if store is None:
+            if not self.data_dir:
+                from ._exceptions import FederationError
+
+                raise FederationError(
+                    f"site {self.site!r} has no data_dir, where its store lives; "
+                    "give the site a data_dir in its config"
+                )
+            store = self._store = SiteStore(self.site, self.data_dir)
+        return store
+
+    def close_store(self) -> None:
+        """Close this worker's connection to the site's store, if it opened one."""
+        store: SiteStore | None = getattr(self, "_store", None)
+        if store is not None:
+            store.close()
+            self._store = None
+
+    def record_metric(self, job_id: int, step: str, name: str, value: float) -> None:
+        """Keep a metric a step recorded; it travels to the client with DONE."""
+        run = self._run
+        if run is not None and run.job_id == job_id:
+            run.metrics.append((step, str(name), float(value), time.time()))
 
     def _end(self, run: _JobRun, ok: bool) -> None:
         if self._run is not run:
@@ -610,6 +720,7 @@ class StepRunner:
             "dropped": self.dropped,
             "started": run.started,
             "results": results,
+            "metrics": run.metrics,
         }
         self._send_event((m.DONE, job_id, ok, info))
         if not ok:

@@ -257,6 +257,15 @@ class Worker(StepRunner):
         trimmed = False
         while not self._inbox:
             self._flush_all()
+            timer = self._next_timer()
+            if timer is not None:
+                # A tolerant gather's deadline: wake for it, however long idle.
+                left_ms = int((timer - time.monotonic()) * 1000) + 1
+                if left_ms <= 0:
+                    return (m.TICK,)
+                if trimmed or not (self._pool.has_free() or self._views.has_cached()):
+                    self._read_ready(left_ms)
+                    continue
             if not trimmed and (self._pool.has_free() or self._views.has_cached()):
                 # Segments kept for reuse are given back once this worker has been
                 # idle a while: an idle federation does not hold its largest job's memory.
@@ -266,7 +275,9 @@ class Worker(StepRunner):
                     self._views.trim()
                     trimmed = True
                     continue
-                self._read_ready(int(left * 1000) + 1)
+                self._read_ready(
+                    min(int(left * 1000) + 1, left_ms) if timer is not None else int(left * 1000) + 1
+                )
             else:
                 self._read_ready(None)
         return self._inbox.popleft()
@@ -379,7 +390,11 @@ class Worker(StepRunner):
             if tag == m.TOKENS:
                 self._on_tokens(message[1], message[2])
             elif tag == m.START:
-                self._on_start(message[1], message[2], message[3])
+                self._on_start(message[1], message[2], message[3], message[4])
+            elif tag == m.MISSING:
+                self._on_missing(message[1], message[2])
+            elif tag == m.TICK:
+                self._on_tick()
             elif tag == m.ABORT:
                 self._on_abort(message[1], message[2])
             elif tag == m.PLAN:
@@ -475,6 +490,7 @@ def run_worker(
         finally:
             worker._pool.close()
             worker._views.close()
+            worker.close_store()
     except SystemExit:
         return
     except BaseException:
