@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._config import FederationConfig, Service, Site, SiteConfig
+    from ._context import StepContext
     from ._exceptions import (
         ConfigError,
         FederationClosedError,
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
     from ._pipeline import Input, Pipeline, Step, collect, per_site, quorum
     from ._service_address import ServiceAddress
     from ._stats import FederationStats, LinkStats, SlotStats, WorkerStats
-    from ._steps import StepContext
     from ._store import SiteStore
     from ._timeline import TimelineEvent, TimelineKind
 

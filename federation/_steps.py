@@ -42,10 +42,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from . import _messages as m
+from ._context import StepContext
 from ._exceptions import JobCancelledError, QuorumError, SerializationError
 from ._gather import Gather
 from ._serialization import Payload, SegmentPool, SegmentViews, dump_exception, dumps, payload_size
-from ._store import SiteStore
+from ._store import SiteStoreOwner
 
 __all__ = ["StepContext", "StepRunner"]
 
@@ -56,100 +57,6 @@ _LINGER = 0.0002  # seconds since the last item after which an item is sent at o
 _ENDED_WINDOW = 1024
 _TIMINGS_PER_STEP = 64  # timeline records kept per step and job; later calls are merged
 _CHECK_EVERY = 0.002  # seconds between looks at the inbox while a step emits
-
-
-class StepContext:
-    """What a step sees of where and how it runs; bind it with a parameter named ``ctx``.
-
-    Attributes:
-        site: the site's name.
-        job_id: the running job's id.
-        step: the running step's name.
-        state: the result of the site's ``setup`` in *this worker* (``None`` without one): a
-            cache of what setup made. Each slot of the pool has its own worker per site, so
-            with ``pool_size=N`` a site's jobs are spread over N workers and state written
-            here is seen by about 1/N of them; keep state that must follow the site in
-            :attr:`store`.
-        data_dir: the site's data directory, or ``None``.
-        env: the environment variables configured for this site.
-        source_site: for a step run per stream item, the site the item came from.
-        missing: for a step with a tolerant fan-in (``fed.quorum``), ``{site: Missing}``:
-            the sites whose value it did not get, and why (raised, died, late).
-    """
-
-    __slots__ = (
-        "_log",
-        "_worker",
-        "data_dir",
-        "env",
-        "job_id",
-        "missing",
-        "site",
-        "source_site",
-        "state",
-        "step",
-    )
-
-    def __init__(self, worker: StepRunner, job_id: int, step: str, source_site: str | None) -> None:
-        self._worker = worker
-        self.site = worker.site
-        self.job_id = job_id
-        self.step = step
-        self.state = worker.state
-        self.data_dir = worker.data_dir
-        self.env = worker.env
-        self.source_site = source_site
-        self.missing: dict[str, m.Missing] = {}
-        self._log: Any = None
-
-    @property
-    def services(self) -> Mapping[str, Any]:
-        """The site's services by name (:class:`~federation.ServiceAddress`): ``ctx.services["db"].port``."""
-        return self._worker.services
-
-    @property
-    def store(self) -> SiteStore:
-        """The site's store: shared by every worker of the site, kept in its data directory.
-
-        Unlike :attr:`state` (this worker's own), it survives jobs, slots and worker
-        deaths; see :class:`~federation.SiteStore`.
-        """
-        return self._worker.site_store()
-
-    def metric(self, name: str, value: float) -> None:
-        """Record a named metric of this step at this site (kept on the job and the federation)."""
-        self._worker.record_metric(self.job_id, self.step, name, value)
-
-    @property
-    def log(self) -> Any:
-        """A structlog logger bound to job, site, step and pid; records go to the client."""
-        if self._log is None:
-            self._log = self._worker.structlog_logger().bind(job_id=self.job_id, step=self.step)
-        return self._log
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether the job was cancelled (or failed elsewhere); long steps should check it."""
-        return self._worker.abort_requested(self.job_id) is not None
-
-    def check_cancelled(self) -> None:
-        """Raise :class:`~federation.JobCancelledError` if the job was cancelled."""
-        reason = self._worker.abort_requested(self.job_id)
-        if reason is not None:
-            raise JobCancelledError(
-                f"job {self.job_id} was cancelled: {reason}", job_id=self.job_id, reason=reason
-            )
-
-    def send_to_job(self, job_id: int, name: str, value: Any, *, close: bool = False) -> None:
-        """Feed ``value`` to stream input ``name`` of another running job.
-
-        Blocks until the client's router accepted it. With ``close=True`` the
-        stream is closed after it (pass ``value=None`` to only close it).
-
-        Raises:
-            TokenRejectedError: the job has ended, never existed, or has no such stream input.
-        """
-        self._worker.send_to_job(self.job_id, job_id, name, value, close)
 
 
 class _StepRun:
@@ -246,7 +153,7 @@ class _JobRun:
         self.metrics: list[tuple[str, str, float, float]] = []  # (step, name, value, time)
 
 
-class StepRunner:
+class StepRunner(SiteStoreOwner):
     """Runs one site's steps of the current job; a site runtime supplies the pipes."""
 
     # State the runtime sets up (see Worker.__init__).
@@ -272,7 +179,6 @@ class StepRunner:
     _next_check: float
     _current_step: str | None
     _last_emit: float
-    _store: SiteStore | None
 
     # -- what the runtime provides -----------------------------------------------------------
 
@@ -655,27 +561,6 @@ class StepRunner:
             self._send_event((m.CUT, run.job_id, sorted(late)))
         self._drive(run)
         self._flush_releases()
-
-    def site_store(self) -> SiteStore:
-        """This worker's handle on the site's store (opened on first use)."""
-        store: SiteStore | None = getattr(self, "_store", None)
-        if store is None:
-            if not self.data_dir:
-                from ._exceptions import FederationError
-
-                raise FederationError(
-                    f"site {self.site!r} has no data_dir, where its store lives; "
-                    "give the site a data_dir in its config"
-                )
-            store = self._store = SiteStore(self.site, self.data_dir)
-        return store
-
-    def close_store(self) -> None:
-        """Close this worker's connection to the site's store, if it opened one."""
-        store: SiteStore | None = getattr(self, "_store", None)
-        if store is not None:
-            store.close()
-            self._store = None
 
     def record_metric(self, job_id: int, step: str, name: str, value: float) -> None:
         """Keep a metric a step recorded; it travels to the client with DONE."""

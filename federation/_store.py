@@ -29,7 +29,7 @@ import pickle
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
-__all__ = ["SiteStore", "store_path"]
+__all__ = ["SiteStore", "SiteStoreOwner", "store_path"]
 
 _MISSING: Any = object()
 _BUSY_TIMEOUT = 30.0  # seconds a writer waits for another worker's transaction
@@ -149,3 +149,32 @@ class SiteStore(MutableMapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"<SiteStore {self.site!r} at {self.path}>"
+
+
+class SiteStoreOwner:
+    """Gives a site runtime its store, opened on first use (a step may never ask for it)."""
+
+    site: str
+    data_dir: str | None
+    _store: SiteStore | None = None
+
+    def site_store(self) -> SiteStore:
+        """This worker's handle on the site's store (opened on first use)."""
+        store = self._store
+        if store is None:
+            if not self.data_dir:
+                from ._exceptions import FederationError
+
+                raise FederationError(
+                    f"site {self.site!r} has no data_dir, where its store lives; "
+                    "give the site a data_dir in its config"
+                )
+            store = self._store = SiteStore(self.site, self.data_dir)
+        return store
+
+    def close_store(self) -> None:
+        """Close this worker's connection to the site's store, if it opened one."""
+        store = self._store
+        if store is not None:
+            store.close()
+            self._store = None

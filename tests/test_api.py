@@ -22,6 +22,7 @@ ORDER = [
     "_serialization",
     "_gather",
     "_store",
+    "_context",
     "_steps",
     "_worker",
     "backends",
@@ -64,6 +65,7 @@ WORKER_SIDE = {
     "_serialization",
     "_gather",
     "_store",
+    "_context",
     "_steps",
     "_worker",
 }
