@@ -38,7 +38,7 @@ import gc
 import pickle
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from . import _messages as m
@@ -171,6 +171,7 @@ class StepRunner(SiteStoreOwner):
     state: Any
     data_dir: str | None
     env: dict[str, str]
+    services: Mapping[str, Any]
     dropped: int
     _plans: dict[bytes, m.SitePlan]
     _run: _JobRun | None

@@ -86,6 +86,7 @@ class Worker(StepRunner):
         self.spec = spec
         self.env = dict(spec.env)
         self.data_dir = spec.data_dir
+        self.services = spec.services
         self.state: Any = None
         self.pid = os.getpid()
         self._control = control

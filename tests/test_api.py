@@ -15,6 +15,8 @@ PACKAGE = Path(fed.__file__).parent
 #: Lowest first: a module may import (at its top level) only modules before it.
 ORDER = [
     "_exceptions",
+    "_service_address",
+    "_supervisor",
     "_messages",
     "_channel",
     "_serialization",
@@ -25,7 +27,9 @@ ORDER = [
     "_worker",
     "backends",
     "_log",
+    "_service_checks",
     "_config",
+    "_services",
     "_pipeline",
     "_metrics",
     "_callbacks",
@@ -55,6 +59,7 @@ TYPE_ONLY_UPWARD = {
 #: What a worker process runs: it must never reach the client's side.
 WORKER_SIDE = {
     "_exceptions",
+    "_service_address",
     "_messages",
     "_channel",
     "_serialization",
