@@ -45,6 +45,7 @@ from . import _messages as m
 from ._context import StepContext
 from ._exceptions import JobCancelledError, QuorumError, SerializationError
 from ._gather import Gather
+from ._runs import JobRun, StepRun
 from ._serialization import (
     Payload,
     SegmentPool,
@@ -68,100 +69,6 @@ _TIMINGS_PER_STEP = 64  # timeline records kept per step and job; later calls ar
 _CHECK_EVERY = 0.002  # seconds between looks at the inbox while a step emits
 
 
-class _StepRun:
-    """One step of one job at this site: its inputs so far and the call in progress."""
-
-    __slots__ = (
-        "active",
-        "call_count",
-        "call_source",
-        "call_started",
-        "calls",
-        "ctx_param",
-        "destinations",
-        "done",
-        "driver",
-        "driver_pending",
-        "gathers",
-        "kwargs",
-        "local",
-        "plan",
-        "queue",
-        "ran",
-        "seq",
-        "timing",
-        "what",
-    )
-
-    def __init__(self, plan: m.StepPlan) -> None:
-        self.plan = plan
-        self.kwargs: dict[str, Any] = {}
-        self.gathers: dict[str, Gather] = {}
-        self.driver: str | None = plan.driver
-        self.queue: deque[tuple[str, Any]] = deque()  # driver items not yet run
-        self.driver_pending: set[str] = set()  # sites whose stream has not ended
-        self.ran = False
-        self.done = False
-        self.seq = 0
-        self.ctx_param: str | None = None
-        self.destinations = 0  # receivers of each value: outputs and steps at other sites
-        self.local = False  # some of its values go to steps at this site
-        self.calls = 0
-        self.timing = 0
-        self.what = f"the value step {plan.name!r} produced"
-        # A generator call in progress: advanced one item per turn of the loop.
-        self.active: Iterator[Any] | None = None
-        self.call_started = 0.0
-        self.call_count = 0
-        self.call_source: str | None = None
-
-    def has_work(self) -> bool:
-        """Whether this step can take a turn now: advance, start a call, or end."""
-        if self.done:
-            return False
-        if self.active is not None:
-            return True
-        for gather in self.gathers.values():
-            if not gather.complete:
-                return False
-        if self.driver is None:
-            return not self.ran
-        return bool(self.queue) or not self.driver_pending
-
-
-class _JobRun:
-    __slots__ = (
-        "absent",
-        "failed",
-        "inputs",
-        "job_id",
-        "metrics",
-        "order",
-        "plan",
-        "remaining",
-        "started",
-        "steps",
-        "t0",
-        "timings",
-    )
-
-    def __init__(
-        self, job_id: int, plan: m.SitePlan, inputs: dict[str, bytes], absent: frozenset[str]
-    ) -> None:
-        self.job_id = job_id
-        self.plan = plan
-        self.steps: dict[str, _StepRun] = {}
-        self.order: list[_StepRun] = []  # deepest first: the order in which steps get a turn
-        self.remaining = len(plan.steps)
-        self.inputs = inputs
-        self.timings: list[tuple[str, float, float, int]] = []
-        self.started = time.time()
-        self.failed = False  # a step raised; FAILED was sent
-        self.absent = absent  # sites this job runs without (participants chosen at submit)
-        self.t0 = time.monotonic()  # tolerant gathers' deadlines count from here
-        self.metrics: list[tuple[str, str, float, float]] = []  # (step, name, value, time)
-
-
 class StepRunner(SiteStoreOwner):
     """Runs one site's steps of the current job; a site runtime supplies the pipes."""
 
@@ -174,7 +81,7 @@ class StepRunner(SiteStoreOwner):
     services: Mapping[str, Any]
     dropped: int
     _plans: dict[bytes, m.SitePlan]
-    _run: _JobRun | None
+    _run: JobRun | None
     _ended: set[int]
     _ended_order: deque[int]
     _aborted: dict[int, str]
@@ -231,7 +138,7 @@ class StepRunner(SiteStoreOwner):
         self, job_id: int, digest: bytes, inputs: dict[str, bytes], absent: tuple[str, ...] = ()
     ) -> None:
         plan = self._plans[digest]
-        run = _JobRun(job_id, plan, inputs, frozenset(absent))
+        run = JobRun(job_id, plan, inputs, frozenset(absent))
         self._run = run
         self._links = {}
         self._sends = []
@@ -242,8 +149,8 @@ class StepRunner(SiteStoreOwner):
             self._deliver_remote(run, early)
         self._drive(run)
 
-    def _prepare(self, run: _JobRun, plan: m.StepPlan) -> _StepRun:
-        step_run = _StepRun(plan)
+    def _prepare(self, run: JobRun, plan: m.StepPlan) -> StepRun:
+        step_run = StepRun(plan)
         step_run.destinations = len(plan.outputs) + sum(
             1 for r in plan.routes if r.site != self.site and r.site not in run.absent
         )
@@ -276,7 +183,7 @@ class StepRunner(SiteStoreOwner):
         self._drive(run)
         self._flush_releases()
 
-    def _deliver_remote(self, run: _JobRun, tokens: Any) -> None:
+    def _deliver_remote(self, run: JobRun, tokens: Any) -> None:
         loads = self._views.loads
         last: tuple[str, str, str] | None = None
         append: Callable[[Any], None] | None = None
@@ -295,7 +202,7 @@ class StepRunner(SiteStoreOwner):
             last = (step, param, source)
             append = self._item_sink(run, step, param, source) if kind == m.ITEM else None
 
-    def _item_sink(self, run: _JobRun, step: str, param: str, source: str) -> Callable[[Any], None] | None:
+    def _item_sink(self, run: JobRun, step: str, param: str, source: str) -> Callable[[Any], None] | None:
         """Where more items from ``source`` to ``step``'s ``param`` go, while a frame is read.
 
         Nothing runs between two tokens of one frame, so what took the first item
@@ -318,7 +225,7 @@ class StepRunner(SiteStoreOwner):
         if run is not None and run.job_id == job_id:
             self._end(run, ok=False)
 
-    def _deliver(self, run: _JobRun, step: str, param: str, source: str, value: Any, kind: int) -> None:
+    def _deliver(self, run: JobRun, step: str, param: str, source: str, value: Any, kind: int) -> None:
         """Hand a value to a step's input; the step runs on a later turn of :meth:`_drive`."""
         step_run = run.steps.get(step)
         if step_run is None or step_run.done:
@@ -332,7 +239,7 @@ class StepRunner(SiteStoreOwner):
         elif not step_run.gathers[param].add(source, value, kind):
             self.dropped += 1  # from a source a tolerant gather gave up on
 
-    def _drive(self, run: _JobRun) -> None:
+    def _drive(self, run: JobRun) -> None:
         """Give turns to the steps that can go on, deepest first, until none can; then end or wait.
 
         Deepest first keeps memory bounded: an item a generator yields to a step
@@ -360,7 +267,7 @@ class StepRunner(SiteStoreOwner):
         if run.remaining == 0:
             self._end(run, ok=True)
 
-    def _turn(self, run: _JobRun, step_run: _StepRun) -> None:
+    def _turn(self, run: JobRun, step_run: StepRun) -> None:
         """A step's turn: its next items, a new call, or its end."""
         if step_run.active is not None:
             self._advance(run, step_run)
@@ -376,7 +283,7 @@ class StepRunner(SiteStoreOwner):
         else:
             self._step_done(run, step_run)
 
-    def _yield_turn(self, run: _JobRun, step_run: _StepRun) -> bool:
+    def _yield_turn(self, run: JobRun, step_run: StepRun) -> bool:
         """Whether a step must hand the loop back after a value: a deeper step may have work,
         the run ended, or it is time to look at the inbox. Otherwise it goes on in its turn,
         which saves a pass over the steps per item of a fast stream."""
@@ -387,7 +294,7 @@ class StepRunner(SiteStoreOwner):
             or time.monotonic() >= self._next_check
         )
 
-    def _call(self, run: _JobRun, step_run: _StepRun, source: str | None, item: Any) -> None:
+    def _call(self, run: JobRun, step_run: StepRun, source: str | None, item: Any) -> None:
         """Call the user's function; a generator's items come on later turns."""
         plan = step_run.plan
         kwargs = dict(step_run.kwargs)
@@ -426,7 +333,7 @@ class StepRunner(SiteStoreOwner):
         if step_run.driver is None and not run.failed:
             self._step_done(run, step_run)
 
-    def _advance(self, run: _JobRun, step_run: _StepRun) -> None:
+    def _advance(self, run: JobRun, step_run: StepRun) -> None:
         """Take the next items from a generator step and send them on, until its turn is over."""
         generator = step_run.active
         assert generator is not None
@@ -452,14 +359,14 @@ class StepRunner(SiteStoreOwner):
             if self._yield_turn(run, step_run):
                 return
 
-    def _call_raised(self, run: _JobRun, step_run: _StepRun, exc: BaseException) -> None:
+    def _call_raised(self, run: JobRun, step_run: StepRun, exc: BaseException) -> None:
         if isinstance(exc, KeyboardInterrupt):
             raise exc
         if isinstance(exc, JobCancelledError) and run.job_id in self._aborted:
             return  # the step saw the abort (ctx.check_cancelled): _drive ends the run
         self._fail(run, step_run.plan.name, exc)
 
-    def _record_call(self, run: _JobRun, step_run: _StepRun, ended: float, count: int) -> None:
+    def _record_call(self, run: JobRun, step_run: StepRun, ended: float, count: int) -> None:
         """Keep a timeline record of one call of a step."""
         name = step_run.plan.name
         if step_run.calls < _TIMINGS_PER_STEP:
@@ -472,7 +379,7 @@ class StepRunner(SiteStoreOwner):
             run.timings[step_run.timing] = (name, first, ended, items + count)
         step_run.calls += 1
 
-    def _fail(self, run: _JobRun, step: str, exc: BaseException) -> None:
+    def _fail(self, run: JobRun, step: str, exc: BaseException) -> None:
         """Report that ``step`` raised; :meth:`_drive` then ends the run."""
         data, tb = dump_exception(exc)
         self._flush_all()
@@ -495,7 +402,7 @@ class StepRunner(SiteStoreOwner):
                 f"{what} is {size:,} bytes pickled, over max_token_bytes={self.spec.max_token_bytes:,}"
             )
 
-    def _emit(self, run: _JobRun, step_run: _StepRun, value: Any, kind: int) -> None:
+    def _emit(self, run: JobRun, step_run: StepRun, value: Any, kind: int) -> None:
         """Send a value a step made to where it goes: the client, other sites, this site."""
         plan = step_run.plan
         seq = step_run.seq
@@ -532,7 +439,7 @@ class StepRunner(SiteStoreOwner):
                 if eager or len(batch) >= _BATCH:
                     self._flush_batch(route.site)
 
-    def _step_done(self, run: _JobRun, step_run: _StepRun) -> None:
+    def _step_done(self, run: JobRun, step_run: StepRun) -> None:
         """A step made its last value: its streams end at their consumers."""
         step_run.done = True
         run.remaining -= 1
@@ -549,7 +456,7 @@ class StepRunner(SiteStoreOwner):
 
     # -- tolerant gathers, the site store, metrics ---------------------------------------------
 
-    def _quorum_error(self, run: _JobRun, step: str, gather: Gather, short: str) -> QuorumError:
+    def _quorum_error(self, run: JobRun, step: str, gather: Gather, short: str) -> QuorumError:
         return QuorumError(
             f"step {step!r} of job {run.job_id} at site {self.site!r}: {short}",
             job_id=run.job_id,
@@ -559,7 +466,7 @@ class StepRunner(SiteStoreOwner):
             missing=dict(gather.missing),
         )
 
-    def _tolerant_gathers(self, run: _JobRun) -> Iterator[Gather]:
+    def _tolerant_gathers(self, run: JobRun) -> Iterator[Gather]:
         for step_run in run.steps.values():
             if not step_run.ran and not step_run.done:
                 for gather in step_run.gathers.values():
@@ -605,7 +512,7 @@ class StepRunner(SiteStoreOwner):
         if run is not None and run.job_id == job_id:
             run.metrics.append((step, str(name), float(value), time.time()))
 
-    def _end(self, run: _JobRun, ok: bool) -> None:
+    def _end(self, run: JobRun, ok: bool) -> None:
         if self._run is not run:
             return
         results: list[tuple[str, int, Payload]] = []
@@ -651,7 +558,7 @@ class StepRunner(SiteStoreOwner):
             # their segments go back with the next flush.
             gc.collect()
 
-    def _close_active(self, run: _JobRun) -> None:
+    def _close_active(self, run: JobRun) -> None:
         """Close the generators an ended run leaves mid-stream, deepest first (their ``finally``)."""
         for step_run in run.order:
             generator, step_run.active = step_run.active, None

@@ -48,6 +48,7 @@ from typing import Any
 from . import _messages as m
 from ._channel import ChannelClosedError, FrameReader, InboxReader, LinkOutbox, Outbox
 from ._exceptions import TokenRejectedError
+from ._runs import JobRun
 from ._serialization import (
     Payload,
     SegmentPool,
@@ -55,7 +56,7 @@ from ._serialization import (
     payload_size,
     unlink_segments,
 )
-from ._steps import StepContext, StepRunner, _JobRun
+from ._steps import StepContext, StepRunner
 
 __all__ = ["StepContext", "Worker", "main"]
 
@@ -100,7 +101,7 @@ class Worker(StepRunner):
         for reader in self._readers.values():
             self._poller.register(reader.fileno(), _POLLIN)
         self._plans: dict[bytes, m.SitePlan] = {}
-        self._run: _JobRun | None = None
+        self._run: JobRun | None = None
         self._ended: set[int] = set()
         self._ended_order: deque[int] = deque()
         self._aborted: dict[int, str] = {}

@@ -23,6 +23,7 @@ ORDER = [
     "_gather",
     "_store",
     "_context",
+    "_runs",
     "_steps",
     "_worker",
     "backends",
@@ -66,6 +67,7 @@ WORKER_SIDE = {
     "_gather",
     "_store",
     "_context",
+    "_runs",
     "_steps",
     "_worker",
 }
