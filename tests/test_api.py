@@ -31,6 +31,7 @@ ORDER = [
     "_service_checks",
     "_config",
     "_services",
+    "_bindings",
     "_pipeline",
     "_metrics",
     "_callbacks",
@@ -56,6 +57,7 @@ ORDER = [
 #: Upward imports allowed inside ``if TYPE_CHECKING:`` only, each with its reason.
 TYPE_ONLY_UPWARD = {
     ("backends", "_config"),  # get_backend's parameter is annotated with the config it reads
+    ("_bindings", "_pipeline"),  # a Step is annotated with the pipeline it belongs to
 }
 #: What a worker process runs: it must never reach the client's side.
 WORKER_SIDE = {
