@@ -15,7 +15,7 @@ nox.options.reuse_existing_virtualenvs = True
 OLDEST = "constraints/oldest.txt"
 # What tests_oldest runs: the behaviour of jobs, faults, payloads, pipelines, both
 # start methods, logs (structlog), timelines (matplotlib) and property tests
-# (hypothesis); about a minute.
+# (hypothesis), services (mirakuru); about a minute.
 OLDEST_SUITE = [
     "tests/test_federation.py",
     "tests/test_reliability.py",
@@ -28,6 +28,7 @@ OLDEST_SUITE = [
     "tests/test_logs.py",
     "tests/test_timeline.py",
     "tests/test_properties.py",
+    "tests/test_services.py",
 ]
 
 

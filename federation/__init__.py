@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from . import faults
-    from ._config import FederationConfig, Site, SiteConfig
+    from ._config import FederationConfig, Service, Site, SiteConfig
     from ._context import StepContext
     from ._exceptions import (
         ConfigError,
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from ._messages import Missing
     from ._metrics import MetricRecord, Metrics
     from ._pipeline import Input, Pipeline, Step, collect, per_site, quorum
+    from ._service_address import ServiceAddress
     from ._stats import FederationStats, LinkStats, SlotStats, WorkerStats
     from ._store import SiteStore
     from ._timeline import TimelineEvent, TimelineKind
@@ -88,6 +89,8 @@ __all__ = [
     "ResourceExhaustedError",
     "Result",
     "SerializationError",
+    "Service",
+    "ServiceAddress",
     "Site",
     "SiteConfig",
     "SiteStartError",
@@ -135,6 +138,8 @@ _LOCATIONS = {
     "ResourceExhaustedError": "_exceptions",
     "Result": "_handle",
     "SerializationError": "_exceptions",
+    "Service": "_config",
+    "ServiceAddress": "_service_address",
     "Site": "_config",
     "SiteConfig": "_config",
     "SiteStartError": "_exceptions",

@@ -10,6 +10,7 @@ Workers import this module: standard library only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from . import _messages as m
@@ -26,6 +27,7 @@ class SiteRuntime(Protocol):
     state: Any
     data_dir: str | None
     env: dict[str, str]
+    services: Mapping[str, Any]
 
     def site_store(self) -> SiteStore:
         """This worker's handle on the site's store."""
@@ -91,6 +93,11 @@ class StepContext:
         self.source_site = source_site
         self.missing: dict[str, m.Missing] = {}
         self._log: Any = None
+
+    @property
+    def services(self) -> Mapping[str, Any]:
+        """The site's services by name (:class:`~federation.ServiceAddress`): ``ctx.services["db"].port``."""
+        return self._worker.services
 
     @property
     def store(self) -> SiteStore:

@@ -11,7 +11,7 @@ raised), or the machine's (a worker died)::
     ├── ResourceExhaustedError              a machine resource ran out (/dev/shm): needed, free
     ├── FederationClosedError (RuntimeError)
     ├── QueueFullError                      submit(block=False) on a full job queue
-    ├── SiteStartError                      a worker could not start; the child's traceback
+    ├── SiteStartError                      a worker or service could not start; its traceback or output
     ├── TokenRejectedError                  send_to_job to a job that is not running
     └── JobError                            has .job_id
         ├── StepFailedError                 .site, .step; cause: the original exception
@@ -79,20 +79,40 @@ class QueueFullError(FederationError):
 
 
 class SiteStartError(FederationError):
-    """A worker of a site could not start: its setup raised, an import failed, or it exited.
+    """A worker or a service of a site could not start: a setup raised, an import failed,
+    a worker exited, or a service exited or was not ready in time.
 
     Attributes:
-        site: the site whose worker failed.
+        site: the site whose worker or service failed.
         remote_traceback: the traceback text from the child, when it got that far.
+        service: the service that failed, or ``None`` for a worker.
+        last_output: the service's last lines of output.
     """
 
-    def __init__(self, message: str, *, site: str, remote_traceback: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        site: str,
+        remote_traceback: str | None = None,
+        service: str | None = None,
+        last_output: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.site = site
         self.remote_traceback = remote_traceback
+        self.service = service
+        self.last_output = last_output
 
     def __str__(self) -> str:
         text = super().__str__()
+        if self.service is not None:
+            if self.last_output:
+                text += f"\nlast lines from service {self.service!r}:\n" + _indent_block(
+                    "\n".join(self.last_output)
+                )
+            else:
+                text += f"\n(service {self.service!r} wrote nothing)"
         if self.remote_traceback:
             text += "\n\n" + _indent_block(self.remote_traceback)
         return text

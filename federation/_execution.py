@@ -27,13 +27,15 @@ import pickle
 import select
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _messages as m
 from ._channel import ChannelClosedError, FrameReader, Outbox, make_pipe
 from ._exceptions import SiteStartError
 from ._serialization import dumps_function
+from ._service_address import ServiceMap
+from ._services import bind_setup
 
 if TYPE_CHECKING:
     from ._config import FederationConfig
@@ -97,6 +99,7 @@ class JobExecution:
         log_level: str,
         on_pending: Callable[[Outbox], None] | None = None,
         fail_start: dict[str, str] | None = None,
+        services: Mapping[str, ServiceMap] | None = None,
     ) -> None:
         self.index = index
         self.generation = generation
@@ -128,6 +131,7 @@ class JobExecution:
         self._sentinels: select.poll | None = None  # made on first use by dead_sites()
         self._sentinel_sites: dict[int, str] = {}
         self._fail_start = fail_start or {}  # a fault plan's FailStart: site -> why its setup raises
+        self._services = services or {}
         self._start(config, backend, lifeline_fd, log_level)
 
     def _start(self, config: FederationConfig, backend: Backend, lifeline_fd: int, log_level: str) -> None:
@@ -158,10 +162,11 @@ class JobExecution:
             for index, site_config in enumerate(config.sites):
                 site = site_config.name
                 name = f"{site}/slot-{self.index}"
+                services = self._services.get(site) or ServiceMap(site, {})
                 spec = m.WorkerSpec(
                     site=site,
                     name=name,
-                    setup=site_config.setup,
+                    setup=bind_setup(site_config.setup, services),
                     env=dict(site_config.env),
                     data_dir=str(site_config.data_dir) if site_config.data_dir else None,
                     sys_path=tuple(p for p in __import__("sys").path if p),
@@ -170,6 +175,7 @@ class JobExecution:
                     shm_prefix=self.shm_prefix(site),
                     index=index,
                     fail_start=self._fail_start.get(site),
+                    services=services,
                 )
                 init = (m.INIT, spec.sys_path, dumps_function(spec, what=f"the setup of site {site!r}"))
                 self.control[site].send(pickle.dumps(init, protocol=5))

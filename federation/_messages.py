@@ -15,8 +15,8 @@ Workers import this module: standard library only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 # client -> worker (control pipe)
@@ -154,4 +154,5 @@ class WorkerSpec:
     max_token_bytes: int
     shm_prefix: str  # names of the shared-memory segments this worker creates
     index: int = 0  # the site's place in its slot: its sender number in the others' inboxes
+    services: Mapping[str, Any] = field(default_factory=dict)  # the site's ServiceMap: ctx.services
     fail_start: str | None = None  # a fault plan's FailStart: the setup raises with this message

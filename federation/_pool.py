@@ -34,6 +34,7 @@ from ._jobs import JobSide
 from ._log import SiteLogFiles, get_logger, worker_log_level
 from ._oom import oom_kill_count
 from ._serialization import SegmentViews, unlink_segments
+from ._services import FederationServices
 from .backends import get_backend
 
 __all__ = ["EVENTS", "OUTPUT", "SENTINEL", "STDOUT", "WAKE", "SlotPool"]
@@ -72,6 +73,7 @@ class SlotPool(JobSide[JobExecution], FaultControl):
         self._next_memory_check = 0.0
         self._retired: list[JobExecution] = []  # out of the pool, waiting for their workers to end
         self.log_files = SiteLogFiles(config.log_dir) if config.log_dir is not None else None
+        self.services = FederationServices(config, self.log_files)  # started by Router.start
         self._pending_out: set[Outbox] = set()  # control pipes with bytes waiting for room
         self._released: list[tuple[str, str]] = []
         # Results are copied out of workers' segments at once, so a job handle the
@@ -121,7 +123,10 @@ class SlotPool(JobSide[JobExecution], FaultControl):
             self._lifeline_r,
             self._log_level,
             self._on_pending,
-            self._faults_start_failures(self._site_names()) if self.fault_plan is not None else None,
+            services=self.services.addresses,
+            fail_start=self._faults_start_failures(self._site_names())
+            if self.fault_plan is not None
+            else None,
         )
         self.slots[index] = slot
         slot.oom_kills = oom_kill_count()

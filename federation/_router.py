@@ -85,6 +85,8 @@ class Router(SlotPool):
             SiteStartError: a worker failed to start (everything started is stopped again).
         """
         try:
+            # Before any worker: a site's setup may connect to its services.
+            self.services.start()
             with self.lock:
                 first = self._first_wave()
                 for index in range(self.config.pool_size):
@@ -600,8 +602,6 @@ class Router(SlotPool):
                 slot.close()
             self._views.close()
             self.backend.close()
-            if self.log_files is not None:
-                self.log_files.close()
             self.slots = [None] * len(self.slots)
             self.unstarted.clear()
             self._retired.clear()
@@ -615,3 +615,7 @@ class Router(SlotPool):
                         raise
             self._lifeline_w = self._lifeline_r = self._wake_r = self._wake_w = -1
             self.changed.notify_all()
+        # After every worker, and outside the lock: it waits up to each service's stop_grace.
+        self.services.stop()
+        if self.log_files is not None:
+            self.log_files.close()

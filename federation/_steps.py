@@ -38,7 +38,7 @@ import gc
 import pickle
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from . import _messages as m
@@ -46,7 +46,17 @@ from ._context import StepContext
 from ._exceptions import JobCancelledError, QuorumError, SerializationError
 from ._faults import FaultRuntime
 from ._gather import Gather
-from ._serialization import Payload, SegmentPool, SegmentViews, dump_exception, dumps, payload_size
+from ._runs import JobRun, StepRun
+from ._serialization import (
+    Payload,
+    SegmentPool,
+    SegmentViews,
+    dump_exception,
+    dumps,
+    inline,
+    payload_size,
+    shared_segments,
+)
 from ._store import SiteStoreOwner
 
 __all__ = ["StepContext", "StepRunner"]
@@ -60,100 +70,6 @@ _TIMINGS_PER_STEP = 64  # timeline records kept per step and job; later calls ar
 _CHECK_EVERY = 0.002  # seconds between looks at the inbox while a step emits
 
 
-class _StepRun:
-    """One step of one job at this site: its inputs so far and the call in progress."""
-
-    __slots__ = (
-        "active",
-        "call_count",
-        "call_source",
-        "call_started",
-        "calls",
-        "ctx_param",
-        "destinations",
-        "done",
-        "driver",
-        "driver_pending",
-        "gathers",
-        "kwargs",
-        "local",
-        "plan",
-        "queue",
-        "ran",
-        "seq",
-        "timing",
-        "what",
-    )
-
-    def __init__(self, plan: m.StepPlan) -> None:
-        self.plan = plan
-        self.kwargs: dict[str, Any] = {}
-        self.gathers: dict[str, Gather] = {}
-        self.driver: str | None = plan.driver
-        self.queue: deque[tuple[str, Any]] = deque()  # driver items not yet run
-        self.driver_pending: set[str] = set()  # sites whose stream has not ended
-        self.ran = False
-        self.done = False
-        self.seq = 0
-        self.ctx_param: str | None = None
-        self.destinations = 0  # receivers of each value: outputs and steps at other sites
-        self.local = False  # some of its values go to steps at this site
-        self.calls = 0
-        self.timing = 0
-        self.what = f"the value step {plan.name!r} produced"
-        # A generator call in progress: advanced one item per turn of the loop.
-        self.active: Iterator[Any] | None = None
-        self.call_started = 0.0
-        self.call_count = 0
-        self.call_source: str | None = None
-
-    def has_work(self) -> bool:
-        """Whether this step can take a turn now: advance, start a call, or end."""
-        if self.done:
-            return False
-        if self.active is not None:
-            return True
-        for gather in self.gathers.values():
-            if not gather.complete:
-                return False
-        if self.driver is None:
-            return not self.ran
-        return bool(self.queue) or not self.driver_pending
-
-
-class _JobRun:
-    __slots__ = (
-        "absent",
-        "failed",
-        "inputs",
-        "job_id",
-        "metrics",
-        "order",
-        "plan",
-        "remaining",
-        "started",
-        "steps",
-        "t0",
-        "timings",
-    )
-
-    def __init__(
-        self, job_id: int, plan: m.SitePlan, inputs: dict[str, bytes], absent: frozenset[str]
-    ) -> None:
-        self.job_id = job_id
-        self.plan = plan
-        self.steps: dict[str, _StepRun] = {}
-        self.order: list[_StepRun] = []  # deepest first: the order in which steps get a turn
-        self.remaining = len(plan.steps)
-        self.inputs = inputs
-        self.timings: list[tuple[str, float, float, int]] = []
-        self.started = time.time()
-        self.failed = False  # a step raised; FAILED was sent
-        self.absent = absent  # sites this job runs without (participants chosen at submit)
-        self.t0 = time.monotonic()  # tolerant gathers' deadlines count from here
-        self.metrics: list[tuple[str, str, float, float]] = []  # (step, name, value, time)
-
-
 class StepRunner(SiteStoreOwner, FaultRuntime):
     """Runs one site's steps of the current job; a site runtime supplies the pipes."""
 
@@ -163,9 +79,10 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
     state: Any
     data_dir: str | None
     env: dict[str, str]
+    services: Mapping[str, Any]
     dropped: int
     _plans: dict[bytes, m.SitePlan]
-    _run: _JobRun | None
+    _run: JobRun | None
     _ended: set[int]
     _ended_order: deque[int]
     _aborted: dict[int, str]
@@ -222,7 +139,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
         self, job_id: int, digest: bytes, inputs: dict[str, bytes], absent: tuple[str, ...] = ()
     ) -> None:
         plan = self._plans[digest]
-        run = _JobRun(job_id, plan, inputs, frozenset(absent))
+        run = JobRun(job_id, plan, inputs, frozenset(absent))
         self._run = run
         self._links = {}
         self._sends = []
@@ -234,8 +151,8 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
             self._deliver_remote(run, early)
         self._drive(run)
 
-    def _prepare(self, run: _JobRun, plan: m.StepPlan) -> _StepRun:
-        step_run = _StepRun(plan)
+    def _prepare(self, run: JobRun, plan: m.StepPlan) -> StepRun:
+        step_run = StepRun(plan)
         step_run.destinations = len(plan.outputs) + sum(
             1 for r in plan.routes if r.site != self.site and r.site not in run.absent
         )
@@ -268,24 +185,49 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
         self._drive(run)
         self._flush_releases()
 
-    def _deliver_remote(self, run: _JobRun, tokens: Any) -> None:
+    def _deliver_remote(self, run: JobRun, tokens: Any) -> None:
+        loads = self._views.loads
+        last: tuple[str, str, str] | None = None
+        append: Callable[[Any], None] | None = None
         for step, param, source, _seq, payload, kind in tokens:
             # No local name holds the value: it is released as soon as the step lets go.
-            self._deliver(
-                run,
-                step,
-                param,
-                source,
-                self._views.loads(payload, source) if payload is not None else None,
-                kind,
-            )
+            if payload is None:
+                value = None
+            elif type(payload) is tuple and len(payload) == 1:
+                value = payload[0]  # inline: unpickled with the frame
+            else:
+                value = loads(payload, source)
+            if append is not None and kind == m.ITEM and (step, param, source) == last:
+                append(value)  # a stream's next item: where the previous one went
+                continue
+            self._deliver(run, step, param, source, value, kind)
+            last = (step, param, source)
+            append = self._item_sink(run, step, param, source) if kind == m.ITEM else None
+
+    def _item_sink(self, run: JobRun, step: str, param: str, source: str) -> Callable[[Any], None] | None:
+        """Where more items from ``source`` to ``step``'s ``param`` go, while a frame is read.
+
+        Nothing runs between two tokens of one frame, so what took the first item
+        takes the next: a stream of small items skips the lookups per item.
+        """
+        step_run = run.steps.get(step)
+        if step_run is None or step_run.done:
+            return None
+        if param == step_run.driver:
+            queue = step_run.queue
+            return lambda value: queue.append((source, value))
+        gather = step_run.gathers[param]
+        items = gather.values.get(source)
+        if gather.param.stream and isinstance(items, list) and source in gather.pending:
+            return items.append
+        return None
 
     def _on_abort(self, job_id: int, reason: str) -> None:
         run = self._run
         if run is not None and run.job_id == job_id:
             self._end(run, ok=False)
 
-    def _deliver(self, run: _JobRun, step: str, param: str, source: str, value: Any, kind: int) -> None:
+    def _deliver(self, run: JobRun, step: str, param: str, source: str, value: Any, kind: int) -> None:
         """Hand a value to a step's input; the step runs on a later turn of :meth:`_drive`."""
         step_run = run.steps.get(step)
         if step_run is None or step_run.done:
@@ -299,7 +241,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
         elif not step_run.gathers[param].add(source, value, kind):
             self.dropped += 1  # from a source a tolerant gather gave up on
 
-    def _drive(self, run: _JobRun) -> None:
+    def _drive(self, run: JobRun) -> None:
         """Give turns to the steps that can go on, deepest first, until none can; then end or wait.
 
         Deepest first keeps memory bounded: an item a generator yields to a step
@@ -327,7 +269,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
         if run.remaining == 0:
             self._end(run, ok=True)
 
-    def _turn(self, run: _JobRun, step_run: _StepRun) -> None:
+    def _turn(self, run: JobRun, step_run: StepRun) -> None:
         """A step's turn: its next items, a new call, or its end."""
         if step_run.active is not None:
             self._advance(run, step_run)
@@ -343,7 +285,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
         else:
             self._step_done(run, step_run)
 
-    def _yield_turn(self, run: _JobRun, step_run: _StepRun) -> bool:
+    def _yield_turn(self, run: JobRun, step_run: StepRun) -> bool:
         """Whether a step must hand the loop back after a value: a deeper step may have work,
         the run ended, or it is time to look at the inbox. Otherwise it goes on in its turn,
         which saves a pass over the steps per item of a fast stream."""
@@ -354,7 +296,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
             or time.monotonic() >= self._next_check
         )
 
-    def _call(self, run: _JobRun, step_run: _StepRun, source: str | None, item: Any) -> None:
+    def _call(self, run: JobRun, step_run: StepRun, source: str | None, item: Any) -> None:
         """Call the user's function; a generator's items come on later turns."""
         plan = step_run.plan
         kwargs = dict(step_run.kwargs)
@@ -395,7 +337,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
         if step_run.driver is None and not run.failed:
             self._step_done(run, step_run)
 
-    def _advance(self, run: _JobRun, step_run: _StepRun) -> None:
+    def _advance(self, run: JobRun, step_run: StepRun) -> None:
         """Take the next items from a generator step and send them on, until its turn is over."""
         generator = step_run.active
         assert generator is not None
@@ -424,14 +366,14 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
             if self._yield_turn(run, step_run):
                 return
 
-    def _call_raised(self, run: _JobRun, step_run: _StepRun, exc: BaseException) -> None:
+    def _call_raised(self, run: JobRun, step_run: StepRun, exc: BaseException) -> None:
         if isinstance(exc, KeyboardInterrupt):
             raise exc
         if isinstance(exc, JobCancelledError) and run.job_id in self._aborted:
             return  # the step saw the abort (ctx.check_cancelled): _drive ends the run
         self._fail(run, step_run.plan.name, exc)
 
-    def _record_call(self, run: _JobRun, step_run: _StepRun, ended: float, count: int) -> None:
+    def _record_call(self, run: JobRun, step_run: StepRun, ended: float, count: int) -> None:
         """Keep a timeline record of one call of a step."""
         name = step_run.plan.name
         if step_run.calls < _TIMINGS_PER_STEP:
@@ -444,7 +386,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
             run.timings[step_run.timing] = (name, first, ended, items + count)
         step_run.calls += 1
 
-    def _fail(self, run: _JobRun, step: str, exc: BaseException) -> None:
+    def _fail(self, run: JobRun, step: str, exc: BaseException) -> None:
         """Report that ``step`` raised; :meth:`_drive` then ends the run."""
         data, tb = dump_exception(exc)
         self._flush_all()
@@ -467,7 +409,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
                 f"{what} is {size:,} bytes pickled, over max_token_bytes={self.spec.max_token_bytes:,}"
             )
 
-    def _emit(self, run: _JobRun, step_run: _StepRun, value: Any, kind: int) -> None:
+    def _emit(self, run: JobRun, step_run: StepRun, value: Any, kind: int) -> None:
         """Send a value a step made to where it goes: the client, other sites, this site."""
         plan = step_run.plan
         seq = step_run.seq
@@ -479,7 +421,10 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
         eager = kind != m.ITEM or now - self._last_emit > _LINGER
         self._last_emit = now
         payload: Payload | None = None
-        if step_run.destinations:
+        if step_run.destinations and not plan.outputs:
+            # Only other sites receive it: a small value rides in the frame's one pickle.
+            payload = inline(value)
+        if step_run.destinations and payload is None:
             try:
                 payload = self._dumps(value, step_run.what, step_run.destinations)
             except Exception as exc:  # noqa: BLE001 - cannot pickle it, too large, /dev/shm full
@@ -503,7 +448,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
         if self._faults is not None:
             self._faults_after_value(plan.name)  # a crash or pause after N values (see _faults)
 
-    def _step_done(self, run: _JobRun, step_run: _StepRun) -> None:
+    def _step_done(self, run: JobRun, step_run: StepRun) -> None:
         """A step made its last value: its streams end at their consumers."""
         step_run.done = True
         run.remaining -= 1
@@ -520,7 +465,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
 
     # -- tolerant gathers, the site store, metrics ---------------------------------------------
 
-    def _quorum_error(self, run: _JobRun, step: str, gather: Gather, short: str) -> QuorumError:
+    def _quorum_error(self, run: JobRun, step: str, gather: Gather, short: str) -> QuorumError:
         return QuorumError(
             f"step {step!r} of job {run.job_id} at site {self.site!r}: {short}",
             job_id=run.job_id,
@@ -530,7 +475,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
             missing=dict(gather.missing),
         )
 
-    def _tolerant_gathers(self, run: _JobRun) -> Iterator[Gather]:
+    def _tolerant_gathers(self, run: JobRun) -> Iterator[Gather]:
         for step_run in run.steps.values():
             if not step_run.ran and not step_run.done:
                 for gather in step_run.gathers.values():
@@ -581,7 +526,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
         if run is not None and run.job_id == job_id:
             run.metrics.append((step, str(name), float(value), time.time()))
 
-    def _end(self, run: _JobRun, ok: bool) -> None:
+    def _end(self, run: JobRun, ok: bool) -> None:
         if self._run is not run:
             return
         results: list[tuple[str, int, Payload]] = []
@@ -627,7 +572,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
             # their segments go back with the next flush.
             gc.collect()
 
-    def _close_active(self, run: _JobRun) -> None:
+    def _close_active(self, run: JobRun) -> None:
         """Close the generators an ended run leaves mid-stream, deepest first (their ``finally``)."""
         for step_run in run.order:
             generator, step_run.active = step_run.active, None
@@ -647,6 +592,5 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
 
     def _release_own(self, payload: Payload | None) -> None:
         """Give back this worker's segments that ``payload`` holds, which will never be sent."""
-        if payload is not None and not isinstance(payload, bytes):
-            for name, _ in payload[1]:
-                self._pool.release(name)
+        for name, _ in shared_segments(payload):
+            self._pool.release(name)

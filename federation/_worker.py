@@ -48,6 +48,7 @@ from typing import Any
 from . import _messages as m
 from ._channel import ChannelClosedError, FrameReader, InboxReader, LinkOutbox, Outbox
 from ._exceptions import TokenRejectedError
+from ._runs import JobRun
 from ._serialization import (
     Payload,
     SegmentPool,
@@ -55,7 +56,7 @@ from ._serialization import (
     payload_size,
     unlink_segments,
 )
-from ._steps import StepContext, StepRunner, _JobRun
+from ._steps import StepContext, StepRunner
 
 __all__ = ["StepContext", "Worker", "main"]
 
@@ -86,6 +87,7 @@ class Worker(StepRunner):
         self.spec = spec
         self.env = dict(spec.env)
         self.data_dir = spec.data_dir
+        self.services = spec.services
         self.state: Any = None
         self.pid = os.getpid()
         self._control = control
@@ -99,7 +101,7 @@ class Worker(StepRunner):
         for reader in self._readers.values():
             self._poller.register(reader.fileno(), _POLLIN)
         self._plans: dict[bytes, m.SitePlan] = {}
-        self._run: _JobRun | None = None
+        self._run: JobRun | None = None
         self._ended: set[int] = set()
         self._ended_order: deque[int] = deque()
         self._aborted: dict[int, str] = {}
@@ -154,7 +156,7 @@ class Worker(StepRunner):
         size = len(data)
         for token in batch:
             payload = token[4]
-            if payload is not None and not isinstance(payload, bytes):
+            if payload is not None and type(payload) is tuple and len(payload) == 2:
                 size += payload_size(payload) - len(payload[0])
         if not shaped and self._faults is not None and self._faults_batch(site, job_id, batch, size):
             return  # the fault plan sends it later (delay, bandwidth, partition) or lost it

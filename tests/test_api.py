@@ -15,6 +15,8 @@ PACKAGE = Path(fed.__file__).parent
 #: Lowest first: a module may import (at its top level) only modules before it.
 ORDER = [
     "_exceptions",
+    "_service_address",
+    "_supervisor",
     "_messages",
     "_fault_plan",
     "_channel",
@@ -23,11 +25,15 @@ ORDER = [
     "_store",
     "_context",
     "_faults",
+    "_runs",
     "_steps",
     "_worker",
     "backends",
     "_log",
+    "_service_checks",
     "_config",
+    "_services",
+    "_bindings",
     "_pipeline",
     "_metrics",
     "_callbacks",
@@ -55,10 +61,12 @@ ORDER = [
 #: Upward imports allowed inside ``if TYPE_CHECKING:`` only, each with its reason.
 TYPE_ONLY_UPWARD = {
     ("backends", "_config"),  # get_backend's parameter is annotated with the config it reads
+    ("_bindings", "_pipeline"),  # a Step is annotated with the pipeline it belongs to
 }
 #: What a worker process runs: it must never reach the client's side.
 WORKER_SIDE = {
     "_exceptions",
+    "_service_address",
     "_messages",
     "_fault_plan",
     "_faults",
@@ -67,6 +75,7 @@ WORKER_SIDE = {
     "_gather",
     "_store",
     "_context",
+    "_runs",
     "_steps",
     "_worker",
 }
