@@ -305,7 +305,7 @@ class LinkShaper:
                     if (
                         len(token) > 5
                         and token[-1] == m.ITEM
-                        and isinstance(token[4], bytes)
+                        and _in_frame(token[4])
                         and self._per_token(index, fault, elapsed, self.tokens + k)
                     ):
                         extra.append(token)
@@ -607,12 +607,20 @@ class FaultRuntime:
             self._send_event((m.WAITING, reported, None))
 
 
+def _in_frame(payload: Any) -> bool:
+    """Whether a value travels inside its frame (a pickle, or inline), not through shared memory."""
+    return isinstance(payload, bytes) or (type(payload) is tuple and len(payload) == 1)
+
+
 def _size(tokens: list[Any]) -> int:
+    """Bytes a frame of tokens (or result records) carries, shared-memory buffers included."""
     size = 0
     for token in tokens:
         payload = token[4] if len(token) > 5 else token[2]
         if isinstance(payload, bytes):
             size += len(payload)
-        elif payload is not None:
+        elif type(payload) is tuple and len(payload) == 2:
             size += len(payload[0]) + sum(n for _, n in payload[1])
+        elif payload is not None:
+            size += 16  # a small value inline in the frame
     return size
