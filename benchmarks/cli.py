@@ -39,6 +39,7 @@ RUN_ORDER = (
     "footprint",
     "close",
     "scaling",
+    "fedavg",
 )
 
 

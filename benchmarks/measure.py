@@ -48,6 +48,7 @@ SCENARIOS: dict[str, str] = {
     "footprint": "8. footprint, idle pool of 12",
     "cold-start": "9. cold start, fresh python script.py",
     "scaling": "10. scaling with the number of sites",
+    "fedavg": "11. FedAvg round, numpy weights, no compute",
 }
 
 #: Engine name -> column heading. ``federation`` is measured; the others are baselines.
@@ -83,6 +84,7 @@ class Settings:
     close_repeats: int = 3
     idle_window: float = 10.0
     scaling_jobs: int = 200
+    fedavg_rounds: int = 200
     slots: int = 4
     sites: int = 3
     timeout: float = 120.0
@@ -107,6 +109,7 @@ class Settings:
             close_repeats=1,
             idle_window=2.0,
             scaling_jobs=50,
+            fedavg_rounds=60,
         )
 
 
@@ -161,6 +164,28 @@ def _payload_metrics() -> list[Metric]:
 
 #: The numbers of sites the scaling scenario measures (one of them the hub).
 SCALING_SIZES = (2, 8, 32, 64, 100)
+
+
+def _fedavg_metrics() -> list[Metric]:
+    targets = {10: 1.0, 50: 5.0}
+    metrics = []
+    for n in (3, 10, 50):
+        target = targets.get(n)
+        metrics += [
+            Metric("fedavg", f"round_ms_{n}", f"round, {n} sites", "ms", "lower", digits=3),
+            Metric("fedavg", f"floor_ms_{n}", "  in-process loop (floor)", "ms", "lower", digits=3),
+            Metric(
+                "fedavg",
+                f"overhead_ms_{n}",
+                "  overhead above the floor",
+                "ms",
+                "lower",
+                f"<= {target:g} ms" if target else None,
+                (Check(limit=target),) if target else (),
+                digits=3,
+            ),
+        ]
+    return metrics
 
 
 def _scaling_metrics() -> list[Metric]:
@@ -330,6 +355,7 @@ METRICS: tuple[Metric, ...] = (
         digits=3,
     ),
     *_scaling_metrics(),
+    *_fedavg_metrics(),
 )
 
 

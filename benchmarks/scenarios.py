@@ -337,6 +337,19 @@ class FederationEngine:
         )
         return scaling(self.settings)
 
+    # -- 11. FedAvg round ---------------------------------------------------------------------
+
+    def fedavg(self) -> Measured:
+        """A federated-averaging round's time for 3, 10 and 50 sites, beside an in-process loop."""
+        from .rounds import fedavg_rounds
+
+        self.notes.setdefault("fedavg", []).append(
+            "federation: broadcast 65x10 float64 weights from the hub, a zero-compute step at every "
+            "client, average at the hub; pool of 1 (forkserver); floor: the same three functions "
+            "called in a loop in this process"
+        )
+        return fedavg_rounds(self.settings)
+
     # -- 8. footprint ------------------------------------------------------------------------
 
     def footprint(self) -> Measured:
