@@ -125,7 +125,8 @@ def examples(session: nox.Session) -> None:
     """Run every example; fail if one fails."""
     import pathlib
 
-    session.install(".[viz]", "numpy", "scikit-learn")  # fedavg.py, fault_drill.py: digits; the drill draws a PNG
+    # fedavg.py and fault_drill.py train on scikit-learn's digits; the drill draws a PNG.
+    session.install(".[viz]", "numpy", "scikit-learn")
     for path in sorted(pathlib.Path("examples").glob("*.py")):
         session.run("python", str(path))
 
