@@ -15,7 +15,7 @@ nox.options.reuse_existing_virtualenvs = True
 OLDEST = "constraints/oldest.txt"
 # What tests_oldest runs: the behaviour of jobs, faults, payloads, pipelines, both
 # start methods, logs (structlog), timelines (matplotlib) and property tests
-# (hypothesis); about a minute.
+# (hypothesis), services (mirakuru); about a minute.
 OLDEST_SUITE = [
     "tests/test_federation.py",
     "tests/test_reliability.py",
@@ -28,6 +28,7 @@ OLDEST_SUITE = [
     "tests/test_logs.py",
     "tests/test_timeline.py",
     "tests/test_properties.py",
+    "tests/test_services.py",
 ]
 
 
@@ -124,7 +125,8 @@ def examples(session: nox.Session) -> None:
     """Run every example; fail if one fails."""
     import pathlib
 
-    session.install(".")
+    # fedavg.py and fault_drill.py train on scikit-learn's digits; the drill draws a PNG.
+    session.install(".[viz]", "numpy", "scikit-learn")
     for path in sorted(pathlib.Path("examples").glob("*.py")):
         session.run("python", str(path))
 

@@ -38,6 +38,8 @@ RUN_ORDER = (
     "failure",
     "footprint",
     "close",
+    "scaling",
+    "fedavg",
 )
 
 

@@ -47,6 +47,8 @@ SCENARIOS: dict[str, str] = {
     "close": "7. close an idle pool of 12",
     "footprint": "8. footprint, idle pool of 12",
     "cold-start": "9. cold start, fresh python script.py",
+    "scaling": "10. scaling with the number of sites",
+    "fedavg": "11. FedAvg round, numpy weights, no compute",
 }
 
 #: Engine name -> column heading. ``federation`` is measured; the others are baselines.
@@ -82,6 +84,8 @@ class Settings:
     failure_repeats: int = 10
     close_repeats: int = 3
     idle_window: float = 10.0
+    scaling_jobs: int = 200
+    fedavg_rounds: int = 200
     slots: int = 4
     sites: int = 3
     timeout: float = 120.0
@@ -105,6 +109,8 @@ class Settings:
             failure_repeats=3,
             close_repeats=1,
             idle_window=2.0,
+            scaling_jobs=50,
+            fedavg_rounds=60,
         )
 
 
@@ -152,6 +158,65 @@ def _payload_metrics() -> list[Metric]:
                     "higher",
                     target,
                     checks or (),
+                )
+            )
+    return metrics
+
+
+#: The numbers of sites the scaling scenario measures (one of them the hub).
+SCALING_SIZES = (2, 8, 32, 64, 100)
+
+
+def _fedavg_metrics() -> list[Metric]:
+    targets = {10: 1.0, 50: 5.0}
+    metrics = []
+    for n in (3, 10, 50):
+        target = targets.get(n)
+        metrics += [
+            Metric("fedavg", f"round_ms_{n}", f"round, {n} sites", "ms", "lower", digits=3),
+            Metric("fedavg", f"floor_ms_{n}", "  in-process loop (floor)", "ms", "lower", digits=3),
+            Metric(
+                "fedavg",
+                f"overhead_ms_{n}",
+                "  overhead above the floor",
+                "ms",
+                "lower",
+                f"<= {target:g} ms" if target else None,
+                (Check(limit=target),) if target else (),
+                digits=3,
+            ),
+        ]
+    return metrics
+
+
+def _scaling_metrics() -> list[Metric]:
+    targets = {
+        ("fan_in_p50_ms", 64): ("<= 4 ms", 4.0),
+        ("ready_forkserver_s", 100): ("<= 2 s", 2.0),
+        ("ready_spawn_s", 100): ("<= 5 s", 5.0),
+    }
+    rows = (
+        ("fan_in_p50_ms", "fan-in job p50, {n} sites", "ms", 3),
+        ("thread_p50_ms", "  the same, thread backend", "ms", 3),
+        ("ready_forkserver_s", "  2 slots ready, forkserver", "s", 2),
+        ("ready_spawn_s", "  2 slots ready, spawn", "s", 2),
+        ("rss_mib", "  RSS per idle worker", "MiB", 1),
+        ("uss_mib", "  USS per idle worker", "MiB", 1),
+    )
+    metrics = []
+    for n in SCALING_SIZES:
+        for key, label, unit, digits in rows:
+            target = targets.get((key, n))
+            metrics.append(
+                Metric(
+                    "scaling",
+                    f"{key}_{n}",
+                    label.format(n=n),
+                    unit,
+                    "lower",
+                    target[0] if target else None,
+                    (Check(limit=target[1]),) if target else (),
+                    digits=digits,
                 )
             )
     return metrics
@@ -290,6 +355,8 @@ METRICS: tuple[Metric, ...] = (
         "lower",
         digits=3,
     ),
+    *_scaling_metrics(),
+    *_fedavg_metrics(),
 )
 
 

@@ -29,7 +29,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._config import FederationConfig, Site, SiteConfig
+    from . import faults
+    from ._config import FederationConfig, Service, Site, SiteConfig
+    from ._context import StepContext
     from ._exceptions import (
         ConfigError,
         FederationClosedError,
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
         JobError,
         PipelineError,
         QueueFullError,
+        QuorumError,
         RemoteTraceback,
         ResourceExhaustedError,
         SerializationError,
@@ -47,11 +50,15 @@ if TYPE_CHECKING:
         UnpicklableError,
         WorkerDiedError,
     )
+    from ._fault_plan import FaultPlan
     from ._federation import Federation
     from ._handle import Attempt, Job, JobStatus, Result
-    from ._pipeline import Input, Pipeline, Step, collect
+    from ._messages import Missing
+    from ._metrics import MetricRecord, Metrics
+    from ._pipeline import Input, Pipeline, Step, collect, per_site, quorum
+    from ._service_address import ServiceAddress
     from ._stats import FederationStats, LinkStats, SlotStats, WorkerStats
-    from ._steps import StepContext
+    from ._store import SiteStore
     from ._timeline import TimelineEvent, TimelineKind
 
 __version__ = "0.1.0"
@@ -59,6 +66,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Attempt",
     "ConfigError",
+    "FaultPlan",
     "Federation",
     "FederationClosedError",
     "FederationConfig",
@@ -70,16 +78,23 @@ __all__ = [
     "JobError",
     "JobStatus",
     "LinkStats",
+    "MetricRecord",
+    "Metrics",
+    "Missing",
     "Pipeline",
     "PipelineError",
     "QueueFullError",
+    "QuorumError",
     "RemoteTraceback",
     "ResourceExhaustedError",
     "Result",
     "SerializationError",
+    "Service",
+    "ServiceAddress",
     "Site",
     "SiteConfig",
     "SiteStartError",
+    "SiteStore",
     "SlotStats",
     "Step",
     "StepContext",
@@ -92,11 +107,15 @@ __all__ = [
     "WorkerStats",
     "__version__",
     "collect",
+    "faults",
+    "per_site",
+    "quorum",
 ]
 
 _LOCATIONS = {
     "Attempt": "_handle",
     "ConfigError": "_exceptions",
+    "FaultPlan": "_fault_plan",
     "Federation": "_federation",
     "FederationClosedError": "_exceptions",
     "FederationConfig": "_config",
@@ -108,16 +127,23 @@ _LOCATIONS = {
     "JobError": "_exceptions",
     "JobStatus": "_handle",
     "LinkStats": "_stats",
+    "MetricRecord": "_metrics",
+    "Metrics": "_metrics",
+    "Missing": "_messages",
     "Pipeline": "_pipeline",
     "PipelineError": "_exceptions",
     "QueueFullError": "_exceptions",
+    "QuorumError": "_exceptions",
     "RemoteTraceback": "_exceptions",
     "ResourceExhaustedError": "_exceptions",
     "Result": "_handle",
     "SerializationError": "_exceptions",
+    "Service": "_config",
+    "ServiceAddress": "_service_address",
     "Site": "_config",
     "SiteConfig": "_config",
     "SiteStartError": "_exceptions",
+    "SiteStore": "_store",
     "SlotStats": "_stats",
     "Step": "_pipeline",
     "StepContext": "_steps",
@@ -129,10 +155,14 @@ _LOCATIONS = {
     "WorkerDiedError": "_exceptions",
     "WorkerStats": "_stats",
     "collect": "_pipeline",
+    "per_site": "_pipeline",
+    "quorum": "_pipeline",
 }
 
 
 def __getattr__(name: str) -> Any:
+    if name == "faults":  # the fault kinds' namespace: fed.faults.Crash, fed.faults.Delay, ...
+        return importlib.import_module(f"{__name__}.faults")
     module = _LOCATIONS.get(name)
     if module is None:
         raise AttributeError(f"module 'federation' has no attribute {name!r}")

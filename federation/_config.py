@@ -26,9 +26,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import _service_checks as service_checks
 from ._exceptions import ConfigError
 
-__all__ = ["FederationConfig", "SiteConfig", "default_pool_size", "federation_config"]
+__all__ = ["FederationConfig", "Service", "SiteConfig", "default_pool_size", "federation_config"]
 
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _SITE_NAME_RULE = "use 1 to 64 ASCII letters, digits or '_.:-', starting with a letter or digit"
@@ -198,6 +199,20 @@ def _site_name(value: Any) -> str:
     return value
 
 
+def _site_services(value: Any) -> tuple[Service, ...]:
+    if isinstance(value, (str, bytes, Service)) or not isinstance(value, Iterable):
+        _fail("must be a list of fed.Service(...) objects")
+    services = tuple(value)
+    names: set[str] = set()
+    for item in services:
+        if not isinstance(item, Service):
+            _fail(f"must be a list of fed.Service(...) objects; {item!r} is not one")
+        if item.name in names:
+            _fail(f"service {item.name!r} is listed twice; a site's service names must be unique")
+        names.add(item.name)
+    return services
+
+
 def _sites(value: Any) -> tuple[SiteConfig, ...]:
     if isinstance(value, (str, bytes, SiteConfig)) or not isinstance(value, Iterable):
         _fail("must be a list of site names or fed.Site(...) objects")
@@ -222,6 +237,7 @@ _SITE_FIELDS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "data_dir": (_path, None),
     "resources": (_resources, dict),
     "egress": (_optional_egress, None),
+    "services": (_site_services, tuple),
 }
 
 #: Federation options, in the order of the docs.
@@ -254,6 +270,9 @@ def _unknown(name: str, known: Iterable[str], what: str) -> str:
     return f"unknown option {name!r}{hint}; {what} takes: {', '.join(known)}"
 
 
+_NAMED = ("site name", "service name")  # messages that say what they are about
+
+
 def _check(
     fields: Mapping[str, tuple[Callable[[Any], Any], Any]],
     values: Mapping[str, Any],
@@ -273,7 +292,7 @@ def _check(
             except _InvalidError as exc:
                 message = str(exc)
                 # A message that already names what it is about needs no "name:" in front.
-                problems.append(message if message.startswith("site name") else f"{name}: {message}")
+                problems.append(message if message.startswith(_NAMED) else f"{name}: {message}")
         elif default is _NO_DEFAULT:
             problems.append(f"{name} is required")
         else:
@@ -332,12 +351,15 @@ class SiteConfig(_Frozen):
             starting with a letter or digit.
         env: environment variables set only in this site's workers, before anything is imported.
         setup: called once in every worker of the site when it starts; its result is
-            ``ctx.state``. A failure here is a :class:`SiteStartError`.
+            ``ctx.state``. A failure here is a :class:`SiteStartError`. A setup with a
+            parameter named ``services`` is given the site's services' addresses there.
         data_dir: the site's data directory (created if missing); ``ctx.data_dir``.
         resources: Ray resources a worker of this site needs (``{"CPU": 1, "GPU": 1,
             "memory": bytes, "custom": 1}``), on top of its node's site label; ignored
             by the local backends.
         egress: the sites this site may send tokens to; ``None`` means any.
+        services: processes the site depends on (:class:`Service`), started in that
+            order before its workers and stopped after them.
 
     Raises:
         ConfigError: an unknown option or an invalid value, in one line.
@@ -351,6 +373,7 @@ class SiteConfig(_Frozen):
     data_dir: Path | None
     resources: dict[str, float]
     egress: tuple[str, ...] | None
+    services: tuple[Service, ...]
 
     def __init__(self, name: str | None = None, /, **options: Any) -> None:
         if name is not None:
@@ -358,6 +381,13 @@ class SiteConfig(_Frozen):
                 raise ConfigError(f"Site got its name twice: {name!r} and name={options['name']!r}")
             options["name"] = name
         checked, problems = _check(_SITE_FIELDS, options, "Site")
+        if not problems and checked["data_dir"] is None:
+            problems = [
+                f"service {service.name!r} of site {checked['name']!r} uses {{data_dir}} but the site has "
+                "no data_dir; give the site one"
+                for service in checked["services"]
+                if "data_dir" in service._placeholders
+            ]
         if problems:
             _raise(problems)
         self._set(checked)
@@ -373,6 +403,97 @@ class SiteConfig(_Frozen):
 
 #: Alias users write: ``fed.Site("clinic-a", setup=load)``.
 Site = SiteConfig
+
+
+# -- services: their field checks are in _service_checks ------------------------------------------
+
+
+def _lifted(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A check of ``_service_checks`` (which raises ValueError) as a field check here."""
+
+    def lifted(value: Any) -> Any:
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise _InvalidError(str(exc)) from None
+
+    return lifted
+
+
+_SERVICE_FIELDS: dict[str, tuple[Callable[[Any], Any], Any]] = {
+    "name": (_lifted(service_checks.service_name), _NO_DEFAULT),
+    "command": (_lifted(service_checks.command), _NO_DEFAULT),
+    "env": (_env, dict),
+    "cwd": (_path, None),
+    "host": (_lifted(service_checks.host), "127.0.0.1"),
+    "port": (_lifted(service_checks.port), None),
+    "url": (_lifted(service_checks.url), None),
+    "ready_line": (_lifted(service_checks.regex), None),
+    "ready_timeout": (_positive_seconds, 30.0),
+    "stop_grace": (_seconds, 10.0),
+}
+
+
+class Service(_Frozen):
+    """A process a site depends on (a database, a broker), declared with ``Site(services=[...])``.
+
+    It is started before the site's workers and is ready when (the first that applies):
+    a line of its output matches ``ready_line``; ``url`` answers a GET with a 2xx
+    status; ``port`` accepts a TCP connection on ``host``. It is stopped after the
+    site's workers (SIGTERM to its process group, ``stop_grace`` seconds, then SIGKILL),
+    and dies with the client. Its address is ``ctx.services[name]`` in steps::
+
+        fed.Service("web", [sys.executable, "-m", "http.server", "{port}"], port=0,
+                    url="http://{host}:{port}/")
+
+    ``command``, ``env`` values, ``cwd`` and ``url`` may hold the placeholders ``{port}``
+    (the service's port), ``{host}``, ``{site}`` and ``{data_dir}`` (the site's data
+    directory, absolute); write ``{{`` for a literal brace.
+
+    Attributes:
+        name: its name among the site's services (the rules of site names).
+        command: the program and its arguments (a list: no shell is involved).
+        env: environment variables set for it, on top of this process's environment
+            (and ``PYTHONUNBUFFERED=1``, so a Python service's lines arrive as written).
+        cwd: its working directory; default: the site's ``data_dir`` if it has one.
+        host: the host it listens on and is probed at (default ``127.0.0.1``).
+        port: its TCP port; ``0`` makes the federation pick a free one for ``{port}``.
+        url: its URL, given to steps, and probed for readiness (``http://`` only).
+        ready_line: a regular expression; ready once a line of its output matches it.
+        ready_timeout: seconds it may take to become ready (default 30).
+        stop_grace: seconds it gets to stop after SIGTERM before it is killed (default 10).
+
+    Raises:
+        ConfigError: an unknown option or an invalid value, all of them in one line.
+    """
+
+    _FIELDS = _SERVICE_FIELDS
+
+    name: str
+    command: tuple[str, ...]
+    env: dict[str, str]
+    cwd: Path | None
+    host: str
+    port: int | None
+    url: str | None
+    ready_line: str | None
+    ready_timeout: float
+    stop_grace: float
+    _placeholders: frozenset[str]  # the ones it uses (not a field)
+
+    def __init__(self, name: str | None = None, command: Any = None, /, **options: Any) -> None:
+        for key, value in (("name", name), ("command", command)):
+            if value is not None:
+                if key in options:
+                    raise ConfigError(f"Service got its {key} twice: {value!r} and {key}={options[key]!r}")
+                options[key] = value
+        checked, problems = _check(_SERVICE_FIELDS, options, "Service")
+        if not problems:
+            used, problems = service_checks.problems(checked)
+            object.__setattr__(self, "_placeholders", used)
+        if problems:
+            _raise(problems)
+        self._set(checked)
 
 
 class FederationConfig(_Frozen):
@@ -470,6 +591,16 @@ def _cross_checks(values: Mapping[str, Any]) -> list[str]:
         if site.name in seen:
             problems.append(f"site {site.name!r} is listed twice; site names must be unique")
         seen.add(site.name)
+    ports: dict[tuple[str, int], str] = {}
+    for site in sites:
+        for service in site.services:
+            if service.port:  # 0 is a free port each
+                other = ports.setdefault((service.host, service.port), f"{site.name}/{service.name}")
+                if other != f"{site.name}/{service.name}":
+                    problems.append(
+                        f"services {other} and {site.name}/{service.name} both use port {service.port} "
+                        f"on {service.host}; give port=0 for a free port each"
+                    )
     for site in sites:
         for target in site.egress or ():
             if target not in seen:

@@ -11,12 +11,13 @@ raised), or the machine's (a worker died)::
     ├── ResourceExhaustedError              a machine resource ran out (/dev/shm): needed, free
     ├── FederationClosedError (RuntimeError)
     ├── QueueFullError                      submit(block=False) on a full job queue
-    ├── SiteStartError                      a worker could not start; the child's traceback
+    ├── SiteStartError                      a worker or service could not start; its traceback or output
     ├── TokenRejectedError                  send_to_job to a job that is not running
     └── JobError                            has .job_id
         ├── StepFailedError                 .site, .step; cause: the original exception
         ├── JobCancelledError               .reason
-        └── WorkerDiedError                 .site, .pid or .node, .exitcode, .signal, .reason, .last_log
+        ├── WorkerDiedError                 .site, .pid or .node, .exitcode, .signal, .reason, .last_log
+        └── QuorumError                     a tolerant fan-in got fewer sites than it needs: .missing
 
 ``result(timeout=...)`` that runs out raises the built-in :class:`TimeoutError`;
 the job keeps running.
@@ -36,6 +37,7 @@ __all__ = [
     "JobError",
     "PipelineError",
     "QueueFullError",
+    "QuorumError",
     "RemoteTraceback",
     "SerializationError",
     "SiteStartError",
@@ -77,20 +79,40 @@ class QueueFullError(FederationError):
 
 
 class SiteStartError(FederationError):
-    """A worker of a site could not start: its setup raised, an import failed, or it exited.
+    """A worker or a service of a site could not start: a setup raised, an import failed,
+    a worker exited, or a service exited or was not ready in time.
 
     Attributes:
-        site: the site whose worker failed.
+        site: the site whose worker or service failed.
         remote_traceback: the traceback text from the child, when it got that far.
+        service: the service that failed, or ``None`` for a worker.
+        last_output: the service's last lines of output.
     """
 
-    def __init__(self, message: str, *, site: str, remote_traceback: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        site: str,
+        remote_traceback: str | None = None,
+        service: str | None = None,
+        last_output: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.site = site
         self.remote_traceback = remote_traceback
+        self.service = service
+        self.last_output = last_output
 
     def __str__(self) -> str:
         text = super().__str__()
+        if self.service is not None:
+            if self.last_output:
+                text += f"\nlast lines from service {self.service!r}:\n" + _indent_block(
+                    "\n".join(self.last_output)
+                )
+            else:
+                text += f"\n(service {self.service!r} wrote nothing)"
         if self.remote_traceback:
             text += "\n\n" + _indent_block(self.remote_traceback)
         return text
@@ -148,6 +170,45 @@ class JobCancelledError(JobError):
 
 def _rebuild_cancelled(message: str, job_id: int, reason: str) -> JobCancelledError:
     return JobCancelledError(message, job_id=job_id, reason=reason)
+
+
+class QuorumError(JobError):
+    """A tolerant fan-in got fewer sites than its minimum.
+
+    Attributes:
+        site: the site of the gathering step.
+        step: the gathering step.
+        needed: how many sites it needed.
+        missing: ``{site: Missing}``, each missing site and why (raised, died, late).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        job_id: int,
+        site: str,
+        step: str,
+        needed: int,
+        missing: dict[str, object],
+    ) -> None:
+        super().__init__(message, job_id=job_id)
+        self.site = site
+        self.step = step
+        self.needed = needed
+        self.missing = missing
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_quorum,
+            (str(self), self.job_id, self.site, self.step, self.needed, self.missing),
+        )
+
+
+def _rebuild_quorum(
+    message: str, job_id: int, site: str, step: str, needed: int, missing: dict[str, object]
+) -> QuorumError:
+    return QuorumError(message, job_id=job_id, site=site, step=step, needed=needed, missing=missing)
 
 
 class WorkerDiedError(JobError):

@@ -1,14 +1,18 @@
 """A job execution: one pool slot, with one worker per site and every pipe made up front.
 
-Pipes of a slot with sites ``a`` and ``b``::
+Pipes of a slot with sites ``a``, ``b`` and ``c``::
 
     client --control[a]--> worker a --events[a]--> client (router)
     client --control[b]--> worker b --events[b]--> client (router)
-                           worker a --link[a,b]--> worker b
-                           worker b --link[b,a]--> worker a
-                           worker a,b --stdout/stderr--> client (router)
+    client --control[c]--> worker c --events[c]--> client (router)
+                   worker b, worker c --inbox[a]--> worker a
+                   worker a, worker c --inbox[b]--> worker b
+                   worker a, worker b --inbox[c]--> worker c
+                           worker a,b,c --stdout/stderr--> client (router)
 
-Every pipe has one writer and one reader (see ``_channel``). All of them exist
+Control and events pipes have one writer and one reader; an inbox has one
+reader and every other worker of the slot as a writer, in packets that never
+interleave (see ``_channel``), so a slot needs fds linear in its sites. All of them exist
 before the first job arrives, so a job only writes START (and, the first time a
 plan is seen, the plan). The slot is reused the instant all participating sites
 report DONE, because every message carries its job id (invariant 1).
@@ -23,13 +27,15 @@ import pickle
 import select
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _messages as m
 from ._channel import ChannelClosedError, FrameReader, Outbox, make_pipe
 from ._exceptions import SiteStartError
 from ._serialization import dumps_function
+from ._service_address import ServiceMap
+from ._services import bind_setup
 
 if TYPE_CHECKING:
     from ._config import FederationConfig
@@ -92,6 +98,8 @@ class JobExecution:
         lifeline_fd: int,
         log_level: str,
         on_pending: Callable[[Outbox], None] | None = None,
+        fail_start: dict[str, str] | None = None,
+        services: Mapping[str, ServiceMap] | None = None,
     ) -> None:
         self.index = index
         self.generation = generation
@@ -111,13 +119,19 @@ class JobExecution:
         self.jobs_run = 0
         self.kill_deadline: float | None = None  # meaning by state: see SlotState
         self.start_failed = False  # a worker reported START_FAILED (its setup raised)
-        self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=20) for site in self.sites}
+        self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=40) for site in self.sites}
         self.partial_output: dict[tuple[str, int], bytes] = {}  # (site, fd): a line not yet ended
         self.memory_killed: str | None = None  # the site the memory watchdog killed
+        # A worker of it died or was killed inside a tolerant fan-in: the job went on,
+        # and the slot is replaced once it ends (its pipes to that worker are gone).
+        self.repair = False
+        self.site_kill: dict[str, float] = {}  # late site -> when its own worker is killed
         self.oom_kills: int | None = None  # the cgroup's OOM-kill count when the slot started
         self._on_pending = on_pending
         self._sentinels: select.poll | None = None  # made on first use by dead_sites()
         self._sentinel_sites: dict[int, str] = {}
+        self._fail_start = fail_start or {}  # a fault plan's FailStart: site -> why its setup raises
+        self._services = services or {}
         self._start(config, backend, lifeline_fd, log_level)
 
     def _start(self, config: FederationConfig, backend: Backend, lifeline_fd: int, log_level: str) -> None:
@@ -131,52 +145,67 @@ class JobExecution:
             child_fds.extend((read_fd, write_fd))
             return read_fd, write_fd
 
+        # The inbox write ends are the client's to close once every worker has its copy:
+        # a process got its own through pass_fds; a thread gets a dup it closes itself.
+        shared_ends: list[int] = []
         try:
             control = {site: pipe() for site in sites}
             events = {site: pipe() for site in sites}
-            links = {(a, b): pipe() for a in sites for b in sites if a != b}
+            inboxes = {site: pipe() for site in sites}
             for site in sites:
                 self.control[site] = Outbox(control[site][1], self._on_pending)
                 self.events[site] = FrameReader(events[site][0])
                 child_fds.remove(control[site][1])
                 child_fds.remove(events[site][0])
-            for site_config in config.sites:
+                child_fds.remove(inboxes[site][1])
+                shared_ends.append(inboxes[site][1])
+            for index, site_config in enumerate(config.sites):
                 site = site_config.name
                 name = f"{site}/slot-{self.index}"
+                services = self._services.get(site) or ServiceMap(site, {})
                 spec = m.WorkerSpec(
                     site=site,
                     name=name,
-                    setup=site_config.setup,
+                    setup=bind_setup(site_config.setup, services),
                     env=dict(site_config.env),
                     data_dir=str(site_config.data_dir) if site_config.data_dir else None,
                     sys_path=tuple(p for p in __import__("sys").path if p),
                     log_level=log_level,
                     max_token_bytes=config.max_token_bytes,
                     shm_prefix=self.shm_prefix(site),
+                    index=index,
+                    fail_start=self._fail_start.get(site),
+                    services=services,
                 )
                 init = (m.INIT, spec.sys_path, dumps_function(spec, what=f"the setup of site {site!r}"))
                 self.control[site].send(pickle.dumps(init, protocol=5))
+                peers = {other: inboxes[other][1] for other in sites if other != site}
+                if not backend.client_closes_child_fds:
+                    peers = {other: _dup(fd, child_fds) for other, fd in peers.items()}
                 self.workers[site] = backend.start(
                     site=site,
                     name=name,
                     env=dict(site_config.env),
                     control_fd=control[site][0],
                     events_fd=events[site][1],
-                    siblings_in={a: links[(a, site)][0] for a in sites if a != site},
-                    siblings_out={b: links[(site, b)][1] for b in sites if b != site},
+                    inbox_fd=inboxes[site][0],
+                    siblings_out=peers,
                     lifeline_fd=lifeline_fd,
                 )
         except BaseException as exc:
             self.kill()
             self.close()
-            for fd in child_fds:
+            for fd in child_fds + shared_ends:
                 _close(fd)
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise SiteStartError(
-                    f"out of file descriptors starting slot {self.index}: {describe_fd_need(len(sites))}",
+                    f"out of file descriptors starting slot {self.index}: "
+                    f"{describe_fd_need(len(sites), threads=not backend.client_closes_child_fds)}",
                     site="*",
                 ) from exc
             raise
+        for fd in shared_ends:
+            _close(fd)
         if backend.client_closes_child_fds:
             for fd in child_fds:
                 _close(fd)
@@ -247,14 +276,17 @@ class JobExecution:
             worker.close()
 
 
-def fds_per_slot(sites: int) -> int:
+def fds_per_slot(sites: int, threads: bool = False) -> int:
     """File descriptors the client holds, at its peak, while it starts a slot of ``sites`` sites."""
-    # control, events and a link per ordered pair of sites, both ends of each while
-    # the workers start; plus each worker's stdout, stderr and sentinel.
-    return 2 * (2 * sites + sites * (sites - 1)) + 3 * sites
+    # Control, events and inbox pipes, both ends of each while the workers start, and
+    # each worker's stdout, stderr and sentinel. Thread workers live in the client: each
+    # holds its own copy of the other sites' inboxes, so theirs grow with the square.
+    if threads:
+        return 2 * 3 * sites + sites * (sites - 1) + sites
+    return 2 * 3 * sites + 3 * sites
 
 
-def describe_fd_need(sites: int) -> str:
+def describe_fd_need(sites: int, threads: bool = False) -> str:
     """How many fds a slot of ``sites`` sites needs beside the limit and the fds open now."""
     import resource
 
@@ -264,9 +296,15 @@ def describe_fd_need(sites: int) -> str:
     except OSError:  # pragma: no cover - no /proc
         open_now = -1
     return (
-        f"a slot of {sites} sites needs {fds_per_slot(sites)} while it starts; "
-        f"the limit is {soft} (RLIMIT_NOFILE, `ulimit -n`) and {open_now} are open"
+        f"a slot of {sites} sites needs {fds_per_slot(sites, threads):,} while it starts; "
+        f"the limit is {soft:,} (RLIMIT_NOFILE, `ulimit -n`) and {open_now:,} are open"
     )
+
+
+def _dup(fd: int, owned: list[int]) -> int:
+    copy = os.dup(fd)
+    owned.append(copy)
+    return copy
 
 
 def _close(fd: int) -> None:

@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from ._callbacks import CallbackThread
 from ._config import FederationConfig, SiteConfig, federation_config
-from ._exceptions import FederationClosedError, PipelineError, SerializationError
+from ._exceptions import ConfigError, FederationClosedError, PipelineError, SerializationError
+from ._fault_plan import FaultPlan
 from ._handle import Job
 from ._log import get_logger
-from ._pipeline import Pipeline
+from ._metrics import Metrics
+from ._pipeline import Compiled, Pipeline, per_site
 from ._router import Router
 from ._serialization import dumps
 
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["Federation"]
 
 #: Keywords of ``Federation(...)`` that are not config fields, offered when an option is misspelt.
-_OWN_KEYWORDS = ("wait_ready", "config")
+_OWN_KEYWORDS = ("wait_ready", "config", "faults")
 
 _open: weakref.WeakSet[Federation] = weakref.WeakSet()
 _open_lock = threading.Lock()
@@ -61,6 +63,7 @@ class Federation:
         pool_size: int | None = None,
         wait_ready: bool = True,
         config: FederationConfig | None = None,
+        faults: FaultPlan | None = None,
         **options: Any,
     ) -> None:
         if config is None:
@@ -86,6 +89,9 @@ class Federation:
             self._router = RayRouter(config, self._callbacks)
         else:
             self._router = Router(config, self._callbacks)
+        self._faults = _check_plan(faults, self._site_names, per_submit=False)
+        self._router.fault_plan = self._faults
+        self._submits = 0  # a fault plan's job numbers: the Nth submit is job N
         self._shutdown = _Shutdown(self._router, self._callbacks, config.shutdown_timeout)
         self._router.start(wait=wait_ready)
         # A federation dropped without close() is closed when collected (as
@@ -130,6 +136,8 @@ class Federation:
         retries: int = 0,
         block: bool = True,
         queue_timeout: float | None = None,
+        participants: Mapping[str, Sequence[str]] | None = None,
+        faults: FaultPlan | None = None,
         **kwargs: Any,
     ) -> Job:
         """Submit a run of ``pipeline`` and return its :class:`~federation.Job` at once.
@@ -144,6 +152,14 @@ class Federation:
             block: when the queue is full, wait for room (default) or raise
                 :class:`~federation.QueueFullError`.
             queue_timeout: the longest wait for room in the queue.
+            participants: ``{fan-out step: [sites]}``: run these fan-out steps at
+                only these of their declared sites in this job (client sampling).
+                The plan is not rebuilt nor shipped again; a site left out of
+                every step it runs sits the job out. Gathers of the step get
+                ``{site: value}`` for the chosen sites, and a quorum's fraction
+                counts the chosen sites.
+            faults: a :class:`~federation.FaultPlan` for this job, instead of the
+                federation's own (see "Testing a federation" in the docs).
 
         Raises:
             PipelineError: the pipeline does not fit this federation or these inputs.
@@ -183,15 +199,28 @@ class Federation:
                 f"pipeline {pipeline.name!r} needs input(s) {missing}; pass them to submit(), "
                 f"e.g. submit(pipeline, {missing[0]}=...)"
             )
+        absent = _absent_sites(pipeline.name, compiled, participants)
         limit = self._config.max_token_bytes
-        payloads: dict[str, bytes] = {}
+        payloads: dict[str, Any] = {}
         for name, value in values.items():
-            data = dumps(value, what=f"input {name!r}")
-            if len(data) > limit:
-                raise SerializationError(
-                    f"input {name!r} is {len(data):,} bytes pickled, over max_token_bytes={limit:,}"
-                )
-            payloads[name] = data
+            if isinstance(value, per_site):
+                users = [
+                    site
+                    for site in compiled.participants
+                    if site not in absent and name in compiled.site_inputs.get(site, ())
+                ]
+                lacking = [site for site in users if site not in value.values]
+                if lacking:
+                    raise PipelineError(
+                        f"input {name!r} is given per site but has no value for site(s) {lacking}, "
+                        f"which use it in this job"
+                    )
+                payloads[name] = {
+                    site: _dump_input(f"input {name!r} for site {site!r}", value.values[site], limit)
+                    for site in users
+                }
+            else:
+                payloads[name] = _dump_input(f"input {name!r}", value, limit)
         job = Job(
             self._router.next_job_id(),
             compiled,
@@ -200,8 +229,21 @@ class Federation:
             timeout=timeout,
             callbacks=self._callbacks,
         )
+        job._absent = absent
+        plan = _check_plan(faults, self._site_names, per_submit=True) if faults is not None else self._faults
+        if plan is not None and self._config.backend == "ray":
+            self._router.fault_plan = plan  # refused there, with the reason
+        with self._router.lock:
+            self._submits += 1
+            job._fault_number = self._submits
+        job._faults = plan
         self._router.submit(job, payloads, block, queue_timeout)
         return job
+
+    def metrics(self) -> Metrics:
+        """Every metric the jobs of this federation recorded (``ctx.metric``), in arrival order."""
+        with self._router.lock:
+            return Metrics(self._router.metrics)
 
     # -- what a Job asks of its federation -------------------------------------------------
 
@@ -373,9 +415,67 @@ class _Shutdown:
             self.run(cancel_pending=True, timeout=None)
 
 
+def _check_plan(plan: Any, sites: Sequence[str], *, per_submit: bool) -> FaultPlan | None:
+    if plan is None:
+        return None
+    if not isinstance(plan, FaultPlan):
+        raise ConfigError(f"faults= takes a fed.FaultPlan, not {type(plan).__name__}")
+    plan.check(sites, per_submit=per_submit)
+    return plan
+
+
 @atexit.register
 def _close_all() -> None:
     with _open_lock:
         federations = list(_open)
     for federation in federations:
         federation.close(cancel_pending=True)
+
+
+def _dump_input(what: str, value: Any, limit: int) -> bytes:
+    data = dumps(value, what=what)
+    if len(data) > limit:
+        raise SerializationError(f"{what} is {len(data):,} bytes pickled, over max_token_bytes={limit:,}")
+    return data
+
+
+def _absent_sites(
+    pipeline: str, compiled: Compiled, participants: Mapping[str, Sequence[str]] | None
+) -> tuple[str, ...]:
+    """The sites a job runs without, from ``participants={step: [sites]}``.
+
+    Raises:
+        PipelineError: a step that is not a fan-out, a site it was not declared at,
+            or a site left out of one step that still runs another.
+    """
+    if not participants:
+        return ()
+    left_out: dict[str, set[str]] = {}
+    for step, chosen in participants.items():
+        declared = compiled.fanouts.get(step)
+        if declared is None:
+            raise PipelineError(
+                f"participants: {step!r} is not a fan-out step of pipeline {pipeline!r}; "
+                f"its fan-out steps are {sorted(compiled.fanouts)}"
+            )
+        if isinstance(chosen, str) or not chosen:
+            raise PipelineError(f"participants[{step!r}] must be a non-empty list of sites, not {chosen!r}")
+        unknown = sorted(set(chosen) - set(declared))
+        if unknown:
+            raise PipelineError(
+                f"participants[{step!r}]: {unknown} are not among the sites it was declared at "
+                f"{list(declared)}"
+            )
+        for site in declared:
+            if site not in chosen:
+                left_out.setdefault(site, set()).add(step)
+    absent = []
+    for site, steps in left_out.items():
+        others = sorted(set(compiled.site_steps.get(site, ())) - steps)
+        if others:
+            raise PipelineError(
+                f"participants: site {site!r} is left out of {sorted(steps)} but also runs {others}; "
+                "leave it out of those too, or keep it in"
+            )
+        absent.append(site)
+    return tuple(sorted(absent))

@@ -18,10 +18,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ._callbacks import CallbackThread, run_safely
 from ._exceptions import JobCancelledError
+from ._messages import Missing
+from ._metrics import MetricRecord
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from ._fault_plan import FaultPlan
     from ._pipeline import Compiled
     from ._timeline import PathArg, TimelineEvent
 
@@ -105,7 +108,19 @@ class Job:
         # callback): such an attempt cannot be replaced by a retry without mixing results.
         self._observed = False
         self._attempts: list[Attempt] = []
-        self._inputs: dict[str, bytes] = {}  # pickled value inputs, kept for retries
+        # Pickled value inputs, kept for retries; a per-site input is {site: bytes}.
+        self._inputs: dict[str, Any] = {}
+        self._absent: tuple[str, ...] = ()  # declared sites this job runs without (participants=)
+        # Sites a tolerant fan-in went on without, and why; late ones need not report DONE
+        # for the job to finish (they are cancelled, then their worker killed).
+        self._missing: dict[str, Missing] = {}
+        self._excused: set[str] = set()
+        self._metrics: list[MetricRecord] = []
+        # A fault plan for this job and its number (the federation's Nth submit); what each
+        # site said it waits for, once it had waited a while (for a timeout's message).
+        self._faults: FaultPlan | None = None
+        self._fault_number = 0
+        self._waiting: dict[str, str] = {}
         # Set by the router at submit: why the job still waits, for a timeout's message.
         self._why_queued: Callable[[Job], str | None] | None = None
         # Set by the router at submit: told when Ctrl+C interrupts a wait on this job.
@@ -124,6 +139,16 @@ class Job:
     def status(self) -> JobStatus:
         """The job's status now."""
         return self._status
+
+    @property
+    def missing(self) -> dict[str, Missing]:
+        """Sites a tolerant fan-in (``fed.quorum``) went on without, and why (so far)."""
+        return dict(self._missing)
+
+    @property
+    def metrics(self) -> list[MetricRecord]:
+        """The metrics the job's steps recorded with ``ctx.metric``, as each site finished."""
+        return list(self._metrics)
 
     @property
     def attempts(self) -> tuple[Attempt, ...]:

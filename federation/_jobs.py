@@ -24,13 +24,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from . import _messages as m
 from ._callbacks import CallbackThread
 from ._config import FederationConfig
 from ._exceptions import FederationClosedError, FederationError, JobError
 from ._handle import Job, JobStatus
 from ._log import get_logger
+from ._messages import Missing
+from ._metrics import MetricRecord
 
 __all__ = ["JobSide"]
 
@@ -73,6 +76,7 @@ class JobSide(Generic[SlotT]):
         self.jobs_by_status: dict[str, int] = {}
         self._deadlines: dict[int, float] = {}
         self._inputs: dict[int, _StreamInputs] = {}  # job id -> its stream inputs, until it ends
+        self.metrics: list[MetricRecord] = []  # every job's metrics, for federation.metrics()
 
     # -- what a transport provides ------------------------------------------------------------
 
@@ -96,6 +100,14 @@ class JobSide(Generic[SlotT]):
 
     def _stop_sites(self, job: Job, slot: SlotT, status: JobStatus, resume: bool) -> None:
         """``job`` ended: stop its sites still running (cooperatively, then by force), free the slot."""
+        raise NotImplementedError
+
+    def _send_site(self, slot: SlotT, site: str, message: tuple[Any, ...]) -> None:
+        """Send a control message to ``site``'s worker on ``slot`` (dropped if it is gone)."""
+        raise NotImplementedError
+
+    def _cancel_site(self, job: Job, slot: SlotT, site: str) -> None:
+        """Stop ``site`` of ``job`` cooperatively; kill only its worker after the cancel grace."""
         raise NotImplementedError
 
     def _slot_counts(self) -> tuple[int, int]:
@@ -247,6 +259,44 @@ class JobSide(Generic[SlotT]):
                 return job
         return None
 
+    # -- tolerant fan-ins ----------------------------------------------------------------------
+
+    def _site_lost(self, job: Job, slot: SlotT, site: str, reason: str, detail: str) -> bool:
+        """``site`` of ``job`` raised or died: whether the job goes on without it.
+
+        It does when every value the site sends goes to tolerant gathers
+        (``fed.quorum``): those are told the site is missing, and why; the job
+        goes on. Otherwise the caller fails the job as usual.
+        """
+        targets = job._compiled.tolerant.get(site)
+        if targets is None:
+            return False
+        if site in job._missing:
+            return True  # told already (its FAILED came before its death)
+        job._missing[site] = Missing(site, reason, detail)
+        job._record("site_missing", site=site, reason=reason, detail=detail)
+        self.log.info("a site of a tolerant fan-out is missing", job_id=job.id, site=site, reason=reason)
+        if not job.done():
+            for target in targets:
+                self._send_site(slot, target, (m.MISSING, job.id, [(site, reason, detail)]))
+        return True
+
+    def _on_cut(self, job: Job, slot: SlotT, sites: list[str]) -> None:
+        """A tolerant gather stopped waiting for ``sites`` (late): cancel them, one worker each."""
+        for site in sites:
+            job._excused.add(site)
+            if site not in job._missing:
+                job._missing[site] = Missing(site, m.LATE, "had not delivered by the gather's deadline")
+                job._record("site_missing", site=site, reason=m.LATE)
+            self._cancel_site(job, slot, site)
+
+    def _add_metrics(self, job: Job, site: str, records: list[tuple[str, str, float, float]]) -> None:
+        new = [
+            MetricRecord(job.id, job.pipeline, site, step, name, value, t) for step, name, value, t in records
+        ]
+        job._metrics.extend(new)
+        self.metrics.extend(new)
+
     # -- ending ------------------------------------------------------------------------------
 
     def cancel_job(self, job: Job, reason: str) -> bool:
@@ -313,7 +363,9 @@ class JobSide(Generic[SlotT]):
                 self._deadlines.pop(job_id, None)
                 if job is not None:
                     self._end_job(
-                        job, JobStatus.CANCELLED, job._cancelled_error(f"timed out after {job.timeout} s")
+                        job,
+                        JobStatus.CANCELLED,
+                        job._cancelled_error(f"timed out after {job.timeout} s{_where_stuck(job)}"),
                     )
 
     def _wait_for_jobs(self, timeout: float | None) -> None:
@@ -335,6 +387,14 @@ class JobSide(Generic[SlotT]):
                 jobs=left[:20],
                 count=len(left),
             )
+
+
+def _where_stuck(job: Job) -> str:
+    """Where a job that timed out was stuck: what each site that had waited a while waited for."""
+    if not job._waiting:
+        return ""
+    lines = "; ".join(f"at site {site!r}: {text}" for site, text in sorted(job._waiting.items()))
+    return f"; where it stuck: {lines} (sites not named were busy in a step, or done)"
 
 
 class _StreamInputs:

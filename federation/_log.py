@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -176,12 +177,14 @@ def log_worker_record(site: str, level: str, event: str, fields: dict[str, Any])
 
 
 class SiteLogFiles:
-    """One append-only log file per site under a run directory: what its workers logged or wrote."""
+    """One append-only log file per site under a run directory: what its workers and
+    services logged or wrote. Thread-safe: the router and the services' watcher both write."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._files: dict[str, TextIO] = {}
+        self._lock = threading.Lock()
         self._json = log_format() == "json"
 
     def path(self, site: str) -> Path:
@@ -209,13 +212,15 @@ class SiteLogFiles:
             self._write(site, f"{stamp} [output  ] {worker}: {line}")
 
     def _write(self, site: str, line: str) -> None:
-        handle = self._files.get(site)
-        if handle is None:
-            handle = self._files[site] = self.path(site).open("a", encoding="utf-8", buffering=1)
-        handle.write(line + "\n")
+        with self._lock:
+            handle = self._files.get(site)
+            if handle is None:
+                handle = self._files[site] = self.path(site).open("a", encoding="utf-8", buffering=1)
+            handle.write(line + "\n")
 
     def close(self) -> None:
         """Close every file."""
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
+        with self._lock:
+            for handle in self._files.values():
+                handle.close()
+            self._files.clear()

@@ -4,7 +4,9 @@ The kernel's OOM killer sends SIGKILL, which reads like a kill from outside.
 The memory cgroup counts its kills (``oom_kill`` in ``memory.events`` on cgroup
 v2, in ``memory.oom_control`` on v1), so a worker that died of SIGKILL while
 that counter of the client's cgroup went up was most likely killed for memory.
-Workers share the client's cgroup unless someone moved them.
+Workers share the client's cgroup unless someone moved them. Without a memory
+cgroup, the machine-wide count in ``/proc/vmstat`` (Linux 4.13+) tells the same,
+less precisely: some process on the machine was killed for memory meanwhile.
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ def _candidates() -> list[str]:
 
 
 def oom_kill_count() -> int | None:
-    """How many processes the OOM killer has killed in this process's memory cgroup, if known."""
-    for name in _candidates():
+    """How many processes the OOM killer has killed in this process's memory cgroup, if known.
+
+    Without a memory cgroup, how many it killed on the whole machine since boot.
+    """
+    for name in [*_candidates(), "/proc/vmstat"]:
         try:
             with open(name) as counters:
                 for line in counters:

@@ -16,14 +16,24 @@ ships only the digest and the inputs.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import inspect
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, overload
 
+from ._bindings import (
+    F,
+    Input,
+    Step,
+    _check_site_name,
+    _did_you_mean,
+    _looks_like_a_typo_of,
+    collect,
+    per_site,
+    quorum,
+)
 from ._exceptions import PipelineError
 from ._messages import (
     CLIENT,
@@ -37,118 +47,9 @@ from ._messages import (
 )
 from ._serialization import dumps_function
 
-__all__ = ["Compiled", "Input", "OutputSpec", "Pipeline", "Step", "collect"]
+__all__ = ["Compiled", "Input", "OutputSpec", "Pipeline", "Step", "collect", "per_site", "quorum"]
 
-F = TypeVar("F", bound=Callable[..., Any])
 _MISSING: Any = object()
-
-
-def _did_you_mean(name: str, choices: Iterable[str], what: str = "") -> str:
-    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {what}{close[0]!r}?)" if close else ""
-
-
-def _looks_like_a_typo_of(name: str, steps: Iterable[str]) -> str | None:
-    """The step ``name`` was most likely meant to be (``frist`` for ``first``), if any.
-
-    Stricter than a "did you mean": a parameter that matches no step becomes a value
-    input, so this decides whether to refuse it. A name that extends another
-    (``counts`` beside a step ``count``) is taken as meant.
-    """
-    for candidate in difflib.get_close_matches(name, list(steps), n=3, cutoff=0.8):
-        if not (candidate.startswith(name) or name.startswith(candidate)):
-            return candidate
-    return None
-
-
-def _check_site_name(label: str, site: str) -> None:
-    """Refuse, as the step is built, a site name no federation could ever have."""
-    from ._config import _SITE_NAME  # the one rule for site names
-
-    if not _SITE_NAME.fullmatch(site):
-        raise PipelineError(
-            f"step {label!r}: {site!r} can never be a site's name: site names are 1 to 64 ASCII "
-            "letters, digits or '_.:-', starting with a letter or digit"
-        )
-
-
-class Input:
-    """A named job input.
-
-    A value input is given at submit (``federation.submit(p, threshold=0.5)``).
-    A stream input (``stream=True``) is fed while the job runs, by
-    ``job.send(name, value)`` or another job's ``ctx.send_to_job``, until
-    ``job.close(name)``; a step bound to it runs once per item, or receives the
-    whole stream as a list when it collects it.
-
-    Parameters that name no step and no declared input are value inputs
-    implicitly; declare an input to make it a stream.
-    """
-
-    __slots__ = ("name", "stream")
-
-    def __init__(self, name: str, *, stream: bool = False) -> None:
-        if not isinstance(name, str) or not name.isidentifier():
-            raise PipelineError(f"input name {name!r} must be a Python identifier")
-        self.name = name
-        self.stream = bool(stream)
-
-    def __repr__(self) -> str:
-        return f"Input({self.name!r}, stream={self.stream})"
-
-
-class collect:  # noqa: N801 - used like a function in bindings: bind={"xs": fed.collect("numbers")}
-    """Bind a parameter to a whole stream, gathered into a list, instead of running per item.
-
-    ``source`` is a step, a step's name, or an :class:`Input`. A fanned-out
-    stream collects to ``{site: [items]}``.
-    """
-
-    __slots__ = ("source",)
-
-    def __init__(self, source: str | Step[Any] | Input) -> None:
-        self.source = source
-
-    def __repr__(self) -> str:
-        return f"collect({self.source!r})"
-
-
-class Step(Generic[F]):
-    """A step of a pipeline: a function pinned to one site, or fanned out over several.
-
-    Calling a step calls its function directly, which is handy in unit tests.
-    """
-
-    def __init__(
-        self,
-        pipeline: Pipeline,
-        fn: F,
-        *,
-        name: str,
-        sites: tuple[str, ...],
-        fanout: bool,
-        bind: dict[str, Any],
-        collects: frozenset[str],
-    ) -> None:
-        self.pipeline = pipeline
-        self.fn = fn
-        self.name = name
-        self.sites = sites
-        self.fanout = fanout
-        self.bind = bind
-        self.collects = collects
-        self.generator = inspect.isgeneratorfunction(fn)
-        self.signature = inspect.signature(fn)
-        self.__doc__ = fn.__doc__
-        self.__wrapped__ = fn
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        where = f"sites={list(self.sites)}" if self.fanout else f"site={self.sites[0]!r}"
-        return f"<Step {self.name!r} {where}>"
 
 
 @dataclass(frozen=True)
@@ -174,6 +75,11 @@ class Compiled:
     outputs: dict[str, OutputSpec]
     routes: tuple[tuple[str, str], ...]  # (from site, to site) links used
     site_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Sites whose every value goes only to tolerant gathers (fed.quorum) at other sites:
+    # site -> the gathering sites to tell when it raised or died. Their failure ends nothing.
+    tolerant: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    fanouts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # fan-out step -> its sites
+    site_steps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # site -> its steps
 
 
 @dataclass
@@ -183,6 +89,7 @@ class _Binding:
     collect: bool = False
     stream: bool = False
     has_default: bool = False
+    quorum: tuple[float, bool, float | None] | None = None
 
 
 class Pipeline:
@@ -256,7 +163,7 @@ class Pipeline:
         site: str | None = None,
         sites: Sequence[str] | None = None,
         name: str | None = None,
-        bind: Mapping[str, str | Step[Any] | Input | collect] | None = None,
+        bind: Mapping[str, str | Step[Any] | Input | collect | quorum] | None = None,
         collect: Iterable[str] = (),
     ) -> Step[F]: ...
 
@@ -269,7 +176,7 @@ class Pipeline:
         site: str | None = None,
         sites: Sequence[str] | None = None,
         name: str | None = None,
-        bind: Mapping[str, str | Step[Any] | Input | collect] | None = None,
+        bind: Mapping[str, str | Step[Any] | Input | collect | quorum] | None = None,
         collect: Iterable[str] = (),
     ) -> Callable[[F], Step[F]]: ...
 
@@ -281,7 +188,7 @@ class Pipeline:
         site: str | None = None,
         sites: Sequence[str] | None = None,
         name: str | None = None,
-        bind: Mapping[str, str | Step[Any] | Input | collect] | None = None,
+        bind: Mapping[str, str | Step[Any] | Input | collect | quorum] | None = None,
         collect: Iterable[str] = (),
     ) -> Step[F] | Callable[[F], Step[F]]:
         """Add a step; use as ``@pipeline.step(site="hub")`` or ``pipeline.step(fn, site=...)``.
@@ -374,6 +281,13 @@ class Pipeline:
                     f"step {label!r}: parameter {key!r} is bound to step {target.name!r} "
                     f"of another pipeline ({target.pipeline.name!r})"
                 )
+            if isinstance(target, quorum):
+                target = target.source
+                if isinstance(target, Step) and target.pipeline is not self:
+                    raise PipelineError(
+                        f"step {label!r}: parameter {key!r} is a quorum of step {target.name!r} "
+                        f"of another pipeline ({target.pipeline.name!r})"
+                    )
             if isinstance(target, Input):
                 self._add_input(target)
             elif not isinstance(target, (str, Step)):
@@ -425,8 +339,11 @@ class Pipeline:
                 has_default = param.default is not param.empty
                 want_collect = pname in step.collects
                 target: Any = step.bind.get(pname, _MISSING)
+                tolerant = None
                 if isinstance(target, collect):
                     want_collect, target = True, target.source
+                elif isinstance(target, quorum):
+                    tolerant, target = target.plan(), target.source
                 if target is _MISSING:
                     if pname == "ctx":
                         params[pname] = _Binding(P_CTX)
@@ -439,7 +356,18 @@ class Pipeline:
                 if target in self._steps:
                     upstream = self._steps[target]
                     streaming = self._is_stream(upstream.name, set())
-                    params[pname] = _Binding(P_UPSTREAM, target, want_collect, streaming)
+                    if tolerant is not None and (streaming or not upstream.fanout):
+                        raise PipelineError(
+                            f"step {step.name!r}: parameter {pname!r} is a quorum of {target!r}, which "
+                            "is not a fan-out of single values; fed.quorum() binds a step with sites=[...] "
+                            "that returns (not yields) a value"
+                        )
+                    params[pname] = _Binding(P_UPSTREAM, target, want_collect, streaming, quorum=tolerant)
+                elif tolerant is not None:
+                    raise PipelineError(
+                        f"step {step.name!r}: parameter {pname!r} is a quorum of {target!r}, "
+                        "which is not a step"
+                    )
                 elif target in self._inputs:
                     is_stream = self._inputs[target].stream
                     params[pname] = _Binding(P_INPUT, target, want_collect, is_stream, has_default)
@@ -473,7 +401,7 @@ class Pipeline:
         for pname in step.signature.parameters:
             target: Any = step.bind.get(pname, pname)
             collected = pname in step.collects or isinstance(target, collect)
-            if isinstance(target, collect):
+            if isinstance(target, (collect, quorum)):
                 target = target.source
             if isinstance(target, (Step, Input)):
                 target = target.name
@@ -605,6 +533,7 @@ class Pipeline:
                                 keyed=upstream.fanout,
                                 stream=binding.stream,
                                 collect=binding.collect,
+                                quorum=binding.quorum,
                             )
                         )
                 routes = []
@@ -662,6 +591,26 @@ class Pipeline:
             )
             for output, step_name in self._outputs.items()
         }
+        tolerant: dict[str, tuple[str, ...]] = {}
+        gathering = {
+            site
+            for name, params in bindings.items()
+            if any(b.quorum for b in params.values())
+            for site in self._steps[name].sites
+        }
+        for site, steps in per_site.items():
+            targets: set[str] = set()
+            ok = site not in gathering
+            for step_plan in steps:
+                ok = ok and not step_plan.outputs
+                for route in step_plan.routes:
+                    if route.site == site:
+                        continue
+                    binding = bindings[route.step][route.param]
+                    ok = ok and binding.quorum is not None
+                    targets.add(route.site)
+            if ok and targets:
+                tolerant[site] = tuple(sorted(targets))
         compiled = Compiled(
             pipeline=self.name,
             plans=plans,
@@ -671,6 +620,9 @@ class Pipeline:
             outputs=outputs,
             routes=tuple(sorted(links)),
             site_inputs={site: tuple(sorted(names)) for site, names in site_inputs.items()},
+            tolerant=tolerant,
+            fanouts={name: step.sites for name, step in self._steps.items() if step.fanout},
+            site_steps={site: tuple(plan.name for plan in steps) for site, steps in per_site.items()},
         )
         with self._lock:
             if self._version == key[0]:

@@ -20,6 +20,7 @@ import select
 import sys
 import time
 from collections import deque
+from typing import Any
 
 from . import _messages as m
 from ._callbacks import CallbackThread
@@ -27,11 +28,13 @@ from ._channel import Outbox
 from ._config import FederationConfig
 from ._exceptions import ConfigError, FederationError, SiteStartError
 from ._execution import TRANSITIONS, JobExecution, SlotState, SlotTransitionError, fds_per_slot
+from ._fault_control import FaultControl
 from ._handle import Job, JobStatus
 from ._jobs import JobSide
 from ._log import SiteLogFiles, get_logger, worker_log_level
 from ._oom import oom_kill_count
 from ._serialization import SegmentViews, unlink_segments
+from ._services import FederationServices
 from .backends import get_backend
 
 __all__ = ["EVENTS", "OUTPUT", "SENTINEL", "STDOUT", "WAKE", "SlotPool"]
@@ -41,12 +44,12 @@ EVENTS, SENTINEL, OUTPUT, STDOUT, WAKE = range(5)  # what a registered fd is
 TRIM_AFTER = 1.0  # seconds without jobs after which the client unmaps workers' segments
 
 
-class SlotPool(JobSide[JobExecution]):
+class SlotPool(JobSide[JobExecution], FaultControl):
     """The slots of one federation and their workers' pipes, under the job side's lock."""
 
     def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
         _ensure_stdio()
-        _raise_fd_limit(_fds_needed(config.pool_size, len(config.sites)))
+        _raise_fd_limit(_fds_needed(config.pool_size, len(config.sites), config.backend == "thread"))
         super().__init__(config, callbacks)
         self.backend = get_backend(config)
         self.slots: list[JobExecution | None] = [None] * config.pool_size
@@ -70,6 +73,7 @@ class SlotPool(JobSide[JobExecution]):
         self._next_memory_check = 0.0
         self._retired: list[JobExecution] = []  # out of the pool, waiting for their workers to end
         self.log_files = SiteLogFiles(config.log_dir) if config.log_dir is not None else None
+        self.services = FederationServices(config, self.log_files)  # started by Router.start
         self._pending_out: set[Outbox] = set()  # control pipes with bytes waiting for room
         self._released: list[tuple[str, str]] = []
         # Results are copied out of workers' segments at once, so a job handle the
@@ -119,6 +123,10 @@ class SlotPool(JobSide[JobExecution]):
             self._lifeline_r,
             self._log_level,
             self._on_pending,
+            services=self.services.addresses,
+            fail_start=self._faults_start_failures(self._site_names())
+            if self.fault_plan is not None
+            else None,
         )
         self.slots[index] = slot
         slot.oom_kills = oom_kill_count()
@@ -137,6 +145,9 @@ class SlotPool(JobSide[JobExecution]):
                 self._register(worker.output, OUTPUT, slot, site)
         self.log.debug("slot starting", slot=index, generation=slot.generation)
         return slot
+
+    def _site_names(self) -> list[str]:
+        return [site.name for site in self.config.sites]
 
     def _register(self, fd: int, kind: int, slot: JobExecution | None, site: str) -> None:
         self._fds[fd] = (kind, slot, site)
@@ -184,7 +195,9 @@ class SlotPool(JobSide[JobExecution]):
         goes to another slot (or waits) instead of starting on a dead worker.
         """
         while self.free:
-            slot = self.free[0]
+            # The slot freed last: its workers ran a moment ago, so their pages and the
+            # CPU caches are warm; a slot nobody needed stays idle.
+            slot = self.free[-1]
             dead = slot.dead_sites()
             if not dead:
                 self._move(slot, SlotState.BUSY)
@@ -200,10 +213,14 @@ class SlotPool(JobSide[JobExecution]):
         compiled = job._compiled
         inputs = job._inputs
         slot.job = job
-        slot.pending_sites = set(compiled.participants)
+        absent = job._absent
+        participants = [site for site in compiled.participants if site not in absent]
+        slot.pending_sites = set(participants)
         self.running[job.id] = (job, slot)
         started = time.time()  # the attempt's start: before any site can start
-        for site in compiled.participants:
+        if job._faults is not None:
+            self._faults_dispatch(job, slot, participants)  # each site's rules, ahead of START
+        for site in participants:
             digest, plan = compiled.plans[site]
             cached = slot.plans[site]
             if digest not in cached:
@@ -211,10 +228,14 @@ class SlotPool(JobSide[JobExecution]):
                     del cached[next(iter(cached))]
                 slot.send(site, (m.PLAN, digest, plan))
                 cached[digest] = None
-            site_inputs = {
-                name: inputs[name] for name in compiled.site_inputs.get(site, ()) if name in inputs
-            }
-            slot.send(site, (m.START, job.id, digest, site_inputs))
+            site_inputs = {}
+            for name in compiled.site_inputs.get(site, ()):
+                value = inputs.get(name)
+                if isinstance(value, dict):  # fed.per_site: this site's own value
+                    value = value.get(site)
+                if value is not None:
+                    site_inputs[name] = value
+            slot.send(site, (m.START, job.id, digest, site_inputs, absent))
         # Bookkeeping after the sends: the workers start meanwhile. Their replies are
         # read under the lock this holds, so none can overtake it.
         if job.status is JobStatus.QUEUED:
@@ -256,6 +277,26 @@ class SlotPool(JobSide[JobExecution]):
         elif not slot.pending_sites:
             self._release(slot)
 
+    def _send_site(self, slot: JobExecution, site: str, message: tuple[Any, ...]) -> None:
+        slot.send(site, message)
+
+    def _cancel_site(self, job: Job, slot: JobExecution, site: str) -> None:
+        if site in slot.pending_sites and site not in slot.site_kill:
+            slot.send(site, (m.ABORT, job.id, "late: a tolerant fan-in stopped waiting for it"))
+            slot.site_kill[site] = time.monotonic() + self._cancel_grace()
+            self.wake()
+
+    def _kill_site(self, slot: JobExecution, site: str) -> None:
+        """Kill one worker of a slot (a late site that did not stop); the slot is repaired later."""
+        slot.site_kill.pop(site, None)
+        slot.repair = True
+        self.log.warning("killing a late site's worker that did not stop in time", site=site, slot=slot.index)
+        slot.workers[site].kill()
+        slot.control[site].close()  # a thread worker sees EOF and ends when its step returns
+        if slot.state is SlotState.DRAINING and slot.kill_deadline is not None:
+            # The job ended; the slot waits for this death, not for the cancel grace again.
+            slot.kill_deadline = max(slot.kill_deadline, time.monotonic() + self._cancel_grace())
+
     def _slot_counts(self) -> tuple[int, int]:
         starting = len(self.unstarted) + sum(
             1 for slot in self.slots if slot is not None and slot.state is SlotState.STARTING
@@ -274,8 +315,16 @@ class SlotPool(JobSide[JobExecution]):
             self._trim_at = time.monotonic() + TRIM_AFTER
         slot.job = None
         slot.pending_sites = set()
+        slot.site_kill.clear()
         slot.jobs_run += 1
         if slot.state not in (SlotState.BUSY, SlotState.DRAINING):
+            return
+        if slot.repair:
+            # A worker of it died inside a tolerant fan-in: the others are idle now,
+            # so the slot is replaced whole (its pipes to the dead worker are gone).
+            self.log.info("replacing a slot that lost a worker in a tolerant fan-in", slot=slot.index)
+            self._retire(slot, graceful=True)
+            self._dispatch_queued()
             return
         limit = self.config.max_jobs_per_worker
         if limit is not None and slot.jobs_run >= limit:
@@ -498,11 +547,13 @@ def _ensure_stdio() -> None:
                 os.close(opened)
 
 
-def _fds_needed(pool_size: int, sites: int) -> int:
+def _fds_needed(pool_size: int, sites: int, threads: bool = False) -> int:
     """Open files the client needs for its pool: one slot starting while the others run."""
     # A running slot keeps control and events pipes and each worker's output pipes and
-    # pidfd (5 per site); a starting one briefly holds both ends of every link too.
-    return fds_per_slot(sites) + (pool_size - 1) * 5 * sites
+    # pidfd (5 per site); a starting one briefly holds both ends of every pipe too. Thread
+    # workers keep all their pipes in this process.
+    running = fds_per_slot(sites, threads) if threads else 5 * sites
+    return fds_per_slot(sites, threads) + (pool_size - 1) * running
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -517,8 +568,9 @@ def _raise_fd_limit(needed: int) -> None:
     if hard != resource.RLIM_INFINITY and needed + 64 > hard:
         raise ConfigError(
             f"this pool needs about {needed:,} open files while a slot starts, over the hard limit "
-            f"of {hard:,} (RLIMIT_NOFILE): each slot links every pair of sites; use fewer sites per "
-            f"federation or a smaller pool_size, or raise the hard limit (ulimit -Hn)"
+            f"of {hard:,} (RLIMIT_NOFILE); use fewer sites per federation or a smaller pool_size "
+            f"(on the thread backend, each worker holds a pipe to every other site), "
+            f"or raise the hard limit (ulimit -Hn)"
         )
     want = needed + 256  # the client's own files beside the pool's pipes
     if soft == resource.RLIM_INFINITY or want <= soft:

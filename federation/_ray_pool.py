@@ -107,6 +107,8 @@ class RaySlot:
         self.jobs_run = 0
         self.kill_deadline: float | None = None
         self.start_failed = False
+        self.repair = False  # a site's actor died inside a tolerant fan-in: replace after the job
+        self.site_kill: dict[str, float] = {}  # late sites told to stop: their deadline
         self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=20) for site in sites}
 
     def send(self, site: str, *messages: tuple[Any, ...]) -> Any:
@@ -147,6 +149,13 @@ class RayPool(JobSide[RaySlot]):
                 "max_worker_memory is not available on the Ray backend: actors may run on other "
                 "machines, out of the client's sight; give sites Ray resources instead "
                 "(fed.Site(name, resources={'memory': bytes}))"
+            )
+        with_services = [site.name for site in config.sites if site.services]
+        if with_services:
+            raise ConfigError(
+                f"site services are not available on the Ray backend yet (sites {with_services} have "
+                "some): a service runs beside the client, out of reach of other nodes; run it on the "
+                "site's node yourself and give its address in the site's env"
             )
         super().__init__(config, callbacks)
         self.ray = import_ray()
@@ -254,10 +263,12 @@ class RayPool(JobSide[RaySlot]):
         compiled = job._compiled
         inputs = job._inputs
         slot.job = job
-        slot.pending_sites = set(compiled.participants)
+        absent = job._absent
+        participants = [site for site in compiled.participants if site not in absent]
+        slot.pending_sites = set(participants)
         self.running[job.id] = (job, slot)
         started = time.time()
-        for site in compiled.participants:
+        for site in participants:
             digest, plan = compiled.plans[site]
             cached = slot.plans[site]
             messages: list[tuple[Any, ...]] = []
@@ -266,10 +277,14 @@ class RayPool(JobSide[RaySlot]):
                     del cached[next(iter(cached))]
                 messages.append((m.PLAN, digest, plan))
                 cached[digest] = None
-            site_inputs = {
-                name: inputs[name] for name in compiled.site_inputs.get(site, ()) if name in inputs
-            }
-            messages.append((m.START, job.id, digest, site_inputs))
+            site_inputs = {}
+            for name in compiled.site_inputs.get(site, ()):
+                value = inputs.get(name)
+                if isinstance(value, dict):  # fed.per_site: this site's own value
+                    value = value.get(site)
+                if value is not None:
+                    site_inputs[name] = value
+            messages.append((m.START, job.id, digest, site_inputs, absent))
             ref = slot.send(site, *messages)
             if ref is not None:
                 self._watch_reply(slot, slot.workers[site], ref)
@@ -307,6 +322,15 @@ class RayPool(JobSide[RaySlot]):
         elif not slot.pending_sites:
             self._release(slot)
 
+    def _send_site(self, slot: RaySlot, site: str, message: tuple[Any, ...]) -> None:
+        slot.send(site, message)
+
+    def _cancel_site(self, job: Job, slot: RaySlot, site: str) -> None:
+        if site in slot.pending_sites and site not in slot.site_kill:
+            slot.send(site, (m.ABORT, job.id, "late: a tolerant fan-in stopped waiting for it"))
+            slot.site_kill[site] = time.monotonic() + self._cancel_grace()
+            self.wake()
+
     def _slot_counts(self) -> tuple[int, int]:
         starting = sum(1 for slot in self.slots if slot is not None and slot.state is SlotState.STARTING)
         return len(self.slots), starting + len(self._replace_at)
@@ -331,8 +355,14 @@ class RayPool(JobSide[RaySlot]):
             self.running.pop(job.id, None)
         slot.job = None
         slot.pending_sites = set()
+        slot.site_kill.clear()
         slot.jobs_run += 1
         if slot.state not in (SlotState.BUSY, SlotState.DRAINING):
+            return
+        if slot.repair:
+            # An actor of it died inside a tolerant fan-in: the slot is replaced whole.
+            self._retire(slot, graceful=True)
+            self._dispatch_queued()
             return
         limit = self.config.max_jobs_per_worker
         if limit is not None and slot.jobs_run >= limit:

@@ -31,7 +31,10 @@ from . import _messages as m
 from ._callbacks import CallbackThread
 from ._config import FederationConfig
 from ._exceptions import (
+    ConfigError,
     FederationError,
+    JobError,
+    QuorumError,
     SerializationError,
     SiteStartError,
     StepFailedError,
@@ -39,6 +42,7 @@ from ._exceptions import (
     describe_exitcode,
 )
 from ._execution import SlotState
+from ._fault_plan import FaultPlan
 from ._handle import Job, JobStatus
 from ._log import log_worker_record
 from ._ray_cluster import died_reason, register_closer, unregister_closer
@@ -49,10 +53,24 @@ from ._serialization import load_exception
 __all__ = ["RayRouter"]
 
 _CONFIRM_DEATHS = 10.0  # seconds close() waits for Ray to confirm every actor it killed is gone
+_NO_FAULTS = (
+    "fault plans are not available on the Ray backend yet: run them on backend='process' or 'thread' "
+    "(a plan behaves the same there), or inject faults with Ray's own tools"
+)
 
 
 class RayRouter(RayPool):
     """The router thread of one federation on Ray: its queue, the actors' events, their deaths."""
+
+    @property
+    def fault_plan(self) -> FaultPlan | None:
+        """Fault plans are not available on Ray yet: only ``None`` is accepted."""
+        return None
+
+    @fault_plan.setter
+    def fault_plan(self, plan: FaultPlan | None) -> None:
+        if plan is not None:
+            raise ConfigError(_NO_FAULTS)
 
     def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
         super().__init__(config, callbacks)
@@ -163,6 +181,7 @@ class RayRouter(RayPool):
         deadlines = list(self._deadlines.values())
         deadlines.extend(self._replace_at.values())
         for slot in self._all_slots():
+            deadlines.extend(slot.site_kill.values())
             if slot.kill_deadline is not None:
                 deadlines.append(slot.kill_deadline)
             if slot.state is SlotState.STARTING:
@@ -207,6 +226,20 @@ class RayRouter(RayPool):
                 return
             _, job_id, step, data, tb = message
             cause = load_exception(data, tb)
+            if isinstance(cause, QuorumError):
+                quorum: JobError = QuorumError(
+                    str(cause),
+                    job_id=job_id,
+                    site=cause.site,
+                    step=cause.step,
+                    needed=cause.needed,
+                    missing=cause.missing,
+                )
+                self._end_job(job, JobStatus.FAILED, quorum)
+                return
+            detail = f"step {step!r} raised {type(cause).__name__}: {cause}"
+            if self._site_lost(job, slot, site, m.RAISED, detail):
+                return  # a tolerant fan-in goes on without it; DONE (not ok) follows
             error = StepFailedError(
                 f"step {step!r} of job {job_id} ({job.pipeline!r}) failed at site {site!r}: "
                 f"{type(cause).__name__}: {cause}",
@@ -216,6 +249,17 @@ class RayRouter(RayPool):
             )
             error.__cause__ = cause
             self._end_job(job, JobStatus.FAILED, error)
+        elif tag in (m.FAULT, m.WAITING):
+            job = slot.job
+            if tag == m.WAITING and job is not None and job.id == message[1]:
+                if message[2] is None:
+                    job._waiting.pop(site, None)
+                else:
+                    job._waiting[site] = message[2]  # named in the error if the job times out
+        elif tag == m.CUT:
+            job = slot.job
+            if job is not None and job.id == message[1]:
+                self._on_cut(job, slot, message[2])
         elif tag == m.SEND_TO_JOB:
             _, request, _from_job, to_job, name, payload, close = message
             target = self._find_job(to_job)
@@ -305,16 +349,27 @@ class RayRouter(RayPool):
             self.dropped += 1
             return
         slot.pending_sites.discard(site)
+        slot.site_kill.pop(site, None)
+        metrics = info.pop("metrics", None)
+        if metrics:
+            self._add_metrics(job, site, metrics)
         job._record("site_done", site=site, ok=ok, **info)
         for target, (count, size) in info.get("links", {}).items():
             totals = self.links.setdefault((site, target), [0, 0])
             totals[0] += count
             totals[1] += size
-        if slot.pending_sites:
+        self._maybe_finish(slot, job)
+
+    def _maybe_finish(self, slot: RaySlot, job: Job) -> None:
+        """End ``job`` once every site that matters is done; free the slot once all are.
+
+        Sites a tolerant fan-in gave up on (late) need not be done for the job to finish.
+        """
+        if slot.pending_sites - job._excused:
             return
         if not job.done():
             self._end_job(job, JobStatus.FINISHED, None)
-        if self.running.get(job_id, (None, None))[1] is slot:
+        if not slot.pending_sites and self.running.get(job.id, (None, None))[1] is slot:
             self._release(slot)
 
     # -- deaths ------------------------------------------------------------------------------
@@ -347,6 +402,17 @@ class RayRouter(RayPool):
             self._retire(slot, graceful=False, delay=_backoff(self.start_deaths, cap=1.0))
             return
         job = slot.job
+        if (
+            job is not None
+            and not job.done()
+            and site in slot.pending_sites
+            and self._site_lost(job, slot, site, m.DIED, f"its site actor died: {reason}")
+        ):
+            # A tolerant fan-in goes on without it; the slot is replaced after the job.
+            slot.pending_sites.discard(site)
+            slot.repair = True
+            self._maybe_finish(slot, job)
+            return
         if job is not None and not job.done():
             slot.job = None
             self._retry_or_fail(job, self._died_error(slot, worker, job, reason, last))
@@ -384,6 +450,13 @@ class RayRouter(RayPool):
         now = time.monotonic()
         self._on_job_deadlines(now)
         for slot in self._all_slots():
+            late = [site for site, when in slot.site_kill.items() if when <= now]
+            if late and slot.state is SlotState.BUSY:
+                # A late site that did not stop: Ray cannot kill one method, so its actor goes.
+                for site in late:
+                    slot.site_kill.pop(site)
+                    slot.repair = True
+                    slot.workers[site].kill()
             if (
                 slot.kill_deadline is not None
                 and slot.kill_deadline <= now

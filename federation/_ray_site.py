@@ -34,14 +34,15 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from . import _messages as m
 from ._exceptions import TokenRejectedError
+from ._runs import JobRun
 from ._serialization import Payload, dumps, payload_size
-from ._steps import StepRunner, _JobRun
+from ._steps import StepRunner
 
 __all__ = ["EXITING", "LINK", "OUTPUT", "STOPPED", "RayValues", "SiteActor", "SiteRunner"]
 
@@ -84,6 +85,8 @@ class RayValues:
         """Unpickle a payload; its buffers are fetched from the object store (or carried inline)."""
         if isinstance(payload, bytes):
             return pickle.loads(payload)
+        if len(payload) == 1:
+            return payload[0]  # a small value, carried in the message itself
         data, refs = payload
         buffers: list[Any] = [ref for ref, _ in refs]
         if buffers and _is_ref(buffers[0]):
@@ -123,7 +126,7 @@ def _ray() -> Any:
 
 def inline_buffers(payload: Payload) -> Payload:
     """``payload`` with its object-store buffers fetched (locally) and carried in it."""
-    if isinstance(payload, bytes) or payload is None:
+    if isinstance(payload, bytes) or payload is None or len(payload) == 1:
         return payload
     data, refs = payload
     if not refs or not _is_ref(refs[0][0]):
@@ -169,6 +172,7 @@ class SiteRunner(StepRunner):
         self.spec = spec
         self.env = dict(spec.env)
         self.data_dir = spec.data_dir
+        self.services = spec.services
         self.state: Any = None
         self.pid = os.getpid()
         self.node = node
@@ -178,12 +182,12 @@ class SiteRunner(StepRunner):
         self._siblings: dict[str, Any] = {}
         self._link_seq: dict[str, int] = {}
         self._plans: dict[bytes, m.SitePlan] = {}
-        self._run: _JobRun | None = None
+        self._run: JobRun | None = None
         self._ended: set[int] = set()
         self._ended_order: deque[int] = deque()
         self._aborted: dict[int, str] = {}
         self._early: dict[int, list[tuple[Any, ...]]] = {}
-        self._batches: dict[str, list[m.Token]] = {}
+        self._batches: defaultdict[str, list[m.Token]] = defaultdict(list)
         self._results: list[tuple[str, int, Payload]] = []
         self._links: dict[str, list[int]] = {}
         self.dropped = 0
@@ -212,20 +216,25 @@ class SiteRunner(StepRunner):
         self._emit_event(message)
 
     def _flush_batch(self, site: str) -> None:
-        batch = self._batches.get(site)
-        if not batch or self._run is None:
+        if self._run is None:
             return
-        self._batches[site] = []
+        batch = self._batches.pop(site, None)
+        if batch:
+            self._send_tokens(site, self._run.job_id, batch)
+
+    def _send_tokens(self, site: str, job_id: int, batch: list[m.Token], shaped: bool = False) -> None:
         size = 0
         for token in batch:
             payload = token[4]
             size += payload_size(payload) if payload is not None else 0
+        if not shaped and self._faults is not None and self._faults_batch(site, job_id, batch, size):
+            return  # the fault plan sends it later or lost it
         link = self._links.setdefault(site, [0, 0])
         link[0] += len(batch)
         link[1] += size
         if len(self._sends) < _SENDS_PER_JOB:
             self._sends.append((time.time(), site, len(batch), size))
-        self._send_to_site(site, (m.TOKENS, self._run.job_id, batch))
+        self._send_to_site(site, (m.TOKENS, job_id, batch))
 
     def _send_to_site(self, site: str, message: tuple[Any, ...]) -> None:
         sibling = self._siblings.get(site)
@@ -272,7 +281,6 @@ class SiteRunner(StepRunner):
                 continue
             elif tag == LINK:
                 self._siblings = dict(message[1])
-                self._batches = {site: [] for site in self._siblings}
                 continue
             self._inbox.append(message)
 
@@ -384,17 +392,27 @@ class SiteRunner(StepRunner):
             message = self._inbox.popleft()
             tag = message[0]
             if tag == m.TOKENS:
-                self._on_tokens(message[1], message[2])
+                if self._faults is None or not self._faults_inbound(message):
+                    self._on_tokens(message[1], message[2])
             elif tag == m.START:
-                self._on_start(message[1], message[2], message[3])
+                self._on_start(message[1], message[2], message[3], message[4])
+            elif tag == m.MISSING:
+                self._on_missing(message[1], message[2])
+            elif tag == m.TICK:
+                self._on_tick()
             elif tag == m.ABORT:
                 self._on_abort(message[1], message[2])
             elif tag == m.PLAN:
                 if len(self._plans) >= m.PLAN_CACHE:
                     self._plans.pop(next(iter(self._plans)))
                 self._plans[message[1]] = pickle.loads(message[2])
+            elif tag == m.FAULTS:
+                self._on_faults(message[1], message[2], message[3], message[4])
+            elif tag == m.INJECT:
+                self._on_inject(message[1], message[2], message[3])
             elif tag == m.STOP:
                 self._flush_all()
+                self.close_store()
                 return False
 
 
@@ -461,6 +479,8 @@ class SiteActor:
         self._serving = threading.Lock()
         self._serving.acquire()
         self._server: int | None = None  # the thread running the steps now
+        self._timer: threading.Timer | None = None
+        self._timer_due = 0.0
         self._stopped = False
         self._spec_bytes = spec_bytes
         self._sys_path = sys_path
@@ -559,7 +579,28 @@ class SiteActor:
             # found it taken: it is ours to run.
             with self._inbox.cond:
                 if not self._inbox.ready:
+                    self._arm_timer(runner)
                     return
+
+    def _arm_timer(self, runner: SiteRunner) -> None:
+        """A tolerant gather's deadline: a TICK runs the steps then (no thread waits for it)."""
+        due = runner._next_timer()
+        if due is None or (self._timer is not None and self._timer_due <= due):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = due
+
+        def tick() -> None:
+            self._timer = None
+            with self._inbox.cond:
+                self._inbox.ready.append((m.TICK,))
+                self._inbox.cond.notify_all()
+            self._serve()
+
+        self._timer = threading.Timer(max(0.0, due - time.monotonic()), tick)
+        self._timer.daemon = True
+        self._timer.start()
 
     # -- the runner thread ----------------------------------------------------------------
 

@@ -49,6 +49,8 @@ from ._callbacks import CallbackThread
 from ._config import FederationConfig
 from ._exceptions import (
     FederationError,
+    JobError,
+    QuorumError,
     SerializationError,
     SiteStartError,
     StepFailedError,
@@ -83,6 +85,8 @@ class Router(SlotPool):
             SiteStartError: a worker failed to start (everything started is stopped again).
         """
         try:
+            # Before any worker: a site's setup may connect to its services.
+            self.services.start()
             with self.lock:
                 first = self._first_wave()
                 for index in range(self.config.pool_size):
@@ -180,10 +184,13 @@ class Router(SlotPool):
         for slot in self._all_slots():
             if slot.kill_deadline is not None:
                 deadlines.append(slot.kill_deadline)
+            deadlines.extend(slot.site_kill.values())
             if slot.state is SlotState.STARTING:
                 deadlines.append(slot.started_at + self.config.start_timeout)
         if self.config.max_worker_memory is not None and self.running:
             deadlines.append(self._next_memory_check)
+        if self._fault_timers:
+            deadlines.append(self._fault_timers[0][0])  # a fault plan's timed crash or pause
         if not deadlines:
             return None
         return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
@@ -228,6 +235,20 @@ class Router(SlotPool):
                 return
             _, job_id, step, data, tb = message
             cause = load_exception(data, tb)
+            if isinstance(cause, QuorumError):
+                error: JobError = QuorumError(
+                    str(cause),
+                    job_id=job_id,
+                    site=cause.site,
+                    step=cause.step,
+                    needed=cause.needed,
+                    missing=cause.missing,
+                )
+                self._end_job(job, JobStatus.FAILED, error)
+                return
+            detail = f"step {step!r} raised {type(cause).__name__}: {cause}"
+            if self._site_lost(job, slot, site, m.RAISED, detail):
+                return  # a tolerant fan-in goes on without it; DONE (not ok) follows
             error = StepFailedError(
                 f"step {step!r} of job {job_id} ({job.pipeline!r}) failed at site {site!r}: "
                 f"{type(cause).__name__}: {cause}",
@@ -237,6 +258,12 @@ class Router(SlotPool):
             )
             error.__cause__ = cause
             self._end_job(job, JobStatus.FAILED, error)
+        elif tag in (m.FAULT, m.WAITING):
+            self._on_fault_event(slot, site, message)  # faults applied; what a site waits for
+        elif tag == m.CUT:
+            job = slot.job
+            if job is not None and job.id == message[1]:
+                self._on_cut(job, slot, message[2])
         elif tag == m.SEND_TO_JOB:
             self._send_to_job(slot, site, message)
         elif tag == m.LOG:
@@ -319,16 +346,27 @@ class Router(SlotPool):
                 self.log.info(
                     "killed processes a stopped job left behind", site=site, job_id=job.id, count=killed
                 )
+        metrics = info.pop("metrics", None)
+        if metrics:
+            self._add_metrics(job, site, metrics)
         job._record("site_done", site=site, ok=ok, **info)
         for target, (count, size) in info.get("links", {}).items():
             totals = self.links.setdefault((site, target), [0, 0])
             totals[0] += count
             totals[1] += size
-        if slot.pending_sites:
+        self._maybe_finish(slot, job)
+
+    def _maybe_finish(self, slot: JobExecution, job: Job) -> None:
+        """End ``job`` once every site that matters is done; free the slot once all are.
+
+        Sites a tolerant fan-in gave up on (late) need not be done for the job to
+        finish: they were cancelled, and only hold the slot until they stop.
+        """
+        if slot.pending_sites - job._excused:
             return
         if not job.done():
             self._end_job(job, JobStatus.FINISHED, None)
-        if self.running.get(job_id, (None, None))[1] is slot:
+        if not slot.pending_sites and self.running.get(job.id, (None, None))[1] is slot:
             self._release(slot)
 
     def _send_to_job(self, slot: JobExecution, site: str, message: tuple[Any, ...]) -> None:
@@ -388,6 +426,16 @@ class Router(SlotPool):
             )
             return
         job = slot.job
+        if job is not None and self._death_tolerated(slot, job, site, description):
+            # Inside a tolerant fan-in: the job goes on; the slot is replaced after it.
+            slot.pending_sites.discard(site)
+            slot.site_kill.pop(site, None)
+            slot.repair = True
+            self.log.warning(
+                "worker died inside a tolerant fan-in", site=site, slot=slot.index, job_id=job.id
+            )
+            self._maybe_finish(slot, job)
+            return
         if job is not None and not job.done():
             slot.job = None
             self._retry_or_fail(job, self._died_error(slot, site, job, exitcode, reason, last))
@@ -402,6 +450,17 @@ class Router(SlotPool):
             exitcode=describe_exitcode(exitcode),
             reason=reason,
         )
+
+    def _death_tolerated(self, slot: JobExecution, job: Job, site: str, description: str) -> bool:
+        """Whether ``job`` goes on after ``site``'s worker died: a site it runs without,
+        one a tolerant fan-in gave up on, or one whose values only go to tolerant fan-ins."""
+        if site in job._absent or site in job._excused:
+            return True
+        if site not in job._compiled.tolerant:
+            return False
+        if site not in slot.pending_sites:
+            return True  # it had delivered and reported DONE: nothing of the job is lost
+        return self._site_lost(job, slot, site, m.DIED, f"its worker died: {description}")
 
     def _died_error(
         self,
@@ -446,8 +505,13 @@ class Router(SlotPool):
             if not self.running:
                 # Idle: what workers' segments this client still maps is given back too.
                 self._views.trim()
+        if self._fault_timers:
+            self._faults_due(now)
         self._on_job_deadlines(now)
         for slot in self._all_slots():
+            for site, when in list(slot.site_kill.items()):
+                if when <= now and slot.state in (SlotState.BUSY, SlotState.DRAINING):
+                    self._kill_site(slot, site)
             if (
                 slot.kill_deadline is not None
                 and slot.kill_deadline <= now
@@ -538,8 +602,6 @@ class Router(SlotPool):
                 slot.close()
             self._views.close()
             self.backend.close()
-            if self.log_files is not None:
-                self.log_files.close()
             self.slots = [None] * len(self.slots)
             self.unstarted.clear()
             self._retired.clear()
@@ -553,3 +615,7 @@ class Router(SlotPool):
                         raise
             self._lifeline_w = self._lifeline_r = self._wake_r = self._wake_w = -1
             self.changed.notify_all()
+        # After every worker, and outside the lock: it waits up to each service's stop_grace.
+        self.services.stop()
+        if self.log_files is not None:
+            self.log_files.close()

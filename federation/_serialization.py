@@ -249,13 +249,35 @@ _MAPPINGS = 32
 _RELEASE_WAIT = 0.02  # seconds a sender waits for a segment to come back before making one
 
 #: A pickled value: plain bytes, or the pickle and its out-of-band buffers' segments.
-Payload = bytes | tuple[bytes, tuple[tuple[str, int], ...]]
+#: A value on its way: its pickle; its pickle and the shared-memory segments of its
+#: large buffers; or (``Inline``) a small immutable value itself, pickled only with
+#: the frame that carries it, since pickling it alone costs more than the value.
+Payload = bytes | tuple[bytes, tuple[tuple[str, int], ...]] | tuple[Any]
+_INLINE_SCALARS = frozenset({int, float, bool, complex, type(None)})
+_INLINE_MAX = 256  # characters or bytes of a str or bytes sent inline
+
+
+def inline(value: Any) -> tuple[Any] | None:
+    """``(value,)`` when ``value`` is small and immutable enough to travel inside a frame."""
+    kind = type(value)
+    if kind in _INLINE_SCALARS or ((kind is str or kind is bytes) and len(value) <= _INLINE_MAX):
+        return (value,)
+    return None
+
+
+def shared_segments(payload: Payload | None) -> tuple[tuple[str, int], ...]:
+    """The shared-memory segments a payload holds (none for a pickle or an inline value)."""
+    if type(payload) is tuple and len(payload) == 2:
+        return payload[1]
+    return ()
 
 
 def payload_size(payload: Payload) -> int:
     """Bytes a payload carries, in the pipe and in shared memory."""
     if isinstance(payload, bytes):
         return len(payload)
+    if len(payload) == 1:
+        return 0  # counted with the frame that carries it
     return len(payload[0]) + sum(size for _, size in payload[1])
 
 
@@ -482,6 +504,8 @@ class SegmentViews:
         """
         if isinstance(payload, bytes):
             return pickle.loads(payload)
+        if len(payload) == 1:
+            return payload[0]
         data, refs = payload
         import ctypes
         import weakref
@@ -500,9 +524,8 @@ class SegmentViews:
 
     def discard(self, payload: Payload, creator: str) -> None:
         """Release a payload that will never be unpickled (its job ended)."""
-        if not isinstance(payload, bytes) and payload is not None:
-            for name, _ in payload[1]:
-                self._on_release(creator, name)
+        for name, _ in shared_segments(payload):
+            self._on_release(creator, name)
 
     def has_cached(self) -> bool:
         """Whether mappings of other processes' segments are kept open here."""

@@ -2,28 +2,30 @@
 
 What a job run goes through at one site, top to bottom::
 
-    START ─> _on_start: prepare every step (bind value inputs, make gathers)
-             deliver tokens that arrived early ─> run every step that is ready
-    TOKENS ─> _on_tokens ─> _deliver: add to a gather, or queue for the driver
-    _maybe_run(step): when every gather is complete
-        no driver: _call once, then _step_done
-        a driver (a stream consumed item by item): _call per queued item;
-                  _step_done once every source sent its END
-    _call: the user's function; each value it returns or yields goes to _emit
+    START  ─> _on_start: prepare every step (bind value inputs, make gathers),
+              _deliver tokens that arrived early, then _drive
+    TOKENS ─> _on_tokens ─> _deliver (to a gather, or queued for a driver), then _drive
+    ABORT  ─> _on_abort ─> _end(ok=False)
+
+    _drive: a loop; each turn, the deepest step that can go on takes one _turn:
+        a generator in progress ─> _advance: next(generator) ─> _emit one item
+        gathers complete, not run ─> _call the user's function once
+        a driver item queued     ─> _call once for that item
+        its streams all ended    ─> _step_done: END to its consumers
+      until no step can go on (then wait for tokens), every step is done
+      (_end ok: DONE after all data), a step raised (_fail: FAILED, then _end)
+      or the client aborted the job (seen between turns: _end, not ok)
     _emit: pickle once (large buffers to shared memory), then
         outputs    ─> results batch  ─> events pipe (to the client)
         other site ─> token batch    ─> that site's link pipe
-        this site  ─> _deliver ─> _maybe_run: the consuming step runs now,
-                      inside this one (depth first: a long stream is consumed
-                      as it is made, never buffered whole)
-    _step_done: a stream's END to its consumers
-    _maybe_finish: every step done ─> _end(ok=True) ─> DONE (after all data)
+        this site  ─> _deliver: the consumer takes its turn next (it is deeper),
+                      so a long stream is consumed as it is made, never buffered
 
-Two exceptions unwind a run from wherever it is, however deep: ``_Abort``
-(the client aborted the job: seen by ``_emit``, ``_call`` or a step's
-``ctx.check_cancelled``) and ``_StepFailure`` (a step raised; FAILED is sent
-first). Both end in ``_end(ok=False)``, which gives back the shared memory of
-every value that will now never be sent (invariant 7) and sends DONE.
+Nothing re-enters: a step's values are handed on by the loop, never by a
+call inside the step's own call, and the loop is the only place a run ends
+early. ``_end(ok=False)`` closes the generators still in progress and gives
+back the shared memory of every value that will now never be sent
+(invariant 7) before it sends DONE.
 
 The runner moves no bytes itself: :class:`~federation._worker.Worker` supplies
 the pipes (``_send_event``, ``_flush_batch``, ``_flush_results``,
@@ -35,13 +37,27 @@ from __future__ import annotations
 import gc
 import pickle
 import time
-from collections import deque
-from collections.abc import Iterator
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from . import _messages as m
-from ._exceptions import JobCancelledError, SerializationError
-from ._serialization import Payload, SegmentPool, SegmentViews, dump_exception, dumps, payload_size
+from ._context import StepContext
+from ._exceptions import JobCancelledError, QuorumError, SerializationError
+from ._faults import FaultRuntime
+from ._gather import Gather
+from ._runs import JobRun, StepRun
+from ._serialization import (
+    Payload,
+    SegmentPool,
+    SegmentViews,
+    dump_exception,
+    dumps,
+    inline,
+    payload_size,
+    shared_segments,
+)
+from ._store import SiteStoreOwner
 
 __all__ = ["StepContext", "StepRunner"]
 
@@ -54,157 +70,7 @@ _TIMINGS_PER_STEP = 64  # timeline records kept per step and job; later calls ar
 _CHECK_EVERY = 0.002  # seconds between looks at the inbox while a step emits
 
 
-class _Abort(BaseException):
-    """Unwinds a job run when the client aborted it (not an error of the step)."""
-
-
-class _StepFailure(BaseException):
-    """Unwinds a job run after a step raised; the failure is already reported."""
-
-
-class StepContext:
-    """What a step sees of where and how it runs; bind it with a parameter named ``ctx``.
-
-    Attributes:
-        site: the site's name.
-        job_id: the running job's id.
-        step: the running step's name.
-        state: the result of the site's ``setup`` in this worker (``None`` without one).
-        data_dir: the site's data directory, or ``None``.
-        env: the environment variables configured for this site.
-        source_site: for a step run per stream item, the site the item came from.
-    """
-
-    __slots__ = ("_log", "_worker", "data_dir", "env", "job_id", "site", "source_site", "state", "step")
-
-    def __init__(self, worker: StepRunner, job_id: int, step: str, source_site: str | None) -> None:
-        self._worker = worker
-        self.site = worker.site
-        self.job_id = job_id
-        self.step = step
-        self.state = worker.state
-        self.data_dir = worker.data_dir
-        self.env = worker.env
-        self.source_site = source_site
-        self._log: Any = None
-
-    @property
-    def log(self) -> Any:
-        """A structlog logger bound to job, site, step and pid; records go to the client."""
-        if self._log is None:
-            self._log = self._worker.structlog_logger().bind(job_id=self.job_id, step=self.step)
-        return self._log
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether the job was cancelled (or failed elsewhere); long steps should check it."""
-        return self._worker.abort_requested(self.job_id) is not None
-
-    def check_cancelled(self) -> None:
-        """Raise :class:`~federation.JobCancelledError` if the job was cancelled."""
-        reason = self._worker.abort_requested(self.job_id)
-        if reason is not None:
-            raise JobCancelledError(
-                f"job {self.job_id} was cancelled: {reason}", job_id=self.job_id, reason=reason
-            )
-
-    def send_to_job(self, job_id: int, name: str, value: Any, *, close: bool = False) -> None:
-        """Feed ``value`` to stream input ``name`` of another running job.
-
-        Blocks until the client's router accepted it. With ``close=True`` the
-        stream is closed after it (pass ``value=None`` to only close it).
-
-        Raises:
-            TokenRejectedError: the job has ended, never existed, or has no such stream input.
-        """
-        self._worker.send_to_job(self.job_id, job_id, name, value, close)
-
-
-class _Gather:
-    """Collects one parameter's value: a value, ``{site: value}``, or a whole stream."""
-
-    __slots__ = ("complete", "param", "pending", "values")
-
-    def __init__(self, param: m.Param) -> None:
-        self.param = param
-        self.pending = set(param.sources)
-        self.values: dict[str, Any] = {}
-        self.complete = not self.pending
-
-    def add(self, source: str, value: Any, kind: int) -> None:
-        param = self.param
-        if kind != m.END:
-            if param.stream:
-                self.values.setdefault(source, []).append(value)
-            else:
-                self.values[source] = value
-        elif param.stream:
-            self.values.setdefault(source, [])
-        if kind != m.ITEM:
-            self.pending.discard(source)
-            self.complete = not self.pending
-
-    def value(self) -> Any:
-        param = self.param
-        if param.keyed:
-            return {site: self.values[site] for site in param.sources if site in self.values}
-        if len(param.sources) == 1:
-            return self.values.get(param.sources[0], [] if param.stream else None)
-        merged: list[Any] = []  # a stream input fed from several places
-        for site in param.sources:
-            merged.extend(self.values.get(site, []))
-        return merged
-
-
-class _StepRun:
-    __slots__ = (
-        "calls",
-        "ctx_param",
-        "destinations",
-        "done",
-        "driver",
-        "driver_pending",
-        "gathers",
-        "kwargs",
-        "plan",
-        "queue",
-        "ran",
-        "seq",
-        "timing",
-        "what",
-    )
-
-    def __init__(self, plan: m.StepPlan) -> None:
-        self.plan = plan
-        self.kwargs: dict[str, Any] = {}
-        self.gathers: dict[str, _Gather] = {}
-        self.driver: str | None = plan.driver
-        self.queue: deque[tuple[str, Any]] = deque()
-        self.driver_pending: set[str] = set()
-        self.ran = False
-        self.done = False
-        self.seq = 0
-        self.ctx_param: str | None = None
-        self.destinations = 0  # receivers of each value: outputs and steps at other sites
-        self.calls = 0
-        self.timing = 0
-        self.what = f"the value step {plan.name!r} produced"
-
-
-class _JobRun:
-    __slots__ = ("inputs", "job_id", "plan", "remaining", "started", "steps", "timings")
-
-    def __init__(self, job_id: int, plan: m.SitePlan, inputs: dict[str, bytes]) -> None:
-        self.job_id = job_id
-        self.plan = plan
-        self.steps: dict[str, _StepRun] = {}
-        self.remaining = len(plan.steps)
-        self.inputs = inputs
-        self.timings: list[tuple[str, float, float, int]] = []
-        self.started = time.time()
-
-
-class StepRunner:
+class StepRunner(SiteStoreOwner, FaultRuntime):
     """Runs one site's steps of the current job; a site runtime supplies the pipes."""
 
     # State the runtime sets up (see Worker.__init__).
@@ -213,14 +79,15 @@ class StepRunner:
     state: Any
     data_dir: str | None
     env: dict[str, str]
+    services: Mapping[str, Any]
     dropped: int
     _plans: dict[bytes, m.SitePlan]
-    _run: _JobRun | None
+    _run: JobRun | None
     _ended: set[int]
     _ended_order: deque[int]
     _aborted: dict[int, str]
     _early: dict[int, list[tuple[Any, ...]]]
-    _batches: dict[str, list[m.Token]]
+    _batches: defaultdict[str, list[m.Token]]  # tokens waiting per destination site
     _results: list[tuple[str, int, Payload]]
     _links: dict[str, list[int]]
     _sends: list[tuple[float, str, int, int]]
@@ -254,6 +121,10 @@ class StepRunner:
         """A structlog logger whose records travel to the client."""
         raise NotImplementedError
 
+    def log(self, level: str, event: str, **fields: Any) -> None:
+        """Send one log record to the client, tagged with this site."""
+        raise NotImplementedError
+
     def abort_requested(self, job_id: int) -> str | None:
         """The abort reason for ``job_id`` if the client asked to abort it."""
         raise NotImplementedError
@@ -264,42 +135,39 @@ class StepRunner:
 
     # -- the job run ---------------------------------------------------------------------------
 
-    def _on_start(self, job_id: int, digest: bytes, inputs: dict[str, bytes]) -> None:
+    def _on_start(
+        self, job_id: int, digest: bytes, inputs: dict[str, bytes], absent: tuple[str, ...] = ()
+    ) -> None:
         plan = self._plans[digest]
-        run = _JobRun(job_id, plan, inputs)
+        run = JobRun(job_id, plan, inputs, frozenset(absent))
         self._run = run
         self._links = {}
         self._sends = []
-        try:
-            for step_plan in plan.steps:
-                run.steps[step_plan.name] = self._prepare(run, step_plan)
-            for early in self._early.pop(job_id, ()):
-                self._deliver_remote(run, early)
-            if job_id in self._aborted:
-                raise _Abort
-            for step_run in list(run.steps.values()):
-                self._maybe_run(run, step_run)
-        except _Abort:
-            self._end(run, ok=False)
-        except _StepFailure:
-            self._end(run, ok=False)
-        else:
-            self._maybe_finish(run)
+        self._faults_start(job_id)  # a fault plan's rules for this job, if any (see _faults)
+        for step_plan in plan.steps:
+            run.steps[step_plan.name] = self._prepare(run, step_plan)
+        run.order = list(reversed(run.steps.values()))
+        for early in self._early.pop(job_id, ()):
+            self._deliver_remote(run, early)
+        self._drive(run)
 
-    def _prepare(self, run: _JobRun, plan: m.StepPlan) -> _StepRun:
-        step_run = _StepRun(plan)
-        step_run.destinations = len(plan.outputs) + sum(1 for r in plan.routes if r.site != self.site)
+    def _prepare(self, run: JobRun, plan: m.StepPlan) -> StepRun:
+        step_run = StepRun(plan)
+        step_run.destinations = len(plan.outputs) + sum(
+            1 for r in plan.routes if r.site != self.site and r.site not in run.absent
+        )
+        step_run.local = any(route.site == self.site for route in plan.routes)
         for param in plan.params:
             if param.kind == m.P_CTX:
                 step_run.ctx_param = param.name
             elif param.name == plan.driver:
-                step_run.driver_pending = set(param.sources)
+                step_run.driver_pending = set(param.sources) - run.absent
             elif param.kind == m.P_INPUT and not param.stream:
                 payload = run.inputs.get(param.source)
                 if payload is not None:
                     step_run.kwargs[param.name] = pickle.loads(payload)
             else:
-                step_run.gathers[param.name] = _Gather(param)
+                step_run.gathers[param.name] = Gather(param, run.absent, run.t0)
         return step_run
 
     def _on_tokens(self, job_id: int, tokens: list[m.Token]) -> None:
@@ -313,32 +181,54 @@ class StepRunner:
                 # A sibling started this job before our START arrived: keep them for it.
                 self._early.setdefault(job_id, []).append(tuple(tokens))
             return
-        try:
-            self._deliver_remote(run, tokens)
-        except (_Abort, _StepFailure):
-            self._end(run, ok=False)
-        else:
-            self._maybe_finish(run)
+        self._deliver_remote(run, tokens)
+        self._drive(run)
         self._flush_releases()
 
-    def _deliver_remote(self, run: _JobRun, tokens: Any) -> None:
+    def _deliver_remote(self, run: JobRun, tokens: Any) -> None:
+        loads = self._views.loads
+        last: tuple[str, str, str] | None = None
+        append: Callable[[Any], None] | None = None
         for step, param, source, _seq, payload, kind in tokens:
             # No local name holds the value: it is released as soon as the step lets go.
-            self._deliver(
-                run,
-                step,
-                param,
-                source,
-                self._views.loads(payload, source) if payload is not None else None,
-                kind,
-            )
+            if payload is None:
+                value = None
+            elif type(payload) is tuple and len(payload) == 1:
+                value = payload[0]  # inline: unpickled with the frame
+            else:
+                value = loads(payload, source)
+            if append is not None and kind == m.ITEM and (step, param, source) == last:
+                append(value)  # a stream's next item: where the previous one went
+                continue
+            self._deliver(run, step, param, source, value, kind)
+            last = (step, param, source)
+            append = self._item_sink(run, step, param, source) if kind == m.ITEM else None
+
+    def _item_sink(self, run: JobRun, step: str, param: str, source: str) -> Callable[[Any], None] | None:
+        """Where more items from ``source`` to ``step``'s ``param`` go, while a frame is read.
+
+        Nothing runs between two tokens of one frame, so what took the first item
+        takes the next: a stream of small items skips the lookups per item.
+        """
+        step_run = run.steps.get(step)
+        if step_run is None or step_run.done:
+            return None
+        if param == step_run.driver:
+            queue = step_run.queue
+            return lambda value: queue.append((source, value))
+        gather = step_run.gathers[param]
+        items = gather.values.get(source)
+        if gather.param.stream and isinstance(items, list) and source in gather.pending:
+            return items.append
+        return None
 
     def _on_abort(self, job_id: int, reason: str) -> None:
         run = self._run
         if run is not None and run.job_id == job_id:
             self._end(run, ok=False)
 
-    def _deliver(self, run: _JobRun, step: str, param: str, source: str, value: Any, kind: int) -> None:
+    def _deliver(self, run: JobRun, step: str, param: str, source: str, value: Any, kind: int) -> None:
+        """Hand a value to a step's input; the step runs on a later turn of :meth:`_drive`."""
         step_run = run.steps.get(step)
         if step_run is None or step_run.done:
             self.dropped += 1
@@ -348,83 +238,160 @@ class StepRunner:
                 step_run.queue.append((source, value))
             if kind != m.ITEM:
                 step_run.driver_pending.discard(source)
-        else:
-            step_run.gathers[param].add(source, value, kind)
-        self._maybe_run(run, step_run)
+        elif not step_run.gathers[param].add(source, value, kind):
+            self.dropped += 1  # from a source a tolerant gather gave up on
 
-    def _maybe_run(self, run: _JobRun, step_run: _StepRun) -> None:
-        if step_run.done or not all(g.complete for g in step_run.gathers.values()):
-            return
-        if step_run.driver is None:
-            if not step_run.ran:
-                step_run.ran = True
-                self._call(run, step_run, None, None)
-                self._step_done(run, step_run)
-            return
-        while step_run.queue:
-            self._call(run, step_run, *step_run.queue.popleft())
-        if not step_run.driver_pending and not step_run.done:
+    def _drive(self, run: JobRun) -> None:
+        """Give turns to the steps that can go on, deepest first, until none can; then end or wait.
+
+        Deepest first keeps memory bounded: an item a generator yields to a step
+        of this site is consumed (and passed on) before the generator is asked
+        for the next one, so a long stream is never buffered whole here.
+        """
+        while True:
+            if run.job_id in self._aborted:
+                self._end(run, ok=False)
+                return
+            now = time.monotonic()
+            if now >= self._next_check:
+                # A step that emits but never checks ctx.cancelled still stops promptly
+                # when aborted: look at the inbox (without waiting) every few ms.
+                self._next_check = now + _CHECK_EVERY
+                self._read_ready(0)
+                continue
+            step_run = next((s for s in run.order if s.has_work()), None)
+            if step_run is None:
+                break
+            self._turn(run, step_run)
+            if run.failed:
+                self._end(run, ok=False)
+                return
+        if run.remaining == 0:
+            self._end(run, ok=True)
+
+    def _turn(self, run: JobRun, step_run: StepRun) -> None:
+        """A step's turn: its next items, a new call, or its end."""
+        if step_run.active is not None:
+            self._advance(run, step_run)
+        elif step_run.driver is None and not step_run.ran:
+            step_run.ran = True
+            self._call(run, step_run, None, None)
+        elif step_run.queue:
+            queue = step_run.queue
+            while True:
+                self._call(run, step_run, *queue.popleft())
+                if not queue or step_run.active is not None or self._yield_turn(run, step_run):
+                    return
+        else:
             self._step_done(run, step_run)
 
-    def _call(self, run: _JobRun, step_run: _StepRun, source: str | None, item: Any) -> None:
+    def _yield_turn(self, run: JobRun, step_run: StepRun) -> bool:
+        """Whether a step must hand the loop back after a value: a deeper step may have work,
+        the run ended, or it is time to look at the inbox. Otherwise it goes on in its turn,
+        which saves a pass over the steps per item of a fast stream."""
+        return (
+            step_run.local
+            or run.failed
+            or run.job_id in self._aborted
+            or time.monotonic() >= self._next_check
+        )
+
+    def _call(self, run: JobRun, step_run: StepRun, source: str | None, item: Any) -> None:
+        """Call the user's function; a generator's items come on later turns."""
         plan = step_run.plan
         kwargs = dict(step_run.kwargs)
+        missing: dict[str, m.Missing] = {}
         for name, gather in step_run.gathers.items():
+            if gather.tolerant:
+                short = gather.shortfall()
+                if short is not None:
+                    self._fail(run, plan.name, self._quorum_error(run, plan.name, gather, short))
+                    return
+                missing.update(gather.missing)
             kwargs[name] = gather.value()
         if step_run.driver is not None:
             kwargs[step_run.driver] = item
         if step_run.ctx_param is not None:
-            kwargs[step_run.ctx_param] = StepContext(self, run.job_id, plan.name, source)
-        if run.job_id in self._aborted:
-            raise _Abort
-        started = time.time()
-        returned: float | None = None
-        count = 0
-        outer_step, self._current_step = self._current_step, plan.name
+            ctx = StepContext(self, run.job_id, plan.name, source)
+            ctx.missing = missing
+            kwargs[step_run.ctx_param] = ctx
+        step_run.call_started = time.time()
+        step_run.call_count = 0
+        step_run.call_source = source
+        self._current_step = plan.name
         try:
-            if plan.generator:
-                generator: Iterator[Any] = plan.fn(**kwargs)
-                try:
-                    for value in generator:
-                        self._emit(run, step_run, value, m.ITEM)
-                        count += 1
-                finally:
-                    close = getattr(generator, "close", None)
-                    if close is not None:
-                        close()
-            else:
-                value = plan.fn(**kwargs)
-                count = 1
-                returned = time.time()  # the step's end, before its value is sent on
-                self._emit(run, step_run, value, m.ITEM if plan.stream else m.LAST)
-        except (_Abort, _StepFailure):
-            raise
-        except JobCancelledError as exc:
-            if run.job_id in self._aborted:
-                raise _Abort from exc
-            self._fail(run, plan.name, exc)
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            self._fail(run, plan.name, exc)
+            value = plan.fn(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - the step's error, reported as FAILED
+            self._record_call(run, step_run, time.time(), 0)
+            self._call_raised(run, step_run, exc)
+            return
         finally:
-            self._current_step = outer_step  # steps run inside a step's emit (same site)
-            ended = returned if returned is not None else time.time()
-            if step_run.calls < _TIMINGS_PER_STEP:
-                run.timings.append((plan.name, started, ended, count))
-                step_run.timing = len(run.timings) - 1
-            else:
-                # A step run per item of a long stream: later calls widen its last record,
-                # so DONE stays small (a million records would be 25 MB to pickle).
-                name, first, _, items = run.timings[step_run.timing]
-                run.timings[step_run.timing] = (name, first, ended, items + count)
-            step_run.calls += 1
+            self._current_step = None
+        if self._faults is not None and not plan.generator:  # a generator is slowed per item
+            self._faults_slow(plan.name, step_run.call_started)
+        if plan.generator:
+            step_run.active = value
+            return
+        self._record_call(run, step_run, time.time(), 1)  # the step's end, before its value is sent on
+        self._emit(run, step_run, value, m.ITEM if plan.stream else m.LAST)
+        if step_run.driver is None and not run.failed:
+            self._step_done(run, step_run)
 
-    def _fail(self, run: _JobRun, step: str, exc: BaseException) -> None:
+    def _advance(self, run: JobRun, step_run: StepRun) -> None:
+        """Take the next items from a generator step and send them on, until its turn is over."""
+        generator = step_run.active
+        assert generator is not None
+        while True:
+            self._current_step = step_run.plan.name
+            item_started = time.time() if self._faults is not None else 0.0
+            try:
+                value = next(generator)
+            except StopIteration:
+                step_run.active = None
+                self._record_call(run, step_run, time.time(), step_run.call_count)
+                if step_run.driver is None:
+                    self._step_done(run, step_run)
+                return
+            except BaseException as exc:  # noqa: BLE001 - the step's error, reported as FAILED
+                step_run.active = None
+                self._record_call(run, step_run, time.time(), step_run.call_count)
+                self._call_raised(run, step_run, exc)
+                return
+            finally:
+                self._current_step = None
+            if self._faults is not None:
+                self._faults_slow(step_run.plan.name, item_started)
+            step_run.call_count += 1
+            self._emit(run, step_run, value, m.ITEM)
+            if self._yield_turn(run, step_run):
+                return
+
+    def _call_raised(self, run: JobRun, step_run: StepRun, exc: BaseException) -> None:
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
+        if isinstance(exc, JobCancelledError) and run.job_id in self._aborted:
+            return  # the step saw the abort (ctx.check_cancelled): _drive ends the run
+        self._fail(run, step_run.plan.name, exc)
+
+    def _record_call(self, run: JobRun, step_run: StepRun, ended: float, count: int) -> None:
+        """Keep a timeline record of one call of a step."""
+        name = step_run.plan.name
+        if step_run.calls < _TIMINGS_PER_STEP:
+            run.timings.append((name, step_run.call_started, ended, count))
+            step_run.timing = len(run.timings) - 1
+        else:
+            # A step run per item of a long stream: later calls widen its last record,
+            # so DONE stays small (a million records would be 25 MB to pickle).
+            _, first, _, items = run.timings[step_run.timing]
+            run.timings[step_run.timing] = (name, first, ended, items + count)
+        step_run.calls += 1
+
+    def _fail(self, run: JobRun, step: str, exc: BaseException) -> None:
+        """Report that ``step`` raised; :meth:`_drive` then ends the run."""
         data, tb = dump_exception(exc)
         self._flush_all()
         self._send_event((m.FAILED, run.job_id, step, data, tb))
-        raise _StepFailure
+        run.failed = True
 
     def _dumps(self, value: Any, what: str, destinations: int) -> Payload:
         payload = self._pool.dumps(value, what, destinations)
@@ -442,7 +409,8 @@ class StepRunner:
                 f"{what} is {size:,} bytes pickled, over max_token_bytes={self.spec.max_token_bytes:,}"
             )
 
-    def _emit(self, run: _JobRun, step_run: _StepRun, value: Any, kind: int) -> None:
+    def _emit(self, run: JobRun, step_run: StepRun, value: Any, kind: int) -> None:
+        """Send a value a step made to where it goes: the client, other sites, this site."""
         plan = step_run.plan
         seq = step_run.seq
         step_run.seq += 1
@@ -453,11 +421,15 @@ class StepRunner:
         eager = kind != m.ITEM or now - self._last_emit > _LINGER
         self._last_emit = now
         payload: Payload | None = None
-        if step_run.destinations:
+        if step_run.destinations and not plan.outputs:
+            # Only other sites receive it: a small value rides in the frame's one pickle.
+            payload = inline(value)
+        if step_run.destinations and payload is None:
             try:
                 payload = self._dumps(value, step_run.what, step_run.destinations)
-            except SerializationError as exc:
+            except Exception as exc:  # noqa: BLE001 - cannot pickle it, too large, /dev/shm full
                 self._fail(run, plan.name, exc)
+                return
         if plan.outputs:
             for output in plan.outputs:
                 self._results.append((output, seq, payload))  # type: ignore[arg-type]
@@ -466,20 +438,18 @@ class StepRunner:
         for route in plan.routes:
             if route.site == self.site:
                 self._deliver(run, route.step, route.param, self.site, value, kind)
+            elif route.site in run.absent:
+                continue
             else:
                 batch = self._batches[route.site]
                 batch.append((route.step, route.param, self.site, seq, payload, kind))
                 if eager or len(batch) >= _BATCH:
                     self._flush_batch(route.site)
-        if now >= self._next_check:
-            # A step that emits but never checks ctx.cancelled still stops promptly
-            # when aborted: look at the inbox (without waiting) every few ms.
-            self._next_check = now + _CHECK_EVERY
-            self._read_ready(0)
-        if run.job_id in self._aborted:
-            raise _Abort
+        if self._faults is not None:
+            self._faults_after_value(plan.name)  # a crash or pause after N values (see _faults)
 
-    def _step_done(self, run: _JobRun, step_run: _StepRun) -> None:
+    def _step_done(self, run: JobRun, step_run: StepRun) -> None:
+        """A step made its last value: its streams end at their consumers."""
         step_run.done = True
         run.remaining -= 1
         plan = step_run.plan
@@ -487,17 +457,76 @@ class StepRunner:
             for route in plan.routes:
                 if route.site == self.site:
                     self._deliver(run, route.step, route.param, self.site, None, m.END)
-                else:
+                elif route.site not in run.absent:
                     self._batches[route.site].append(
                         (route.step, route.param, self.site, step_run.seq, None, m.END)
                     )
                     self._flush_batch(route.site)
 
-    def _maybe_finish(self, run: _JobRun) -> None:
-        if self._run is run and run.remaining == 0:
-            self._end(run, ok=True)
+    # -- tolerant gathers, the site store, metrics ---------------------------------------------
 
-    def _end(self, run: _JobRun, ok: bool) -> None:
+    def _quorum_error(self, run: JobRun, step: str, gather: Gather, short: str) -> QuorumError:
+        return QuorumError(
+            f"step {step!r} of job {run.job_id} at site {self.site!r}: {short}",
+            job_id=run.job_id,
+            site=self.site,
+            step=step,
+            needed=gather.need,
+            missing=dict(gather.missing),
+        )
+
+    def _tolerant_gathers(self, run: JobRun) -> Iterator[Gather]:
+        for step_run in run.steps.values():
+            if not step_run.ran and not step_run.done:
+                for gather in step_run.gathers.values():
+                    if gather.tolerant and not gather.complete:
+                        yield gather
+
+    def _on_missing(self, job_id: int, sources: list[tuple[str, str, str]]) -> None:
+        """The client says these sources will not deliver (their step raised, their worker died)."""
+        run = self._run
+        if run is None or run.job_id != job_id:
+            return  # this site's run has ended: nothing waits for them any more
+        for gather in list(self._tolerant_gathers(run)):
+            for source, reason, detail in sources:
+                gather.give_up(source, reason, detail)
+        self._drive(run)
+        self._flush_releases()
+
+    def _next_timer(self) -> float | None:
+        """When the nearest deadline of a tolerant gather of the running job, or a frame a
+        fault plan holds, falls (monotonic)."""
+        held = self._faults_timer()
+        run = self._run
+        if run is None:
+            return held
+        deadlines = [g.deadline for g in self._tolerant_gathers(run) if g.deadline is not None]
+        if held is not None:
+            deadlines.append(held)
+        return min(deadlines) if deadlines else None
+
+    def _on_tick(self) -> None:
+        """A deadline came due: those gathers go on without the late sites, which the client cancels."""
+        self._faults_flush()
+        run = self._run
+        if run is None:
+            return
+        now = time.monotonic()
+        late: set[str] = set()
+        for gather in list(self._tolerant_gathers(run)):
+            late.update(gather.expire(now))
+        if late:
+            self._send_event((m.CUT, run.job_id, sorted(late)))
+        self._drive(run)
+        self._flush_releases()
+
+    def record_metric(self, job_id: int, step: str, name: str, value: float) -> None:
+        """Keep a metric a step recorded; it travels to the client with DONE."""
+        run = self._run
+        if run is not None and run.job_id == job_id:
+            run.metrics.append((step, str(name), float(value), time.time()))
+
+    def _end(self, run: JobRun, ok: bool) -> None:
         if self._run is not run:
             return
         results: list[tuple[str, int, Payload]] = []
@@ -511,11 +540,12 @@ class StepRunner:
             for _, _, payload in self._results:
                 self._release_own(payload)
             self._results.clear()
-            for site, batch in self._batches.items():
+            for batch in self._batches.values():
                 for token in batch:
                     self._release_own(token[4])
-                self._batches[site] = []
+            self._batches.clear()
         self._run = None
+        self._close_active(run)
         job_id = run.job_id
         self._ended.add(job_id)
         self._ended_order.append(job_id)
@@ -533,6 +563,7 @@ class StepRunner:
             "dropped": self.dropped,
             "started": run.started,
             "results": results,
+            "metrics": run.metrics,
         }
         self._send_event((m.DONE, job_id, ok, info))
         if not ok:
@@ -541,8 +572,25 @@ class StepRunner:
             # their segments go back with the next flush.
             gc.collect()
 
+    def _close_active(self, run: JobRun) -> None:
+        """Close the generators an ended run leaves mid-stream, deepest first (their ``finally``)."""
+        for step_run in run.order:
+            generator, step_run.active = step_run.active, None
+            if generator is None:
+                continue
+            self._record_call(run, step_run, time.time(), step_run.call_count)
+            close = getattr(generator, "close", None)
+            if close is None:
+                continue
+            self._current_step = step_run.plan.name
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - the run has ended; its cleanup can only be logged
+                self.log("warning", "a step raised while closing", step=step_run.plan.name, error=repr(exc))
+            finally:
+                self._current_step = None
+
     def _release_own(self, payload: Payload | None) -> None:
         """Give back this worker's segments that ``payload`` holds, which will never be sent."""
-        if payload is not None and not isinstance(payload, bytes):
-            for name, _ in payload[1]:
-                self._pool.release(name)
+        for name, _ in shared_segments(payload):
+            self._pool.release(name)

@@ -146,6 +146,24 @@ def to_chrome_trace(events: Sequence[TimelineEvent]) -> dict[str, Any]:
                     "args": {"count": event.count},
                 }
             )
+        elif event.kind is TimelineKind.FAULT:
+            trace.append(
+                {
+                    "ph": "i",
+                    "s": "t",
+                    "pid": pid,
+                    "tid": tid[event.row],
+                    "ts": us(event.time),
+                    "name": f"fault: {event.detail.get('fault')}",
+                    "cat": "fault",
+                    "args": {
+                        "target": event.target,
+                        "step": event.step,
+                        "tokens": event.count,
+                        **event.detail,
+                    },
+                }
+            )
         elif event.site is None and event.kind not in (TimelineKind.QUEUED, TimelineKind.STARTED):
             args: dict[str, Any] = {"attempt": event.attempt}
             if event.error is not None:
@@ -250,6 +268,10 @@ def to_text(events: Sequence[TimelineEvent]) -> str:
             total[1] += event.nbytes or 0
         for target, (count, size) in totals.items():
             lines.append(f"    -> {target:<17} {count} token(s), {layout.format_bytes(size)}")
+    faults = [event for event in events if event.kind is TimelineKind.FAULT]
+    if faults:
+        lines.append("  faults:")
+        lines += [f"    +{layout.format_ms(e.time - origin):>10}  {layout.fault_label(e)}" for e in faults]
     return "\n".join(lines)
 
 

@@ -60,6 +60,10 @@ class TimelineKind(str, enum.Enum):
     FAILED = "failed"
     #: The job was cancelled, or timed out.
     CANCELLED = "cancelled"
+    #: A fault plan injected a fault (``detail``: the fault's kind, its index in the plan, the
+    #: seed, the job number, and what it did); at :attr:`TimelineEvent.site`, and for a link
+    #: fault toward :attr:`TimelineEvent.target`.
+    FAULT = "fault"
 
     @property
     def ends_job(self) -> bool:
@@ -77,6 +81,7 @@ _RANK = {
     TimelineKind.SEND: 5,
     TimelineKind.RESULT: 6,
     TimelineKind.SITE_DONE: 7,
+    TimelineKind.FAULT: 7,
     TimelineKind.FINISHED: 8,
     TimelineKind.FAILED: 8,
     TimelineKind.CANCELLED: 8,
@@ -190,6 +195,21 @@ def events_from_log(
                     detail=_rest(fields, "site", "count"),
                 )
             )
+        elif kind == "fault":
+            source = fields.get("source")
+            events.append(
+                TimelineEvent(
+                    kind=TimelineKind.FAULT,
+                    time=when,
+                    job_id=job_id,
+                    attempt=attempt,
+                    site=_row_site(source if source is not None else fields.get("site")),
+                    step=fields.get("step"),
+                    target=fields.get("target"),
+                    count=fields.get("tokens"),
+                    detail=_rest(fields, "site", "step", "target", "tokens"),
+                )
+            )
         elif kind == "retry":
             events.append(
                 TimelineEvent(
@@ -214,6 +234,11 @@ def events_from_log(
         # Kinds this version does not know are skipped: a newer core may record more.
     events.sort(key=lambda event: (event.time, _RANK[event.kind]))
     return events
+
+
+def _row_site(name: Any) -> str | None:
+    """The row a fault is drawn on: its site; the job row for the client's end of a link."""
+    return None if name is None or name == "(client)" else str(name)
 
 
 def _rest(fields: dict[str, Any], *known: str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ def _svg_paint(mark: str, colour: str | None = None) -> str:
         "queued": layout.QUEUED_FILL,
         "attempt": layout.ATTEMPT_FILL,
         "site-busy": layout.BUSY_FILL,
+        "fault": layout.FAULT_COLOUR,
         **layout.END_COLOURS,
     }
     return f'fill="{colour or fill[mark]}"'
@@ -52,6 +53,8 @@ def _svg_icon(mark: str, colour: str | None = None) -> str:
         shape = f'<line x1="11" y1="0" x2="11" y2="14" {paint}/>'
     elif mark in ("tokens", "tokens-estimated"):
         shape = f'<line x1="1" y1="7" x2="20" y2="7" {paint}/>'
+    elif mark == "fault":
+        shape = f'<path d="M 11 1 L 17 7 L 11 13 L 5 7 z" {paint}/>'
     else:  # the job's end or a retry: a dot on the job row
         shape = f'<circle cx="11" cy="7" r="5" {paint}/>'
     return f'<svg class="icon" width="22" height="14" viewBox="0 0 22 14" aria-hidden="true">{shape}</svg>'
@@ -186,6 +189,17 @@ def to_html(events: Sequence[TimelineEvent], *, title: str | None = None) -> str
                 f'<circle class="end" data-kind="{event.kind.value}" cx="{cx}" cy="{cy}" r="5" '
                 f"{_svg_paint(mark)}>"
                 f"<title>{esc(tip)}</title></circle>"
+            )
+    # Faults a plan injected: a diamond above the row, its description in the tooltip.
+    for event in events:
+        if event.kind is TimelineKind.FAULT:
+            drawn.add("fault")
+            cx, cy = x(event.time), y[event.row] + 7
+            diamond = f"M {cx} {cy - 6} L {cx + 6} {cy} L {cx} {cy + 6} L {cx - 6} {cy} z"
+            parts.append(
+                f'<path class="fault" data-fault="{esc(str(event.detail.get("fault", "")))}" '
+                f'd="{diamond}" {_svg_paint("fault")}>'
+                f"<title>{esc(layout.fault_label(event))}</title></path>"
             )
     # Token arrows, on top.
     for arrow in layout.arrows(events):

@@ -301,7 +301,23 @@ MARKS = {
     "site-stopped": "site stopped early",
     "tokens": "tokens sent",
     "tokens-estimated": "tokens sent, time estimated",
+    "fault": "fault injected (fault plan)",
 }
+
+FAULT_COLOUR = "#9467bd"
+
+
+def fault_label(event: TimelineEvent) -> str:
+    """A fault's one-line description, for a tooltip or a label."""
+    detail = event.detail
+    where = f"{event.site or 'client'}" + (f" → {event.target}" if event.target else "")
+    extra = ", ".join(
+        f"{key}={value}" for key, value in detail.items() if key not in ("fault", "seed", "index", "source")
+    )
+    return (
+        f"{detail.get('fault', 'fault')} at {where} (fault {detail.get('index')}, seed {detail.get('seed')})"
+        + (f": {extra}" if extra else "")
+    )
 
 
 def job_span_mark(label: str) -> str:

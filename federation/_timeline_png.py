@@ -122,6 +122,19 @@ def _png_figure(events: Sequence[TimelineEvent], *, title: str | None = None, dp
             drawn.add(event.kind.value)
             colour = layout.END_COLOURS[event.kind.value]
             axes.plot([ms(event.time)], [level[JOB_ROW]], marker="o", color=colour, markersize=6, zorder=5)
+    faults = [event for event in events if event.kind is TimelineKind.FAULT]
+    if faults:
+        drawn.add("fault")
+        axes.scatter(
+            [ms(event.time) for event in faults],
+            [level[event.row] + 0.3 for event in faults],
+            marker="X",
+            s=60,
+            color=layout.FAULT_COLOUR,
+            edgecolors="white",
+            linewidths=0.6,
+            zorder=7,
+        )
     arrows = layout.arrows(events)
     drawn.update("tokens-estimated" if arrow.estimated else "tokens" for arrow in arrows)
     if len(arrows) > _MAX_DRAWN_ARROWS:
@@ -179,6 +192,12 @@ def _png_figure(events: Sequence[TimelineEvent], *, title: str | None = None, dp
                 Line2D([], [], color=colour, linestyle="none", marker="|", markersize=11, label=label)
             )
             handles[-1].set_markeredgewidth(1.5)
+        elif mark == "fault":
+            handles.append(
+                Line2D(
+                    [], [], color=layout.FAULT_COLOUR, linestyle="none", marker="X", markersize=8, label=label
+                )
+            )
         elif mark in ("tokens", "tokens-estimated"):
             handles.append(
                 Line2D([], [], color=layout.INK, linewidth=1.1, marker=">", markersize=5, label=label)

@@ -2,9 +2,9 @@
 
 Data flow inside a worker (one per site per pool slot)::
 
-    control pipe (client) ─┐                 ┌─> sibling pipes (tokens to other sites)
-    sibling pipes (tokens) ├─> inbox deque ─> job run ─┤
-                           ┘   (pump)        └─> events pipe (results, done, failed, logs)
+    control pipe (client) ──┐                 ┌─> the other sites' inbox pipes (tokens)
+    inbox pipe (tokens from ├─> inbox deque ─> job run ─┤
+      every other site)   ──┘   (pump)        └─> events pipe (results, done, failed, logs)
 
 The worker is single-threaded; it blocks in ``poll`` on its readers, and on its
 writers only when they have bytes pending. Ordering rules it relies on:
@@ -12,7 +12,8 @@ writers only when they have bytes pending. Ordering rules it relies on:
 * The control pipe is FIFO, and the client writes a job's START before any
   ABORT, stream token or close for it; so a worker never sees those for a job
   it was not started for. Tokens from a sibling can overtake START (the sibling
-  may start first): they are kept until START arrives, keyed by job id.
+  may start first; siblings share this worker's inbox pipe, see ``_channel``):
+  they are kept until START arrives, keyed by job id.
 * A site reports DONE only after every token and result it made is in its
   outboxes, ahead of DONE on the same FIFO pipes, so "done" never overtakes data
   (invariant 2). The client frees the slot once every site reported DONE.
@@ -40,13 +41,14 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from . import _messages as m
-from ._channel import ChannelClosedError, FrameReader, Outbox
+from ._channel import ChannelClosedError, FrameReader, InboxReader, LinkOutbox, Outbox
 from ._exceptions import TokenRejectedError
+from ._runs import JobRun
 from ._serialization import (
     Payload,
     SegmentPool,
@@ -54,7 +56,7 @@ from ._serialization import (
     payload_size,
     unlink_segments,
 )
-from ._steps import StepContext, StepRunner, _JobRun
+from ._steps import StepContext, StepRunner
 
 __all__ = ["StepContext", "Worker", "main"]
 
@@ -77,31 +79,38 @@ class Worker(StepRunner):
         spec: m.WorkerSpec,
         control: FrameReader,
         events: Outbox,
-        siblings_in: dict[str, FrameReader],
-        siblings_out: dict[str, Outbox],
+        inbox: InboxReader,
+        siblings_out: dict[str, LinkOutbox],
     ) -> None:
         self.site = spec.site
         self.name = spec.name
         self.spec = spec
         self.env = dict(spec.env)
         self.data_dir = spec.data_dir
+        self.services = spec.services
         self.state: Any = None
         self.pid = os.getpid()
         self._control = control
         self._events = events
-        self._readers = {reader.fileno(): reader for reader in (control, *siblings_in.values())}
+        self._readers: dict[int, FrameReader | InboxReader] = {
+            reader.fileno(): reader for reader in (control, inbox)
+        }
         self._siblings_out = siblings_out
         self._inbox: deque[tuple[Any, ...]] = deque()
         self._poller = select.poll()
         for reader in self._readers.values():
             self._poller.register(reader.fileno(), _POLLIN)
         self._plans: dict[bytes, m.SitePlan] = {}
-        self._run: _JobRun | None = None
+        self._run: JobRun | None = None
         self._ended: set[int] = set()
         self._ended_order: deque[int] = deque()
         self._aborted: dict[int, str] = {}
         self._early: dict[int, list[tuple[Any, ...]]] = {}
-        self._batches: dict[str, list[m.Token]] = {site: [] for site in siblings_out}
+        # Only sites with tokens waiting have an entry, and only outboxes that could not
+        # write everything are watched: with 100 sites, looking at every peer on each
+        # flush or wait cost more than the job's own work.
+        self._batches: defaultdict[str, list[m.Token]] = defaultdict(list)
+        self._stalled: set[Outbox | LinkOutbox] = set()
         self._results: list[tuple[str, int, Payload]] = []
         self._links: dict[str, list[int]] = {}
         self.dropped = 0
@@ -121,34 +130,44 @@ class Worker(StepRunner):
     # -- sending ---------------------------------------------------------------------------
 
     def _send_event(self, message: tuple[Any, ...]) -> None:
+        if self._faults is not None and self._faults_event(message):
+            return  # a fault plan holds it (a slow or cut link to the client; see _faults)
         try:
-            self._events.send(pickle.dumps(message, protocol=5))
+            if not self._events.send(pickle.dumps(message, protocol=5)):
+                self._stalled.add(self._events)
         except ChannelClosedError:
             raise SystemExit(0) from None  # the client is gone; the lifeline will follow
         if self._events.pending_bytes > _HIGH_WATER:
             self._pump_until(lambda: self._events.pending_bytes < _LOW_WATER)
 
     def _flush_batch(self, site: str) -> None:
-        batch = self._batches[site]
-        if not batch or self._run is None:
+        if self._run is None:
             return
-        self._batches[site] = []
+        batch = self._batches.pop(site, None)
+        if not batch:
+            return
+        self._send_tokens(site, self._run.job_id, batch)
+
+    def _send_tokens(self, site: str, job_id: int, batch: list[m.Token], shaped: bool = False) -> None:
         outbox = self._siblings_out[site]
-        data = pickle.dumps((m.TOKENS, self._run.job_id, batch), protocol=5)
+        data = pickle.dumps((m.TOKENS, job_id, batch), protocol=5)
         # Every byte the frame carries: its pickle, and the buffers its tokens sent out
         # of band through shared memory (a large array is a few hundred bytes of pickle).
         size = len(data)
         for token in batch:
             payload = token[4]
-            if payload is not None and not isinstance(payload, bytes):
+            if payload is not None and type(payload) is tuple and len(payload) == 2:
                 size += payload_size(payload) - len(payload[0])
+        if not shaped and self._faults is not None and self._faults_batch(site, job_id, batch, size):
+            return  # the fault plan sends it later (delay, bandwidth, partition) or lost it
         link = self._links.setdefault(site, [0, 0])
         link[0] += len(batch)
         link[1] += size
         if len(self._sends) < _SENDS_PER_JOB:
             self._sends.append((time.time(), site, len(batch), size))
         try:
-            outbox.send(data)
+            if not outbox.send(data):
+                self._stalled.add(outbox)
         except ChannelClosedError:
             return  # that worker died; the client fails the job from its sentinel
         if outbox.pending_bytes > _HIGH_WATER:
@@ -160,7 +179,9 @@ class Worker(StepRunner):
             self._send_event((m.RESULTS, self._run.job_id, batch))
 
     def _flush_all(self) -> None:
-        for site in self._batches:
+        if self._fault_due:
+            self._faults_flush()  # frames a fault plan held whose time has come
+        for site in list(self._batches):
             self._flush_batch(site)
         self._flush_results()
         self._flush_releases()
@@ -172,7 +193,8 @@ class Worker(StepRunner):
                 outbox = self._siblings_out.get(creator)
                 if outbox is not None:
                     try:
-                        outbox.send(pickle.dumps((m.RELEASE, names), protocol=5))
+                        if not outbox.send(pickle.dumps((m.RELEASE, names), protocol=5)):
+                            self._stalled.add(outbox)
                     except ChannelClosedError:
                         pass
 
@@ -192,7 +214,9 @@ class Worker(StepRunner):
             self._read_ready_locked(timeout_ms)
 
     def _read_ready_locked(self, timeout_ms: int | None) -> None:
-        pending = [o for o in (self._events, *self._siblings_out.values()) if o.has_pending]
+        if self._events.has_pending:  # also written before the worker existed (BOOTED, START_FAILED)
+            self._stalled.add(self._events)
+        pending = [outbox for outbox in self._stalled if outbox.has_pending]
         for outbox in pending:
             self._poller.register(outbox.fileno(), select.POLLOUT)
         try:
@@ -229,9 +253,10 @@ class Worker(StepRunner):
                     raise SystemExit(0)  # the client closed our control pipe: it is gone
         for outbox in pending:
             try:
-                outbox.flush()
+                if outbox.flush():
+                    self._stalled.discard(outbox)
             except ChannelClosedError:
-                pass
+                self._stalled.discard(outbox)
 
     def _pump_until(self, condition: Callable[[], bool]) -> None:
         while not condition():
@@ -242,6 +267,15 @@ class Worker(StepRunner):
         trimmed = False
         while not self._inbox:
             self._flush_all()
+            timer = self._next_timer()
+            if timer is not None:
+                # A tolerant gather's deadline: wake for it, however long idle.
+                left_ms = int((timer - time.monotonic()) * 1000) + 1
+                if left_ms <= 0:
+                    return (m.TICK,)
+                if trimmed or not (self._pool.has_free() or self._views.has_cached()):
+                    self._read_ready(left_ms)
+                    continue
             if not trimmed and (self._pool.has_free() or self._views.has_cached()):
                 # Segments kept for reuse are given back once this worker has been
                 # idle a while: an idle federation does not hold its largest job's memory.
@@ -251,9 +285,15 @@ class Worker(StepRunner):
                     self._views.trim()
                     trimmed = True
                     continue
-                self._read_ready(int(left * 1000) + 1)
+                self._read_ready(
+                    min(int(left * 1000) + 1, left_ms) if timer is not None else int(left * 1000) + 1
+                )
             else:
-                self._read_ready(None)
+                # Blocks for ever, except while a job waits here: after a while the site
+                # tells the client what the job waits for (see _faults.describe_waiting).
+                self._read_ready(self._wait_timeout_ms())
+        if self._wait_since is not None:
+            self._wait_over()
         return self._inbox.popleft()
 
     def abort_requested(self, job_id: int) -> str | None:
@@ -362,13 +402,22 @@ class Worker(StepRunner):
             message = self._next_message()
             tag = message[0]
             if tag == m.TOKENS:
-                self._on_tokens(message[1], message[2])
+                if self._faults is None or not self._faults_inbound(message):
+                    self._on_tokens(message[1], message[2])
             elif tag == m.START:
-                self._on_start(message[1], message[2], message[3])
+                self._on_start(message[1], message[2], message[3], message[4])
+            elif tag == m.MISSING:
+                self._on_missing(message[1], message[2])
+            elif tag == m.TICK:
+                self._on_tick()
             elif tag == m.ABORT:
                 self._on_abort(message[1], message[2])
             elif tag == m.PLAN:
                 self._on_plan(message[1], message[2])
+            elif tag == m.FAULTS:
+                self._on_faults(message[1], message[2], message[3], message[4])
+            elif tag == m.INJECT:
+                self._on_inject(message[1], message[2], message[3])
             elif tag == m.STOP:
                 self._flush_all()
                 self._pump_until(lambda: not self._events.has_pending)
@@ -406,7 +455,7 @@ def _watch_lifeline(fd: int) -> None:
 def run_worker(
     control_fd: int,
     events_fd: int,
-    siblings_in: dict[str, int],
+    inbox_fd: int,
     siblings_out: dict[str, int],
     capture_logging: bool = False,
 ) -> None:
@@ -434,8 +483,8 @@ def run_worker(
             spec,
             control,
             events,
-            {site: FrameReader(fd) for site, fd in siblings_in.items()},
-            {site: Outbox(fd) for site, fd in siblings_out.items()},
+            InboxReader(inbox_fd),
+            {site: LinkOutbox(fd, spec.index) for site, fd in siblings_out.items()},
         )
         for frame in frames[1:]:
             worker._inbox.append(pickle.loads(frame))
@@ -443,6 +492,10 @@ def run_worker(
             os.makedirs(spec.data_dir, exist_ok=True)
         events.send(pickle.dumps((m.BOOTED,), protocol=5))
         try:
+            if spec.fail_start is not None:
+                from ._faults import InjectedStartError
+
+                raise InjectedStartError(spec.fail_start)
             if spec.setup is not None:
                 worker.state = spec.setup()
         except BaseException as exc:  # noqa: BLE001 - report any setup failure, SystemExit too
@@ -460,6 +513,7 @@ def run_worker(
         finally:
             worker._pool.close()
             worker._views.close()
+            worker.close_store()
     except SystemExit:
         return
     except BaseException:
@@ -503,7 +557,7 @@ def serve_process(args: dict[str, Any]) -> None:
         args["control"],
         args["events"],
         args["lifeline"],
-        *args["siblings_in"].values(),
+        args["inbox"],
         *args["siblings_out"].values(),
     ):
         try:
@@ -517,9 +571,7 @@ def serve_process(args: dict[str, Any]) -> None:
     ).start()
     code = 0
     try:
-        run_worker(
-            args["control"], args["events"], args["siblings_in"], args["siblings_out"], capture_logging=True
-        )
+        run_worker(args["control"], args["events"], args["inbox"], args["siblings_out"], capture_logging=True)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - what an uncaught exception does to `python -c`

@@ -101,8 +101,10 @@ _RAY_THREADS = ("ray_", "Thread-", "AsyncIO Thread", "asyncio_", "grpc")
 
 
 def _shm() -> set[str]:
+    # Only this process's federations' segments (their names carry the client's pid): on a
+    # shared machine another test run's segments come and go in the same /dev/shm.
     try:
-        return {name for name in os.listdir("/dev/shm") if name.startswith(("fed-", "psm_"))}
+        return {name for name in os.listdir("/dev/shm") if name.startswith((f"fed-{os.getpid()}-", "psm_"))}
     except FileNotFoundError:
         return set()
 

@@ -230,3 +230,63 @@ def array_pipeline() -> fed.Pipeline:
 
     pipeline.output(size)
     return pipeline
+
+
+def deep_chain_pipeline(depth: int) -> fed.Pipeline:
+    """A stream of 3 items through ``depth`` per-item steps, all at site a, then to b."""
+    pipeline = fed.Pipeline(f"deep-{depth}")
+
+    @pipeline.step(site="a")
+    def source():
+        yield from range(3)
+
+    def inc(x):
+        return x + 1
+
+    previous: Any = source
+    for i in range(depth):
+        previous = pipeline.step(inc, site="a", name=f"inc{i}", bind={"x": previous})
+
+    @pipeline.step(site="b", bind={"xs": fed.collect(previous.name)})
+    def total(xs):
+        return sorted(xs)
+
+    pipeline.output(total)
+    return pipeline
+
+
+def lockstep_pipeline(n: int, fail_at: int | None = None, marker: str | None = None) -> fed.Pipeline:
+    """A generator at a feeds a per-item step at a; both write to one log, which comes back.
+
+    With ``fail_at``, the consumer raises on that item; the producer's ``finally``
+    then writes ``marker`` (a file) with how many items it yielded.
+    """
+    pipeline = fed.Pipeline("lockstep")
+    log: list[tuple[str, int]] = []  # one list: both steps are pickled in one site plan
+
+    @pipeline.step(site="a")
+    def produce():
+        made = 0
+        try:
+            for i in range(n):
+                log.append(("yield", i))
+                made += 1
+                yield i
+        finally:
+            if marker is not None:
+                with open(marker, "w") as file:
+                    file.write(str(made))
+
+    @pipeline.step(site="a")
+    def consume(produce):
+        if produce == fail_at:
+            raise ValueError(f"item {produce} is bad")
+        log.append(("consume", produce))
+        return produce
+
+    @pipeline.step(site="a", bind={"values": fed.collect("consume")})
+    def report(values):
+        return list(log)
+
+    pipeline.output(report)
+    return pipeline

@@ -15,16 +15,28 @@ PACKAGE = Path(fed.__file__).parent
 #: Lowest first: a module may import (at its top level) only modules before it.
 ORDER = [
     "_exceptions",
+    "_service_address",
+    "_supervisor",
     "_messages",
+    "_fault_plan",
     "_channel",
     "_serialization",
+    "_gather",
+    "_store",
+    "_context",
+    "_faults",
+    "_runs",
     "_steps",
     "_worker",
     "_ray_site",
     "backends",
     "_log",
+    "_service_checks",
     "_config",
+    "_services",
+    "_bindings",
     "_pipeline",
+    "_metrics",
     "_callbacks",
     "_oom",
     "_timeline_events",
@@ -35,6 +47,7 @@ ORDER = [
     "_handle",
     "_execution",
     "_jobs",
+    "_fault_control",
     "_pool",
     "_router",
     "_ray_cluster",
@@ -45,15 +58,32 @@ ORDER = [
     "_federation",
     "_demo",
     "_cli",
+    "faults",
     "__init__",
     "__main__",
 ]
 #: Upward imports allowed inside ``if TYPE_CHECKING:`` only, each with its reason.
 TYPE_ONLY_UPWARD = {
     ("backends", "_config"),  # get_backend's parameter is annotated with the config it reads
+    ("_bindings", "_pipeline"),  # a Step is annotated with the pipeline it belongs to
 }
 #: What a worker process runs: it must never reach the client's side.
-WORKER_SIDE = {"_exceptions", "_messages", "_channel", "_serialization", "_steps", "_worker", "_ray_site"}
+WORKER_SIDE = {
+    "_exceptions",
+    "_service_address",
+    "_messages",
+    "_fault_plan",
+    "_faults",
+    "_channel",
+    "_serialization",
+    "_gather",
+    "_store",
+    "_context",
+    "_runs",
+    "_steps",
+    "_worker",
+    "_ray_site",
+}
 
 
 def _module_of(path: Path) -> str:

@@ -13,7 +13,8 @@ T = 60
 
 
 def _segments() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("fed-")}
+    # This process's federations only: /dev/shm is shared with any other test run on the machine.
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"fed-{os.getpid()}-")}
 
 
 def _pipeline() -> fed.Pipeline:

@@ -82,7 +82,7 @@ class Backend(Protocol):
         env: dict[str, str],
         control_fd: int,
         events_fd: int,
-        siblings_in: dict[str, int],
+        inbox_fd: int,
         siblings_out: dict[str, int],
         lifeline_fd: int,
     ) -> WorkerHandle:

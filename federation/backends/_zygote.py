@@ -64,7 +64,7 @@ def _child(sock: socket.socket, wake: tuple[int, int], request: dict[str, Any], 
             "control": fds[args["control"]],
             "events": fds[args["events"]],
             "lifeline": fds[args["lifeline"]],
-            "siblings_in": {site: fds[i] for site, i in args["siblings_in"].items()},
+            "inbox": fds[args["inbox"]],
             "siblings_out": {site: fds[i] for site, i in args["siblings_out"].items()},
         }
         sys.argv = ["-c", request["name"]]

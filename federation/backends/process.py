@@ -407,7 +407,7 @@ class ProcessBackend:
         env: dict[str, str],
         control_fd: int,
         events_fd: int,
-        siblings_in: dict[str, int],
+        inbox_fd: int,
         siblings_out: dict[str, int],
         lifeline_fd: int,
     ) -> ProcessWorker:
@@ -415,12 +415,12 @@ class ProcessBackend:
             "control": control_fd,
             "events": events_fd,
             "lifeline": lifeline_fd,
-            "siblings_in": siblings_in,
+            "inbox": inbox_fd,
             "siblings_out": siblings_out,
         }
         if self.start_method == "forkserver":
             return self._fork(site, name, env, args)
-        fds = [control_fd, events_fd, lifeline_fd, *siblings_in.values(), *siblings_out.values()]
+        fds = [control_fd, events_fd, lifeline_fd, inbox_fd, *siblings_out.values()]
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
@@ -460,7 +460,7 @@ class ProcessBackend:
             # The fds travel by index into the list sent with the request.
             fds = [args["control"], args["events"], args["lifeline"], err_w, out_w]
             index = {fd: i for i, fd in enumerate(fds)}
-            for fd in [*args["siblings_in"].values(), *args["siblings_out"].values()]:
+            for fd in [args["inbox"], *args["siblings_out"].values()]:
                 index[fd] = len(fds)
                 fds.append(fd)
             request = {
@@ -472,7 +472,7 @@ class ProcessBackend:
                     "control": index[args["control"]],
                     "events": index[args["events"]],
                     "lifeline": index[args["lifeline"]],
-                    "siblings_in": {s: index[fd] for s, fd in args["siblings_in"].items()},
+                    "inbox": index[args["inbox"]],
                     "siblings_out": {s: index[fd] for s, fd in args["siblings_out"].items()},
                 },
             }

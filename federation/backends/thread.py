@@ -100,9 +100,9 @@ class ThreadBackend:
         env: dict[str, str],
         control_fd: int,
         events_fd: int,
-        siblings_in: dict[str, int],
+        inbox_fd: int,
         siblings_out: dict[str, int],
         lifeline_fd: int,
     ) -> ThreadWorker:
-        fds = [control_fd, events_fd, *siblings_in.values(), *siblings_out.values()]
-        return ThreadWorker(site, name, fds, (control_fd, events_fd, siblings_in, siblings_out))
+        fds = [control_fd, events_fd, inbox_fd, *siblings_out.values()]
+        return ThreadWorker(site, name, fds, (control_fd, events_fd, inbox_fd, siblings_out))

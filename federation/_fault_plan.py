@@ -1,0 +1,418 @@
+"""A fault plan: seeded site and link faults with their triggers, printable and saveable.
+
+A plan is data: a seed and a list of faults, each a small frozen dataclass.
+It decides nothing by itself; :mod:`._faults` turns it into each job's
+schedule (on the client, at dispatch) and applies it (in the workers, and in
+the router for faults that need a hand from outside, such as a kill). One seed
+decides every random choice, through an RNG per decision derived from the
+seed and what the decision is about (job number, site, link, fault, counter),
+never from the clock or the global ``random``: the same seed, pipeline and
+inputs give the same schedule on any machine.
+
+Triggers, shared by every fault (all that are given must hold):
+
+* ``at``: seconds after the job started (its dispatch);
+* ``after``: after the site's steps (or ``step``) sent N values (site faults),
+  or after N tokens went over the link (link faults);
+* ``job``: only the job with this number (1 for the federation's first submit);
+* ``probability`` with ``per``: decided once per job, per site, or per token.
+
+Workers import this module: standard library only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ._exceptions import ConfigError
+
+__all__ = [
+    "ALL",
+    "CLIENT",
+    "KINDS",
+    "Bandwidth",
+    "Crash",
+    "Delay",
+    "Drop",
+    "Duplicate",
+    "FailStart",
+    "Fault",
+    "FaultPlan",
+    "LinkFault",
+    "Partition",
+    "Pause",
+    "Reorder",
+    "Restart",
+    "SiteFault",
+    "Slow",
+    "rng_for",
+]
+
+#: The client's end of a link: ``Delay(CLIENT, "a", 0.05)`` delays stream inputs to ``a``;
+#: ``Delay("a", CLIENT, 0.05)`` delays ``a``'s results. No site can take this name.
+CLIENT = "(client)"
+#: Every site of the job (with ``per="site"``, each decided on its own).
+ALL = "*"
+_PER = ("job", "site", "token")
+
+
+def rng_for(seed: int, *key: object) -> random.Random:
+    """The RNG of one decision: a function of the seed and what is decided, nothing else."""
+    digest = hashlib.sha256(repr((seed, *key)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fault:
+    """Triggers every fault shares; see the module docstring of :mod:`federation.faults`."""
+
+    kind: ClassVar[str] = ""
+    at: float | None = None
+    after: int | None = None
+    job: int | None = None
+    probability: float = 1.0
+    per: str = "job"
+    step: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.at is not None and not self.at >= 0:
+            raise ConfigError(f"{self.kind}: at={self.at!r} must be seconds >= 0 after the job starts")
+        if self.after is not None and (not isinstance(self.after, int) or self.after < 0):
+            raise ConfigError(f"{self.kind}: after={self.after!r} must be a count of tokens >= 0")
+        if self.job is not None and (not isinstance(self.job, int) or self.job < 1):
+            raise ConfigError(f"{self.kind}: job={self.job!r} must be a job number >= 1")
+        if not 0.0 <= self.probability <= 1.0:
+            raise ConfigError(f"{self.kind}: probability={self.probability!r} must be in [0, 1]")
+        if self.per not in _PER:
+            raise ConfigError(
+                f"{self.kind}: per={self.per!r} must be one of {list(_PER)}{_hint(self.per, _PER)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fault as plain data: its kind and the fields that differ from their defaults."""
+        data: dict[str, Any] = {"kind": self.kind}
+        # Positional fields (the site, the link's ends) first, as a person writes them.
+        for field in sorted(dataclasses.fields(self), key=lambda f: bool(f.kw_only)):
+            value = getattr(self, field.name)
+            if field.default is dataclasses.MISSING or value != field.default:
+                data[field.name] = list(value) if isinstance(value, tuple) else value
+        return data
+
+    def fires_for_job(self, seed: int, index: int, number: int) -> bool:
+        """Whether a per-job probability and the ``job`` trigger let it act in job ``number``."""
+        if self.job is not None and number != self.job:
+            return False
+        if self.probability < 1.0 and self.per == "job":
+            return rng_for(seed, "job", index, number).random() < self.probability
+        return True
+
+
+@dataclass(frozen=True)
+class SiteFault(Fault):
+    """A fault of one site's workers (``site`` may be :data:`ALL`)."""
+
+    site: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.site:
+            raise ConfigError(f"{self.kind}: name the site it happens at (site=...)")
+
+
+@dataclass(frozen=True)
+class Crash(SiteFault):
+    """The site's worker is killed (SIGKILL; on the thread backend its thread ends with an error)."""
+
+    kind: ClassVar[str] = "crash"
+
+
+@dataclass(frozen=True)
+class Pause(SiteFault):
+    """The site's worker stops for ``seconds``, then resumes (a straggler)."""
+
+    kind: ClassVar[str] = "pause"
+    seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class Slow(SiteFault):
+    """Each step call (and each item a generator yields) at the site takes ``factor`` times as
+    long, plus ``delay`` seconds."""
+
+    kind: ClassVar[str] = "slow"
+    factor: float = 1.0
+    delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.factor < 1.0 or self.delay < 0.0:
+            raise ConfigError(f"slow: factor={self.factor!r} must be >= 1 and delay={self.delay!r} >= 0")
+
+
+@dataclass(frozen=True)
+class FailStart(SiteFault):
+    """The site's setup raises on its worker starts ``skip + 1`` to ``skip + times``
+    (counted per federation; the first ``pool_size`` starts are the pool's own)."""
+
+    kind: ClassVar[str] = "fail_start"
+    times: int = 1
+    skip: int = 0
+
+
+@dataclass(frozen=True)
+class Restart(SiteFault):
+    """After the job, the slot that ran it is stopped and started again: the site's setup runs
+    again and ``ctx.state`` is fresh (a graceful restart; :class:`Crash` is the other kind)."""
+
+    kind: ClassVar[str] = "restart"
+
+
+@dataclass(frozen=True)
+class LinkFault(Fault):
+    """A fault of the link from ``source`` to ``target`` (sites, or :data:`CLIENT`), one way.
+
+    It acts from its trigger until ``until`` seconds after the job started (for ever if None).
+    """
+
+    source: str
+    target: str
+    until: float | None = dataclasses.field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.source or not self.target or self.source == self.target:
+            raise ConfigError(f"{self.kind}: name two different ends of the link (source=..., target=...)")
+
+    def links(self) -> list[tuple[str, str]]:
+        """The directed links it acts on."""
+        return [(self.source, self.target)]
+
+
+@dataclass(frozen=True)
+class Delay(LinkFault):
+    """Every frame on the link arrives ``seconds`` later, give or take up to ``jitter`` seconds
+    (never earlier than sent; frames keep their order)."""
+
+    kind: ClassVar[str] = "delay"
+    seconds: float = 0.0
+    jitter: float = 0.0
+
+
+@dataclass(frozen=True)
+class Bandwidth(LinkFault):
+    """The link carries at most ``bytes_per_second`` (out-of-band buffers count too)."""
+
+    kind: ClassVar[str] = "bandwidth"
+    bytes_per_second: float = 1e6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.bytes_per_second > 0:
+            raise ConfigError(f"bandwidth: bytes_per_second={self.bytes_per_second!r} must be > 0")
+
+
+@dataclass(frozen=True)
+class Drop(LinkFault):
+    """Tokens on the link are lost (each with ``probability`` if ``per="token"``)."""
+
+    kind: ClassVar[str] = "drop"
+
+
+@dataclass(frozen=True)
+class Duplicate(LinkFault):
+    """Stream items on the link arrive twice (a step run per item runs twice for it).
+
+    Only items whose value travels inside the frame: a last value or a stream's end
+    is never duplicated, nor a value sent through shared memory.
+    """
+
+    kind: ClassVar[str] = "duplicate"
+
+
+@dataclass(frozen=True)
+class Reorder(LinkFault):
+    """A frame of stream items is held back and sent after the next one; never past a stream's end."""
+
+    kind: ClassVar[str] = "reorder"
+
+
+@dataclass(frozen=True)
+class Partition(LinkFault):
+    """The link is cut for ``seconds`` from its trigger, then healed; ``both_ways`` cuts the
+    link back too. Tokens sent meanwhile are held until it heals, or lost if ``lose``."""
+
+    kind: ClassVar[str] = "partition"
+    seconds: float = 1.0
+    both_ways: bool = True
+    lose: bool = False
+
+    def links(self) -> list[tuple[str, str]]:
+        """The directed links it cuts."""
+        pairs = [(self.source, self.target)]
+        return pairs + [(self.target, self.source)] if self.both_ways else pairs
+
+
+KINDS: dict[str, type[Fault]] = {
+    cls.kind: cls
+    for cls in (Crash, Pause, Slow, FailStart, Restart, Delay, Bandwidth, Drop, Duplicate, Reorder, Partition)
+}
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """A seeded list of faults for a federation (``Federation(faults=...)``) or one submit.
+
+    ::
+
+        plan = fed.FaultPlan(seed=7, faults=[
+            fed.faults.Crash("b", after=3),                       # b dies after sending 3 values
+            fed.faults.Delay("a", "hub", seconds=0.05, jitter=0.01),
+            fed.faults.Partition("c", "hub", at=0.5, seconds=2.0),
+        ])
+
+    Print it (``repr`` evaluates back to it in ``federation.faults``' namespace), save it
+    with :meth:`save` (``.json`` or ``.toml``) and read it with :meth:`load`.
+    """
+
+    seed: int = 0
+    faults: tuple[Fault, ...] = ()
+
+    def __init__(self, seed: int = 0, faults: Iterable[Fault] = ()) -> None:
+        if not isinstance(seed, int):
+            raise ConfigError(f"FaultPlan: seed={seed!r} must be an integer")
+        object.__setattr__(self, "seed", seed)
+        object.__setattr__(self, "faults", tuple(faults))
+        for fault in self.faults:
+            if not isinstance(fault, Fault):
+                raise ConfigError(
+                    f"FaultPlan: {fault!r} is not a fault (use the classes in federation.faults)"
+                )
+
+    def __repr__(self) -> str:
+        inner = ", ".join(_fault_repr(fault) for fault in self.faults)
+        return f"FaultPlan(seed={self.seed!r}, faults=[{inner}])"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain data (what :meth:`to_json` and :meth:`to_toml` write)."""
+        return {"seed": self.seed, "faults": [fault.to_dict() for fault in self.faults]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FaultPlan:
+        """The plan ``data`` describes (as :meth:`to_dict` gives it).
+
+        Raises:
+            ConfigError: an unknown kind or field, with "did you mean".
+        """
+        faults = []
+        for entry in data.get("faults", ()):
+            fields = dict(entry)
+            kind = fields.pop("kind", None)
+            fault_class = KINDS.get(str(kind))
+            if fault_class is None:
+                raise ConfigError(
+                    f"unknown fault kind {kind!r}{_hint(str(kind), KINDS)}; kinds: {sorted(KINDS)}"
+                )
+            known = {f.name for f in dataclasses.fields(fault_class)}
+            for name in fields:
+                if name not in known:
+                    raise ConfigError(f"fault {kind!r} has no field {name!r}{_hint(name, known)}")
+            faults.append(fault_class(**fields))
+        return cls(seed=int(data.get("seed", 0)), faults=faults)
+
+    def to_json(self) -> str:
+        """The plan as JSON."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> FaultPlan:
+        """The plan in a JSON text."""
+        return cls.from_dict(json.loads(text))
+
+    def to_toml(self) -> str:
+        """The plan as TOML: ``seed = ...`` then a ``[[faults]]`` table per fault."""
+        lines = [f"seed = {self.seed}"]
+        for fault in self.faults:
+            lines += ["", "[[faults]]"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in fault.to_dict().items()]
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_toml(cls, text: str) -> FaultPlan:
+        """The plan in a TOML text."""
+        import importlib
+
+        try:
+            toml = importlib.import_module("tomllib")  # Python 3.11+
+        except ImportError:  # pragma: no cover - Python 3.10
+            try:
+                toml = importlib.import_module("tomli")
+            except ImportError as exc:
+                raise ConfigError("reading a TOML plan needs Python 3.11+ or `pip install tomli`") from exc
+        return cls.from_dict(toml.loads(text))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan to ``path``: TOML for ``.toml``, else JSON."""
+        target = Path(path)
+        target.write_text(self.to_toml() if target.suffix == ".toml" else self.to_json())
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> FaultPlan:
+        """Read a plan :meth:`save` wrote."""
+        source = Path(path)
+        text = source.read_text()
+        return cls.from_toml(text) if source.suffix == ".toml" else cls.from_json(text)
+
+    def check(self, sites: Sequence[str], *, per_submit: bool = False) -> None:
+        """Refuse faults naming sites the federation lacks (or a start fault for one submit).
+
+        Raises:
+            ConfigError: naming the fault and the site, with "did you mean".
+        """
+        known = set(sites)
+        for fault in self.faults:
+            names = [fault.site] if isinstance(fault, SiteFault) else []
+            if isinstance(fault, LinkFault):
+                names = [fault.source, fault.target]
+            for name in names:
+                if name not in known and name not in (ALL, CLIENT):
+                    raise ConfigError(
+                        f"fault {_fault_repr(fault)} names site {name!r}, which this federation "
+                        f"does not have{_hint(name, known)}; its sites are {sorted(known)}"
+                    )
+            if isinstance(fault, SiteFault) and fault.site == CLIENT:
+                raise ConfigError(f"{_fault_repr(fault)}: the client is not a site that can fail")
+            if per_submit and isinstance(fault, FailStart):
+                raise ConfigError(
+                    "FailStart acts when workers start, before any job: give it to Federation(faults=...)"
+                )
+
+
+def _fault_repr(fault: Fault) -> str:
+    data = fault.to_dict()
+    del data["kind"]
+    args = ", ".join(f"{key}={value!r}" for key, value in data.items())
+    return f"{type(fault).__name__}({args})"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(str(value))  # a basic TOML string is a JSON string
+
+
+def _hint(name: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

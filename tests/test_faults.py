@@ -1,0 +1,298 @@
+"""Fault plans: the plan as data, every fault kind and trigger, fidelity, replay, where a job stuck.
+
+Fidelity checks are one-sided where the machine's noise can only make things
+later: a delay never arrives early; the upper bounds carry a margin for a
+shared, loaded machine (documented per test).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from typing import Any
+
+import fault_pipelines as fp
+import pytest
+
+import federation as fed
+from federation import faults
+from federation._faults import schedule
+from federation._timeline import events_from_log, to_png
+
+SLACK = 0.15  # seconds a loaded 2-core machine may add to a hop (never subtracted)
+
+
+def fault_events(job: fed.Job) -> list[fed.TimelineEvent]:
+    return [event for event in job.timeline() if event.kind is fed.TimelineKind.FAULT]
+
+
+# -- the plan as data -----------------------------------------------------------------------
+
+
+def test_a_plan_prints_saves_and_loads(tmp_path: Any) -> None:
+    plan = fed.FaultPlan(
+        seed=42,
+        faults=[
+            faults.Crash("b", after=3),
+            faults.Delay("a", "hub", 0.05, jitter=0.01),
+            faults.Partition("c", faults.CLIENT, at=0.5, seconds=2.0, lose=True),
+            faults.Pause("a", 2.0, job=2, probability=0.5, per="site"),
+            faults.Bandwidth("a", "b", 10e6, until=3.0),
+        ],
+    )
+    assert eval(repr(plan), vars(faults)) == plan
+    assert fed.FaultPlan.from_json(plan.to_json()) == plan
+    assert fed.FaultPlan.from_toml(plan.to_toml()) == plan
+    assert fed.FaultPlan.load(plan.save(tmp_path / "plan.toml")) == plan
+    assert fed.FaultPlan.load(plan.save(tmp_path / "plan.json")) == plan
+    assert "Crash(site='b', after=3)" in repr(plan)
+
+
+def test_a_bad_plan_says_what_is_wrong() -> None:
+    with pytest.raises(fed.ConfigError, match="did you mean 'crash'"):
+        fed.FaultPlan.from_dict({"faults": [{"kind": "crsh", "site": "a"}]})
+    with pytest.raises(fed.ConfigError, match="did you mean 'seconds'"):
+        fed.FaultPlan.from_dict({"faults": [{"kind": "delay", "source": "a", "target": "b", "second": 1}]})
+    with pytest.raises(fed.ConfigError, match="per="):
+        faults.Drop("a", "b", per="frame")
+    with pytest.raises(fed.ConfigError, match="probability"):
+        faults.Crash("a", probability=2.0)
+    with pytest.raises(fed.ConfigError, match="did you mean 'hub'"):
+        fed.FaultPlan(faults=[faults.Crash("hbu")]).check(["a", "hub"])
+    with pytest.raises(fed.ConfigError, match="Federation"):
+        fed.FaultPlan(faults=[faults.FailStart("a")]).check(["a"], per_submit=True)
+
+
+def test_the_schedule_is_a_function_of_the_seed() -> None:
+    plan = fed.FaultPlan(
+        seed=5,
+        faults=[faults.Crash(faults.ALL, probability=0.5, per="site"), faults.Pause("a", probability=0.5)],
+    )
+    sites = [f"s{i}" for i in range(20)] + ["a"]
+
+    def decided(p: fed.FaultPlan, number: int) -> Any:
+        s = schedule(p, number, 1, sites)
+        return sorted((site, [i for i, _ in rules]) for site, rules in s.rules.items())
+
+    assert [decided(plan, n) for n in range(1, 6)] == [decided(plan, n) for n in range(1, 6)]
+    other = fed.FaultPlan(seed=6, faults=plan.faults)
+    assert [decided(plan, n) for n in range(1, 6)] != [decided(other, n) for n in range(1, 6)]
+    crashed = {site for site, rules in decided(plan, 1) if 0 in rules}
+    assert 3 < len(crashed) < 18  # about half of the sites, each drawn on its own
+    assert schedule(plan, 1, 2, sites).rules == {}  # a retry runs clean
+
+
+# -- site faults ----------------------------------------------------------------------------
+
+
+def test_a_crash_after_the_third_yield_happens_there_every_time(make_federation: Any) -> None:
+    federation = make_federation(["a", "b"])
+    plan = fed.FaultPlan(seed=3, faults=[faults.Crash("a", after=3, step="gen")])
+    for _ in range(2):
+        job = federation.submit(fp.stream(10), faults=plan)
+        with pytest.raises(fed.WorkerDiedError) as info:
+            job.result(timeout=30)
+        assert info.value.site == "a"
+        (event,) = fault_events(job)
+        assert (event.site, event.step, event.count, event.detail["fault"]) == ("a", "gen", 3, "crash")
+        assert event.detail["seed"] == 3
+
+
+def test_a_timed_crash_kills_a_waiting_site(make_federation: Any) -> None:
+    federation = make_federation(["a", "b"])
+    plan = fed.FaultPlan(seed=1, faults=[faults.Partition("a", "b", seconds=5.0), faults.Crash("b", at=0.2)])
+    started = time.monotonic()
+    job = federation.submit(fp.pair(), faults=plan)
+    with pytest.raises(fed.WorkerDiedError) as info:
+        job.result(timeout=30)
+    assert info.value.site == "b"
+    assert 0.2 <= time.monotonic() - started < 4.0
+    assert "crash" in [event.detail["fault"] for event in fault_events(job)]
+
+
+def test_a_crash_on_a_given_job_number(make_federation: Any) -> None:
+    plan = fed.FaultPlan(seed=1, faults=[faults.Crash("a", job=2)])
+    federation = make_federation(["a", "b"], faults=plan)
+    assert federation.submit(fp.pair()).result(timeout=30)
+    with pytest.raises(fed.WorkerDiedError):
+        federation.submit(fp.pair()).result(timeout=30)
+    assert federation.submit(fp.pair()).result(timeout=30)
+    # A retry runs clean: the same crash, retried, recovers.
+    retried = make_federation(["a", "b"], faults=fed.FaultPlan(seed=1, faults=[faults.Crash("a", job=1)]))
+    job = retried.submit(fp.pair(), retries=1)
+    assert job.result(timeout=30)
+    assert len(job.attempts) == 2
+
+
+def test_a_pause_holds_the_site_then_it_resumes(make_federation: Any) -> None:
+    federation = make_federation(["a", "b"])
+    # b waits behind a partition, is paused from 0.1 s to 0.6 s, and can only receive after.
+    plan = fed.FaultPlan(
+        seed=1, faults=[faults.Partition("a", "b", seconds=0.2), faults.Pause("b", 0.5, at=0.1)]
+    )
+    job = federation.submit(fp.pair(), faults=plan)
+    sent, received = job.result(timeout=30)
+    assert received - job.started >= 0.6 - 0.01
+    assert {"pause", "partition"} <= {event.detail["fault"] for event in fault_events(job)}
+    # Untimed: the site stalls as the job starts there.
+    job = federation.submit(fp.pair(), faults=fed.FaultPlan(faults=[faults.Pause("a", 0.3)]))
+    sent, _ = job.result(timeout=30)
+    assert sent - job.started >= 0.3
+
+
+def test_slow_makes_each_call_longer(make_federation: Any) -> None:
+    federation = make_federation(["a", "b"])
+    job = federation.submit(fp.pair(), faults=fed.FaultPlan(faults=[faults.Slow("a", delay=0.2)]))
+    sent, received = job.result(timeout=30)
+    assert received - sent >= 0.2
+    (step,) = [e for e in job.timeline() if e.kind is fed.TimelineKind.STEP and e.site == "a"]
+    assert step.duration >= 0.2
+
+
+def test_a_restart_gives_the_site_a_fresh_worker(make_federation: Any) -> None:
+    plan = fed.FaultPlan(faults=[faults.Restart("a", job=2)])
+    federation = make_federation([fed.Site(name="a", setup=fp.state)], pool_size=1, faults=plan)
+    counts = [federation.submit(fp.stateful()).result(timeout=30) for _ in range(3)]
+    assert counts == [1, 2, 1]
+
+
+def test_fail_start_fails_the_federation_or_a_replacement(backend: str) -> None:
+    with pytest.raises(fed.SiteStartError, match="FailStart"):
+        fed.Federation(
+            ["a", "b"], backend=backend, pool_size=1, faults=fed.FaultPlan(faults=[faults.FailStart("a")])
+        )
+    # Skipping the pool's own start: the replacement after a crash fails once, then comes up.
+    plan = fed.FaultPlan(faults=[faults.FailStart("a", skip=1), faults.Crash("a", job=1)])
+    with fed.Federation(["a", "b"], backend=backend, pool_size=1, faults=plan) as federation:
+        with pytest.raises(fed.WorkerDiedError):
+            federation.submit(fp.pair()).result(timeout=30)
+        assert federation.submit(fp.pair()).result(timeout=30)
+
+
+# -- link faults: fidelity --------------------------------------------------------------------
+
+
+def test_a_delay_adds_its_time_per_hop() -> None:
+    """50 ms per hop; the hop may be later on a loaded machine (SLACK), never earlier."""
+    plan = fed.FaultPlan(faults=[faults.Delay("a", "b", 0.05), faults.Delay("b", "hub", 0.05)])
+    with fed.Federation(["a", "b", "hub"], pool_size=1) as federation:
+        federation.submit(fp.hops()).result(timeout=30)  # warm: the plan is cached
+        times = federation.submit(fp.hops(), faults=plan).result(timeout=30)
+    for hop in (times["b"] - times["a"], times["hub"] - times["b"]):
+        assert 0.05 <= hop < 0.05 + SLACK
+
+
+def test_ten_megabytes_over_ten_megabytes_a_second_takes_a_second() -> None:
+    """About 1 s within 10 %: never under 1 s; over 1.1 s only by a loaded machine's margin."""
+    plan = fed.FaultPlan(faults=[faults.Bandwidth("a", "b", 10e6)])
+    with fed.Federation(["a", "b", "hub"], pool_size=1) as federation:
+        times = federation.submit(fp.hops(10_000_000), faults=plan).result(timeout=30)
+    hop = times["b"] - times["a"]
+    assert 1.0 <= hop < 1.1 + SLACK
+
+
+def test_a_partition_holds_tokens_until_it_heals(make_federation: Any) -> None:
+    federation = make_federation(["a", "b"])
+    job = federation.submit(fp.pair(), faults=fed.FaultPlan(faults=[faults.Partition("a", "b", seconds=0.5)]))
+    sent, received = job.result(timeout=30)
+    assert received - job.started >= 0.5
+    (event,) = fault_events(job)
+    assert (event.site, event.target, event.detail["fault"]) == ("a", "b", "partition")
+
+
+def test_a_partition_that_loses_tokens_leaves_the_job_stuck_and_says_where(make_federation: Any) -> None:
+    federation = make_federation(["a", "b"])
+    plan = fed.FaultPlan(faults=[faults.Partition("a", "b", seconds=0.5, lose=True)])
+    job = federation.submit(fp.pair(), faults=plan, timeout=1.0)
+    with pytest.raises(
+        fed.JobCancelledError,
+        match="where it stuck: at site 'b': step 'receive' waits for 'send' from site 'a'",
+    ):
+        job.result(timeout=30)
+    assert fault_events(job)[0].detail["lost"] == 1
+
+
+def test_a_dropped_token_times_out_naming_step_upstream_and_tokens(make_federation: Any) -> None:
+    federation = make_federation(["a", "b"])
+    job = federation.submit(
+        fp.stream(10), faults=fed.FaultPlan(faults=[faults.Drop("a", "b", after=4)]), timeout=1.0
+    )
+    with pytest.raises(fed.JobCancelledError) as info:
+        job.result(timeout=30)
+    message = str(info.value)
+    assert "step 'sink' waits for stream 'gen' from site 'a' (ran for 4 item(s)" in message
+    assert sum(event.detail["lost"] for event in fault_events(job)) == 7  # items 4..9 and the end
+
+
+def test_duplicates_and_reorders_keep_the_stream_whole(make_federation: Any) -> None:
+    federation = make_federation(["a", "b"])
+    job = federation.submit(fp.stream(10), faults=fed.FaultPlan(faults=[faults.Duplicate("a", "b", after=8)]))
+    assert job.result(timeout=30) == [*range(10), 8, 9] or sorted(job.result()) == sorted([*range(10), 8, 9])
+    job = federation.submit(
+        fp.stream(20),
+        faults=fed.FaultPlan(seed=2, faults=[faults.Reorder("a", "b", probability=0.5, per="token")]),
+    )
+    assert sorted(job.result(timeout=30)) == list(range(20))
+
+
+def test_client_links_delay_stream_inputs_and_results(make_federation: Any) -> None:
+    federation = make_federation(["a"])
+    plan = fed.FaultPlan(
+        faults=[faults.Delay(faults.CLIENT, "a", 0.2), faults.Delay("a", faults.CLIENT, 0.1)]
+    )
+    job = federation.submit(fp.stream_input(), faults=plan)
+    sent = time.time()
+    job.send("numbers", 1)
+    job.close("numbers")
+    [(value, ran)] = job.result(timeout=30)
+    assert value == 1 and ran - sent >= 0.2
+    assert time.time() - sent >= 0.3
+    kinds = {(event.site, event.target) for event in fault_events(job)}
+    assert kinds == {(None, "a"), ("a", faults.CLIENT)}
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+
+def _run_plan(seed: int, backend: str = "process") -> tuple[list[int], list[tuple[Any, ...]]]:
+    plan = fed.FaultPlan(
+        seed=seed,
+        faults=[
+            faults.Duplicate("a", "b", probability=0.3, per="token"),
+            faults.Delay("a", "b", 0.001, jitter=0.001),
+        ],
+    )
+    with fed.Federation(["a", "b"], backend=backend, pool_size=1) as federation:
+        job = federation.submit(fp.stream(40), faults=plan)
+        results = job.result(timeout=30)
+        events = fault_events(job)
+    duplicated = sum(e.detail.get("duplicated", 0) for e in events)
+    delays = sorted(e.detail["seconds"] for e in events if e.detail["fault"] == "delay")
+    return results, [(duplicated,), tuple(delays[:1])]
+
+
+def test_the_same_seed_replays_the_same_faults(backend: str) -> None:
+    first, second = _run_plan(11, backend), _run_plan(11, backend)
+    assert first[0] == second[0]  # the same items duplicated
+    assert first[1][0] == second[1][0]
+    assert _run_plan(12, backend)[0] != first[0]
+
+
+@pytest.fixture(scope="module")
+def fonts_loaded(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Draw one picture before the leak check starts: matplotlib keeps its font files open for good."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        log = [(1.0, "queued", {}), (1.1, "fault", {"fault": "crash", "site": "a", "seed": 1, "index": 0})]
+        to_png(events_from_log(0, log), tmp_path_factory.mktemp("fonts") / "warm.png")
+
+
+def test_faults_are_marked_in_the_pictures(tmp_path: Any, fonts_loaded: None) -> None:
+    with fed.Federation(["a", "b"], pool_size=1) as federation:
+        job = federation.submit(
+            fp.pair(), faults=fed.FaultPlan(seed=9, faults=[faults.Delay("a", "b", 0.01)])
+        )
+        job.result(timeout=30)
+    page = job.export_timeline(tmp_path / "t.html").read_text()
+    assert 'class="fault"' in page and "seed 9" in page and "fault injected" in page
+    pytest.importorskip("matplotlib")
+    assert job.export_timeline(tmp_path / "t.png").stat().st_size > 0
