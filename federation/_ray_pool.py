@@ -39,9 +39,8 @@ from ._serialization import dumps_function
 
 __all__ = ["RayPool", "RaySlot", "RayWorker"]
 
-# A site actor's Ray threads: the long poll, a START waiting to answer, the steps
-# running in the thread that delivered their message, and messages arriving meanwhile.
-_ACTOR_THREADS = 8
+# A site actor's Ray threads: the long poll, a START waiting to answer, messages arriving.
+_ACTOR_THREADS = 6
 
 
 class RayWorker:

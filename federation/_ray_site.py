@@ -473,15 +473,6 @@ class SiteActor:
         self._waiting: dict[int, bool] = {}  # job id -> its DONE was emitted, for a START's reply
         self._inbox = _Inbox()
         self._runner: SiteRunner | None = None
-        # Whoever holds it runs the steps: the thread that delivered a message when no
-        # other was running them (no hand-over to a thread of our own: a hop each), and
-        # the start-up thread until the site's setup is done.
-        self._serving = threading.Lock()
-        self._serving.acquire()
-        self._server: int | None = None  # the thread running the steps now
-        self._timer: threading.Timer | None = None
-        self._timer_due = 0.0
-        self._stopped = False
         self._spec_bytes = spec_bytes
         self._sys_path = sys_path
         try:
@@ -508,12 +499,10 @@ class SiteActor:
                     job = message[1]
         if job is None:
             self._inbox.put(sender, seq, messages)
-            self._serve()
             return []
         with self._cond:
             self._waiting[job] = False
         self._inbox.put(sender, seq, messages)
-        self._serve()
         with self._cond:
             self._cond.wait_for(lambda: self._waiting[job], _REPLY_WAIT)
             del self._waiting[job]
@@ -548,60 +537,6 @@ class SiteActor:
         """This actor's node id and pid."""
         return self._node, os.getpid()
 
-    # -- running the steps ----------------------------------------------------------------
-
-    def _serve(self, held: bool = False) -> None:
-        """Run what has arrived, in this thread, unless another thread is running the steps."""
-        runner = self._runner
-        while True:
-            if not held and not self._serving.acquire(blocking=False):
-                return  # the thread running the steps sees this message (it looks again below)
-            held = False
-            try:
-                if self._stopped or runner is None:
-                    return
-                self._server = threading.get_ident()
-                try:
-                    going_on = runner.serve_ready()
-                except BaseException:  # noqa: BLE001 - the client must hear of it, not wait for ever
-                    runner.log("critical", "site actor crashed", traceback=traceback.format_exc())
-                    going_on = True
-                if not going_on:
-                    self._stopped = True
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    self._emit((STOPPED,))
-                    return
-            finally:
-                self._server = None
-                self._serving.release()
-            # A message that arrived after the last look, while the lock was still held,
-            # found it taken: it is ours to run.
-            with self._inbox.cond:
-                if not self._inbox.ready:
-                    self._arm_timer(runner)
-                    return
-
-    def _arm_timer(self, runner: SiteRunner) -> None:
-        """A tolerant gather's deadline: a TICK runs the steps then (no thread waits for it)."""
-        due = runner._next_timer()
-        if due is None or (self._timer is not None and self._timer_due <= due):
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_due = due
-
-        def tick() -> None:
-            self._timer = None
-            with self._inbox.cond:
-                self._inbox.ready.append((m.TICK,))
-                self._inbox.cond.notify_all()
-            self._serve()
-
-        self._timer = threading.Timer(max(0.0, due - time.monotonic()), tick)
-        self._timer.daemon = True
-        self._timer.start()
-
     # -- the runner thread ----------------------------------------------------------------
 
     def _emit(self, event: Any) -> None:
@@ -615,7 +550,7 @@ class SiteActor:
                 self._cond.notify_all()
             elif len(self._outgoing) == 1 or not self._waiting:
                 self._poll_cond.notify()
-            if len(self._outgoing) > _OUTGOING_HIGH and threading.get_ident() == self._server:
+            if len(self._outgoing) > _OUTGOING_HIGH and threading.current_thread() is self._thread:
                 # A client that reads slower than steps produce holds the steps back
                 # (as a full pipe does), instead of this actor's memory growing.
                 self._cond.wait_for(lambda: len(self._outgoing) <= _OUTGOING_HIGH, 60.0)
@@ -681,6 +616,30 @@ class SiteActor:
             return
         self._emit((m.READY, os.getpid(), self._node, address))
         runner.forward_stdlib_logging()
-        # What arrived during the setup runs now; later messages run in the threads
-        # that deliver them.
-        self._serve(held=True)
+        # Steps run in this thread, as the site's setup did: what the setup made
+        # (a database connection, thread-local state) is used where it was made.
+        while True:
+            try:
+                self._wait_for_work(runner)
+                if not runner.serve_ready():
+                    break
+            except BaseException:  # noqa: BLE001 - the client must hear of it, not wait for ever
+                runner.log("critical", "site actor crashed", traceback=traceback.format_exc())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._emit((STOPPED,))
+
+    @staticmethod
+    def _wait_for_work(runner: SiteRunner) -> None:
+        """Wait for a message, or for a tolerant gather's deadline (then a TICK is the work)."""
+        if runner._inbox:
+            return
+        timer = runner._next_timer()
+        if timer is None:
+            runner._read_ready(None)
+            return
+        left = timer - time.monotonic()
+        if left > 0:
+            runner._read_ready(int(left * 1000) + 1)
+        if not runner._inbox and time.monotonic() >= timer:
+            runner._inbox.append((m.TICK,))

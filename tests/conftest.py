@@ -158,6 +158,23 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         pytest.fail("test leaked " + ", ".join(problems))
 
 
+#: Test modules whose features the Ray backend refuses (with a ConfigError), and why.
+RAY_UNSUPPORTED = {
+    "test_faults.py": "fault plans are not available on the Ray backend yet (a ConfigError says so)",
+    "test_services.py": "site services are not available on the Ray backend yet (a ConfigError says so)",
+}
+
+
+#: Tests whose sites the session cluster has no nodes for (a node each: ~0.3 GB, ~2 s).
+RAY_NO_NODES = {
+    name: "its sites s0..s5 have no nodes in the session's Ray cluster (one node per site: a, b, c, hub)"
+    for name in (
+        "test_sampling_changes_per_round_without_reshipping_the_plan",
+        "test_participants_are_checked_at_submit",
+    )
+}
+
+
 def _ray_fd_slack() -> int:
     # Ray's driver opens connections to nodes (gRPC) as it first talks to them,
     # and keeps them: a few fds more after a test is Ray's cache, not a leak.
@@ -180,6 +197,9 @@ def ray_cluster() -> Iterator[object]:
 def backend(request: pytest.FixtureRequest) -> str:
     """Each test using it runs once per backend."""
     if request.param == "ray":
+        reason = RAY_UNSUPPORTED.get(request.node.path.name) or RAY_NO_NODES.get(request.node.originalname)
+        if reason is not None:
+            pytest.skip(reason)
         request.getfixturevalue("ray_cluster")
     return str(request.param)
 

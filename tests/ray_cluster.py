@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any
 
-SITES = ("a", "b", "hub")
+SITES = ("a", "b", "c", "hub")  # every site name the behaviour tests use
 LABEL = "federation/site"
 OBJECT_STORE = 80 << 20  # bytes per node: enough for the payload tests, small for 2-core CI
 SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
