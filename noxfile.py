@@ -15,7 +15,8 @@ nox.options.reuse_existing_virtualenvs = True
 OLDEST = "constraints/oldest.txt"
 # What tests_oldest runs: the behaviour of jobs, faults, payloads, pipelines, both
 # start methods, logs (structlog), timelines (matplotlib) and property tests
-# (hypothesis), services (mirakuru); about a minute.
+# (hypothesis), services (mirakuru), on every backend: the ray backend's tests run
+# on the oldest Ray (its session cluster adds a few seconds); about three minutes.
 OLDEST_SUITE = [
     "tests/test_federation.py",
     "tests/test_reliability.py",

@@ -56,13 +56,31 @@ _watchdog: _Watchdog | None = None  # ends a private instance's processes if thi
 # they started (Ray's agents and workers outlive a killed driver otherwise).
 _MARK = "FEDERATION_RAY_INSTANCE"  # set in the environment every process of the instance inherits
 _WATCHDOG = """
-import os, sys
+import os, select, sys
 import psutil
 fd = int(sys.argv[1])
 mark = sys.argv[2]
 roots = [entry.split(":") for entry in sys.argv[3:]]
+known = {}  # pid -> Process: the instance's processes seen so far
+def look():
+    for pid, created in roots:
+        try:
+            root = psutil.Process(int(pid))
+            if abs(root.create_time() - float(created)) > 0.01:
+                continue  # that pid is another process now
+            for proc in [root, *root.children(recursive=True)]:
+                known.setdefault(proc.pid, proc)
+        except psutil.Error:
+            continue
+# The raylet's agents outlive a killed driver, and lose their parent as the raylet goes:
+# they are remembered while it lives (a look every 2 s), and killed with the rest.
+look()
 while True:
     try:
+        ready, _, _ = select.select([fd], [], [], 2.0)
+        if not ready:
+            look()
+            continue
         if not os.read(fd, 1):
             break
     except InterruptedError:
@@ -81,16 +99,8 @@ def marked():
         except (OSError, psutil.Error):
             continue
     return found
-doomed = []
-for pid, created in roots:
-    try:
-        root = psutil.Process(int(pid))
-        if abs(root.create_time() - float(created)) > 0.01:
-            continue  # that pid is another process now
-        doomed.append(root)
-        doomed.extend(root.children(recursive=True))
-    except psutil.Error:
-        continue
+look()
+doomed = [proc for proc in known.values() if proc.is_running()]  # is_running checks pid reuse
 # Ray's agents may have lost their parent (the raylet) already: found by the mark,
 # twice: a daemon dying as the driver went may start one more on its way out.
 for attempt in range(3):

@@ -226,7 +226,13 @@ class SiteRunner(StepRunner):
         size = 0
         for token in batch:
             payload = token[4]
-            size += payload_size(payload) if payload is not None else 0
+            if payload is None:
+                continue
+            if type(payload) is tuple and len(payload) == 1:
+                # A small value carried inline: its pickle, as a pipe frame would count it.
+                size += len(pickle.dumps(payload[0], protocol=5))
+            else:
+                size += payload_size(payload)
         if not shaped and self._faults is not None and self._faults_batch(site, job_id, batch, size):
             return  # the fault plan sends it later or lost it
         link = self._links.setdefault(site, [0, 0])
