@@ -377,6 +377,9 @@ class FederationRayEngine(FederationEngine):
 
     name = "fed-ray"
     cold_start = None  # a fresh process would start a private Ray: not the comparison asked for
+    # These build their own local federations (sites by the hundred, processes): not Ray's.
+    scaling = None
+    fedavg = None
 
     def _federation(self, sites: int, slots: int, **options: Any) -> fed.Federation:
         options.pop("start_method", None)
