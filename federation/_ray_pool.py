@@ -34,7 +34,8 @@ from ._handle import Job, JobStatus
 from ._jobs import JobSide
 from ._log import SiteLogFiles, worker_log_level
 from ._ray_cluster import Lease, Placement, connect, import_ray, site_placement
-from ._ray_site import LINK, RayValues, SiteActor
+from ._ray_site import LINK, SiteActor
+from ._ray_values import RayValues
 from ._serialization import dumps_function
 
 __all__ = ["RayPool", "RaySlot", "RayWorker"]

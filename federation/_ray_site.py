@@ -40,102 +40,18 @@ from typing import Any
 
 from . import _messages as m
 from ._exceptions import TokenRejectedError
+from ._ray_values import EXITING, LINK, OUTPUT, STOPPED, LineWriter, RayValues, inline_buffers, ray_module
 from ._runs import JobRun
-from ._serialization import Payload, dumps, payload_size
+from ._serialization import Payload, payload_size
 from ._steps import StepRunner
 
-__all__ = ["EXITING", "LINK", "OUTPUT", "STOPPED", "RayValues", "SiteActor", "SiteRunner"]
+__all__ = ["EXITING", "LINK", "OUTPUT", "STOPPED", "SiteActor", "SiteRunner"]
 
-# Messages of the Ray transport beside those of _messages.
-LINK = 100  # (LINK, {site: actor handle})                client -> actor, first of all
-OUTPUT = 101  # (OUTPUT, stdout?, [line, ...], job, step)  actor -> client: what steps printed
-STOPPED = 102  # (STOPPED,)                                 actor -> client: after STOP, all sent
-EXITING = 103  # (EXITING, exit code)                       actor -> client: os._exit was called
 
 _SENDS_PER_JOB = 10_000  # timeline records of frames sent, per job and site
 _OUTGOING_HIGH = 4096  # events waiting for the client beyond which the runner waits for it
 _REPLY_WAIT = 0.5  # seconds a START waits for its job to be done here, to answer with its events
 _LINGER = 0.002  # seconds the long poll leaves events to a waiting START
-
-
-class RayValues:
-    """Pickling of values on Ray: small ones inline, large buffers as object-store references.
-
-    It stands where a worker process has its shared-memory segment pool and
-    views (``StepRunner._pool`` and ``._views``): the same calls, with Ray's
-    reference counting instead of explicit releases.
-    """
-
-    def dumps(self, value: Any, what: str, destinations: int) -> Payload:
-        """Pickle ``value``; each buffer of at least ``OOB_THRESHOLD`` bytes goes to the object store."""
-        buffers: list[memoryview] = []
-        data = dumps(value, what=what, out_of_band=buffers)
-        if not buffers:
-            return data
-        ray = _ray()
-        # A PickleBuffer is stored out of band by Ray too: one copy into the store,
-        # and a reader on the same node gets a view of it.
-        refs: Any = tuple((ray.put(pickle.PickleBuffer(raw)), raw.nbytes) for raw in buffers)
-        return (data, refs)
-
-    def release(self, name: Any) -> None:
-        """Nothing to do: the object store frees a buffer when its last reference goes."""
-
-    def loads(self, payload: Payload, creator: str, *, copy: bool = False) -> Any:
-        """Unpickle a payload; its buffers are fetched from the object store (or carried inline)."""
-        if isinstance(payload, bytes):
-            return pickle.loads(payload)
-        if len(payload) == 1:
-            return payload[0]  # a small value, carried in the message itself
-        data, refs = payload
-        buffers: list[Any] = [ref for ref, _ in refs]
-        if buffers and _is_ref(buffers[0]):
-            buffers = _ray().get(buffers)
-        if copy:
-            buffers = [bytearray(buffer) for buffer in buffers]
-        return pickle.loads(data, buffers=buffers)
-
-    def discard(self, payload: Payload, creator: str) -> None:
-        """Nothing to do: dropping the references frees the buffers."""
-
-    def has_free(self) -> bool:
-        """No buffers are kept for reuse."""
-        return False
-
-    def has_cached(self) -> bool:
-        """No mappings are kept."""
-        return False
-
-    def trim(self) -> None:
-        """Nothing is kept to give back."""
-
-    def close(self) -> None:
-        """Nothing to close."""
-
-
-def _is_ref(value: Any) -> bool:
-    return type(value).__name__ == "ObjectRef"
-
-
-def _ray() -> Any:
-    """Ray, typed loosely: its stubs differ between versions, and it is absent where mypy runs."""
-    import importlib
-
-    return importlib.import_module("ray")
-
-
-def inline_buffers(payload: Payload) -> Payload:
-    """``payload`` with its object-store buffers fetched (locally) and carried in it."""
-    if isinstance(payload, bytes) or payload is None or len(payload) == 1:
-        return payload
-    data, refs = payload
-    if not refs or not _is_ref(refs[0][0]):
-        return payload
-    buffers: list[Any] = _ray().get([ref for ref, _ in refs])
-    inline: Any = tuple(
-        (pickle.PickleBuffer(buffer), size) for buffer, (_, size) in zip(buffers, refs, strict=True)
-    )
-    return (data, inline)
 
 
 class _Inbox:
@@ -422,42 +338,6 @@ class SiteRunner(StepRunner):
                 return False
 
 
-class _LineWriter:
-    """``sys.stdout``/``sys.stderr`` of a site actor: whole lines go to the client as events,
-    with the job and step that printed them."""
-
-    def __init__(
-        self, emit: Callable[[Any], None], stdout: bool, context: Callable[[], tuple[int | None, str | None]]
-    ) -> None:
-        self._emit = emit
-        self._stdout = stdout
-        self._context = context
-        self._partial = ""
-        self._lock = threading.Lock()
-        self.encoding = "utf-8"
-        self.errors = "replace"
-
-    def write(self, text: str) -> int:
-        with self._lock:
-            data = self._partial + text
-            *lines, self._partial = data.split("\n")
-        if lines:
-            self._emit((OUTPUT, self._stdout, lines, *self._context()))
-        return len(text)
-
-    def flush(self) -> None:
-        with self._lock:
-            rest, self._partial = self._partial, ""
-        if rest:
-            self._emit((OUTPUT, self._stdout, [rest], *self._context()))
-
-    def isatty(self) -> bool:
-        return False
-
-    def writable(self) -> bool:
-        return True
-
-
 class SiteActor:
     """The Ray actor of one site of one slot (made a Ray actor class by the client).
 
@@ -482,7 +362,7 @@ class SiteActor:
         self._spec_bytes = spec_bytes
         self._sys_path = sys_path
         try:
-            self._node = str(_ray().get_runtime_context().get_node_id())
+            self._node = str(ray_module().get_runtime_context().get_node_id())
         except Exception:  # noqa: BLE001 - outside a Ray worker (unit use)
             self._node = "?"
         self._thread = threading.Thread(target=self._main, name="federation-site", daemon=True)
@@ -588,7 +468,7 @@ class SiteActor:
     def _main(self) -> None:
         address = "?"
         try:
-            address = str(_ray().util.get_node_ip_address())
+            address = str(ray_module().util.get_node_ip_address())
         except Exception:  # noqa: BLE001
             pass
         for entry in reversed(self._sys_path):
@@ -608,8 +488,8 @@ class SiteActor:
             run = runner._run
             return (run.job_id if run is not None else None), runner._current_step
 
-        setattr(sys, "stdout", _LineWriter(self._emit, True, context))  # noqa: B010
-        setattr(sys, "stderr", _LineWriter(self._emit, False, context))  # noqa: B010
+        setattr(sys, "stdout", LineWriter(self._emit, True, context))  # noqa: B010
+        setattr(sys, "stderr", LineWriter(self._emit, False, context))  # noqa: B010
         try:
             if spec.data_dir:
                 os.makedirs(spec.data_dir, exist_ok=True)

@@ -28,6 +28,7 @@ ORDER = [
     "_runs",
     "_steps",
     "_worker",
+    "_ray_values",
     "_ray_site",
     "backends",
     "_log",
@@ -52,6 +53,7 @@ ORDER = [
     "_router",
     "_ray_cluster",
     "_ray_pool",
+    "_ray_events",
     "_ray_router",
     "_stats",
     "_batch",
@@ -82,6 +84,7 @@ WORKER_SIDE = {
     "_runs",
     "_steps",
     "_worker",
+    "_ray_values",
     "_ray_site",
 }
 
