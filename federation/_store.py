@@ -60,7 +60,7 @@ class SiteStore(MutableMapping[str, Any]):
 
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            _set_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
             self._db = db
@@ -178,3 +178,24 @@ class SiteStoreOwner:
         if store is not None:
             store.close()
             self._store = None
+
+
+def _set_wal(db: Any) -> None:
+    """Switch ``db`` to WAL, waiting for another worker that opens the same file at once.
+
+    Changing the journal mode takes an exclusive lock and SQLite answers "database
+    is locked" at once, without the busy timeout, while another connection does
+    the same (two slots of a site opening a fresh store): try again for a while.
+    """
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + _BUSY_TIMEOUT
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
