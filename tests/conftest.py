@@ -165,16 +165,6 @@ RAY_UNSUPPORTED = {
 }
 
 
-#: Tests whose sites the session cluster has no nodes for (a node each: ~0.3 GB, ~2 s).
-RAY_NO_NODES = {
-    name: "its sites s0..s5 have no nodes in the session's Ray cluster (one node per site: a, b, c, hub)"
-    for name in (
-        "test_sampling_changes_per_round_without_reshipping_the_plan",
-        "test_participants_are_checked_at_submit",
-    )
-}
-
-
 def _ray_fd_slack() -> int:
     # Ray's driver opens connections to nodes (gRPC) as it first talks to them,
     # and keeps them: a few fds more after a test is Ray's cache, not a leak.
@@ -197,7 +187,7 @@ def ray_cluster() -> Iterator[object]:
 def backend(request: pytest.FixtureRequest) -> str:
     """Each test using it runs once per backend."""
     if request.param == "ray":
-        reason = RAY_UNSUPPORTED.get(request.node.path.name) or RAY_NO_NODES.get(request.node.originalname)
+        reason = RAY_UNSUPPORTED.get(request.node.path.name)
         if reason is not None:
             pytest.skip(reason)
         request.getfixturevalue("ray_cluster")

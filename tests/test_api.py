@@ -59,6 +59,7 @@ ORDER = [
     "_batch",
     "_federation",
     "_demo",
+    "_doctor",
     "_cli",
     "faults",
     "__init__",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import federation as fed
-from federation import _cli
+from federation import _doctor
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -59,8 +59,8 @@ def test_doctor_from_an_uninstalled_source_tree_says_how_to_install(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """'federation doctor' run from a checkout that is not installed says how to install it."""
-    monkeypatch.setattr(_cli, "_extras", lambda: None)
-    assert _cli._cmd_doctor(argparse.Namespace(json=False)) == 0
+    monkeypatch.setattr(_doctor, "_extras", lambda: None)
+    assert _doctor._cmd_doctor(argparse.Namespace(json=False)) == 0
     extras = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("extras:"))
     assert "pip install ." in extras
     assert "federation-executor" not in extras
