@@ -3,9 +3,10 @@
 Each round the hub broadcasts the weights of a softmax regression; a sample of
 8 of the 10 sites (chosen per round, without rebuilding the pipeline) trains a
 few epochs on its own shard and answers; the hub averages whatever at least
-80 % of the sampled sites delivered within the deadline. One site crashes
-(``os._exit``) in some rounds, chosen from a seed: the round goes on without
-it, and its slot is repaired after the round. Each site counts its rounds in
+80 % of the sampled sites delivered within the deadline. One site crashes in
+some rounds, chosen from a seed and injected by a fault plan (its worker is
+killed; see docs/testing.md): the round goes on without it, and its slot is
+repaired after the round. Each site counts its rounds in
 its store (``ctx.store``, shared by the site's workers in every slot), and
 per-round metrics go to ``fedavg_metrics.csv``.
 
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 import federation as fed
+from federation import faults
 
 SITES = [f"site-{i}" for i in range(10)]
 ROUNDS = 30
@@ -94,10 +96,8 @@ def broadcast(weights):
 
 
 @pipeline.step(sites=SITES)
-def train(ctx, broadcast, crash):
-    """A site's local update; the seeded crash site dies here, mid-round."""
-    if crash == ctx.site:
-        os._exit(1)
+def train(ctx, broadcast):
+    """A site's local update."""
     rounds = ctx.store.update("rounds", lambda n: n + 1, default=0)
     w = local_train(broadcast, ctx.state["x"], ctx.state["y"])
     ctx.metric("local_accuracy", accuracy(w, ctx.state["x"], ctx.state["y"]))
@@ -148,7 +148,10 @@ def main() -> None:
         with fed.Federation([*sites, "hub"], pool_size=2) as federation:
             w = np.zeros((65, 10))
             for number, (sampled, crash) in enumerate(rounds, 1):
-                job = federation.submit(pipeline, weights=w, crash=crash, participants={"train": sampled})
+                # The round's crash, if any, is a fault plan for this submit: the site's worker is
+                # killed as its part of the job starts, and the timeline marks it.
+                plan = fed.FaultPlan(seed=SEED, faults=[faults.Crash(crash)]) if crash else None
+                job = federation.submit(pipeline, weights=w, participants={"train": sampled}, faults=plan)
                 w = job.result(timeout=60)
                 acc = accuracy(w, xt, yt)
                 missing = {site: m.reason for site, m in job.missing.items()}
