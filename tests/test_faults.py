@@ -140,6 +140,21 @@ def test_a_pause_holds_the_site_then_it_resumes(make_federation: Any) -> None:
     assert sent - job.started >= 0.3
 
 
+def test_a_timed_pause_stops_a_step_busy_in_user_code(make_federation: Any, backend: str) -> None:
+    """The whole worker stops (SIGSTOP; on Ray, from a process on the actor's node), not only
+    its reading: a step that never returns to the federation is frozen too."""
+    if backend == "thread":
+        pytest.skip("a thread cannot be stopped: a thread worker pauses when it next reads its pipes")
+    federation = make_federation(["a"])
+    job = federation.submit(fp.ticking(1.5), faults=fed.FaultPlan(faults=[faults.Pause("a", 0.6, at=0.3)]))
+    ticks = job.result(timeout=30)
+    gap = max(later - earlier for earlier, later in zip(ticks, ticks[1:]))
+    assert gap >= 0.6 - 0.05  # the step saw no time pass while it was stopped: one long gap
+    assert ticks[-1] - ticks[0] >= 1.5 + 0.6 - 0.05
+    (event,) = fault_events(job)
+    assert (event.site, event.detail["fault"], event.detail["seconds"]) == ("a", "pause", 0.6)
+
+
 def test_slow_makes_each_call_longer(make_federation: Any) -> None:
     federation = make_federation(["a", "b"])
     job = federation.submit(fp.pair(), faults=fed.FaultPlan(faults=[faults.Slow("a", delay=0.2)]))
@@ -172,20 +187,20 @@ def test_fail_start_fails_the_federation_or_a_replacement(backend: str) -> None:
 # -- link faults: fidelity --------------------------------------------------------------------
 
 
-def test_a_delay_adds_its_time_per_hop() -> None:
+def test_a_delay_adds_its_time_per_hop(backend: str) -> None:
     """50 ms per hop; the hop may be later on a loaded machine (SLACK), never earlier."""
     plan = fed.FaultPlan(faults=[faults.Delay("a", "b", 0.05), faults.Delay("b", "hub", 0.05)])
-    with fed.Federation(["a", "b", "hub"], pool_size=1) as federation:
+    with fed.Federation(["a", "b", "hub"], backend=backend, pool_size=1) as federation:
         federation.submit(fp.hops()).result(timeout=30)  # warm: the plan is cached
         times = federation.submit(fp.hops(), faults=plan).result(timeout=30)
     for hop in (times["b"] - times["a"], times["hub"] - times["b"]):
         assert 0.05 <= hop < 0.05 + SLACK
 
 
-def test_ten_megabytes_over_ten_megabytes_a_second_takes_a_second() -> None:
+def test_ten_megabytes_over_ten_megabytes_a_second_takes_a_second(backend: str) -> None:
     """About 1 s within 10 %: never under 1 s; over 1.1 s only by a loaded machine's margin."""
     plan = fed.FaultPlan(faults=[faults.Bandwidth("a", "b", 10e6)])
-    with fed.Federation(["a", "b", "hub"], pool_size=1) as federation:
+    with fed.Federation(["a", "b", "hub"], backend=backend, pool_size=1) as federation:
         times = federation.submit(fp.hops(10_000_000), faults=plan).result(timeout=30)
     hop = times["b"] - times["a"]
     assert 1.0 <= hop < 1.1 + SLACK
