@@ -43,6 +43,9 @@ class FaultControl:
     # provided by the pool
     backend: Any
 
+    def wake(self) -> None:
+        raise NotImplementedError
+
     def _faults_dispatch(self, job: Job, slot: Slot, participants: list[str]) -> None:
         """Send each site its rules for ``job`` (before START); arm the timers; mark restarts."""
         plan = job._faults
@@ -53,6 +56,10 @@ class FaultControl:
         now = time.monotonic()
         for offset, site, index, fault in plan_schedule.timers:
             self._fault_timer(now + offset, "inject", (job, slot, site, index, fault))
+        if plan_schedule.timers:
+            # The transport's thread may be waiting with no deadline at all (a submit
+            # dispatches from the user's thread): it must wait for these too.
+            self.wake()
         for site, index, fault in plan_schedule.restarts:
             slot.repair = True  # replaced whole once the job ends: setup runs again everywhere
             self._fault_record(job, {"fault": fault.kind, "index": index, "site": site, "seed": plan.seed})
