@@ -13,8 +13,8 @@ Who decides, who acts::
 The decisions (:class:`SiteFaults`, :class:`LinkShaper`) are plain code with no
 pipes: a transport calls them at its own seams (the Ray backend: where a site
 actor sends a token frame to a sibling, results to the client, and around a
-step call), so a plan behaves the same everywhere. Every fault applied is reported as a FAULT event with the
-plan's seed and lands in the job's timeline.
+step call), so a plan behaves the same everywhere. Every fault applied is
+reported as a FAULT event with the plan's seed and lands in the job's timeline.
 
 A site also says what it waits for once it has waited a while
 (:func:`describe_waiting`), so a job stuck on a dropped token times out with
@@ -485,8 +485,7 @@ class FaultRuntime:
             time.sleep(fault.seconds)  # the fault itself: this worker does nothing meanwhile
 
     def _crash(self, reason: str) -> None:
-        """End this site as a crash does, once what it said has left: its process killed, or
-        (a thread worker) its thread ended. Never returns."""
+        """End this site as a crash does, once what it said has left (never returns)."""
         pump = getattr(self, "_pump_until", None)
         events = getattr(self, "_events", None)
         if pump is not None and events is not None:

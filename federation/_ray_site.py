@@ -22,6 +22,12 @@ sent; the receiving site fetches it node to node (zero-copy when both sites
 share a node). Results for the client carry their buffers inline, so the
 client never waits on a fetch.
 
+A fault plan acts at the same seams as in a worker process (``_faults``):
+token frames to a sibling, events to the client and stream inputs are shaped
+(held frames wait on the runner's timer), a crash is the client killing the
+actor once it has the site's last events, and a timed pause stops the whole
+actor process from a small process on its node (:meth:`SiteActor.pause`).
+
 Workers of a cluster import this module; it imports Ray only as a Ray worker
 already has it, and nothing of the client side.
 """
@@ -65,6 +71,7 @@ _OUTGOING_HIGH = 4096  # events waiting for the client beyond which the runner w
 _REPLY_WAIT = 0.5  # seconds a START waits for its job to be done here, to answer with its events
 _LINGER = 0.002  # seconds the long poll leaves events to a waiting START
 _CRASH_WAIT = 30.0  # seconds a crashing site waits for the client to kill its actor before it dies alone
+_PAUSE_SLACK = 10.0  # seconds past a pause's end after which its stopper process is given up on
 
 
 class _Inbox:
@@ -411,7 +418,7 @@ class SiteActor:
             stderr=subprocess.DEVNULL,
         )
         try:
-            stopper.wait(seconds + _CRASH_WAIT)
+            stopper.wait(seconds + _PAUSE_SLACK)
         except subprocess.TimeoutExpired:  # running again, so it sent SIGCONT or never stopped us
             stopper.kill()
             stopper.wait()
