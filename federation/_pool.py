@@ -34,7 +34,7 @@ from ._jobs import JobSide
 from ._log import SiteLogFiles, get_logger, worker_log_level
 from ._oom import oom_kill_count
 from ._serialization import SegmentViews, unlink_segments
-from ._services import FederationServices
+from ._services import FederationServices, ServiceReport
 from .backends import get_backend
 
 __all__ = ["EVENTS", "OUTPUT", "SENTINEL", "STDOUT", "WAKE", "SlotPool"]
@@ -73,7 +73,9 @@ class SlotPool(JobSide[JobExecution], FaultControl):
         self._next_memory_check = 0.0
         self._retired: list[JobExecution] = []  # out of the pool, waiting for their workers to end
         self.log_files = SiteLogFiles(config.log_dir) if config.log_dir is not None else None
-        self.services = FederationServices(config, self.log_files)  # started by Router.start
+        self.services = FederationServices(
+            config.sites, ServiceReport(self.log_files)
+        )  # Router.start starts it
         self._pending_out: set[Outbox] = set()  # control pipes with bytes waiting for room
         self._released: list[tuple[str, str]] = []
         # Results are copied out of workers' segments at once, so a job handle the
