@@ -476,8 +476,8 @@ def test_on_ray_a_sites_services_run_on_its_node_beside_its_actors(make_federati
         assert result[site] == (node, site)  # the step ran on that node and reached its own service
     assert services.node_of("hub") is None
     serving = {service.environ()["SERVICE_SITE"]: service for service in app_processes()}
-    for site, service in serving.items():  # service <- its supervisor <- the site's service host
-        assert service.parent().ppid() == services.host_pid(site)
+    for site, service in serving.items():  # under its supervisor, under the site's service host
+        assert services.host_pid(site) in [parent.pid for parent in service.parents()]
     assert sorted(serving) == ["a", "b"]
 
 
@@ -498,6 +498,34 @@ def test_on_ray_services_die_with_their_service_host_and_that_is_logged(make_fed
     assert wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in processes), T)
     assert services.node_of("a") is None  # replacements of a's actors go anywhere on its nodes
     assert not services.signal("a", "echo", signal.SIGTERM)
+
+
+@ray_only
+def test_on_ray_a_supervisor_killed_alone_still_takes_its_services_group_down(
+    make_federation, records
+) -> None:
+    """A Ray worker SIGKILLs its direct children as it exits, their groups left alone.
+
+    Here: the host is frozen (it cannot clean up, as when it is exiting) and the
+    supervisor its owner started is SIGKILLed; the supervisor's watcher stops the group.
+    """
+    died = records(lambda r: "a service died" in r.getMessage())
+    stubborn = fed.Service("stubborn", app("stubborn"), ready_line="ready to serve", stop_grace=0.3)
+    federation = make_federation([fed.Site("a", services=[stubborn]), "b"])
+    host = psutil.Process(federation._router.services.host_pid("a"))
+    [service] = app_processes()
+    family = [service, *service.children()]
+    supervisor = [
+        p for p in service.parents() if any(part.endswith("_supervisor.py") for part in p.cmdline())
+    ]
+    assert supervisor[-1].ppid() == host.pid
+    host.suspend()
+    try:
+        supervisor[-1].kill()
+        assert wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in family), T)
+    finally:
+        host.resume()
+    assert died.matched.wait(T)
 
 
 # -- config ---------------------------------------------------------------------------------------
