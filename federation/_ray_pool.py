@@ -43,7 +43,8 @@ from ._slot_policy import SlotPolicy, backoff
 
 __all__ = ["RayPool", "RaySlot", "RayWorker"]
 
-# A site actor's Ray threads: the long poll, a START waiting to answer, messages arriving.
+# A site actor's Ray threads: the long poll, a START waiting to answer, messages arriving,
+# a fault plan's pause reaping its stopper.
 _ACTOR_THREADS = 6
 
 
