@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import signal
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ class FaultControl:
 
     # provided by the pool
     backend: Any
+    services: Any
 
     def wake(self) -> None:
         raise NotImplementedError
@@ -103,10 +105,38 @@ class FaultControl:
             if action == "resume":
                 args.suspend(False)
                 continue
+            if action == "resume-service":
+                site, service = args
+                self._signal_service(site, service, signal.SIGCONT)
+                continue
             job, slot, site, index, fault = args
-            if slot.job is not job or site not in slot.pending_sites or job.done():
-                continue  # the job or this site is over: nothing left to break
-            self._inject(job, slot, site, index, fault)
+            if slot.job is not job or job.done():
+                continue  # the job is over: nothing left to break
+            if isinstance(fault, (Crash, Pause)) and fault.service is not None:
+                self._service_fault(job, site, index, fault)
+            elif site in slot.pending_sites:  # else this site's part is over
+                self._inject(job, slot, site, index, fault)
+
+    def _service_fault(self, job: Job, site: str, index: int, fault: Crash | Pause) -> None:
+        """Kill or stop ``site``'s service the fault names: a signal to its process group."""
+        plan = job._faults
+        assert plan is not None and fault.service is not None
+        record: dict[str, Any] = {
+            "fault": fault.kind,
+            "index": index,
+            "site": site,
+            "service": fault.service,
+            "seed": plan.seed,
+        }
+        if isinstance(fault, Pause):
+            record["seconds"] = fault.seconds
+        self._fault_record(job, record)
+        if isinstance(fault, Crash):
+            self._signal_service(site, fault.service, signal.SIGKILL)
+        else:
+            self._signal_service(site, fault.service, signal.SIGSTOP)
+            # Resumed whatever becomes of the job: a service outlives it.
+            self._fault_timer(time.monotonic() + fault.seconds, "resume-service", (site, fault.service))
 
     def _inject(self, job: Job, slot: Slot, site: str, index: int, fault: SiteFault) -> None:
         plan = job._faults
@@ -134,6 +164,10 @@ class FaultControl:
     def _crash_worker(self, worker: Any, reason: str) -> None:
         """Kill ``worker`` now: a fault plan's crash (``reason`` says which)."""
         worker.kill()
+
+    def _signal_service(self, site: str, name: str, signum: int) -> None:
+        """Send ``signum`` to ``site``'s service ``name``, without waiting (the router's thread)."""
+        self.services.signal(site, name, signum)
 
     def _pause_worker(self, worker: Any, seconds: float) -> None:
         """Stop ``worker``'s whole process for ``seconds``: SIGSTOP now, SIGCONT from a timer."""

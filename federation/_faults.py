@@ -115,6 +115,9 @@ def schedule(plan: FaultPlan, number: int, attempt: int, sites: Sequence[str]) -
                     continue
                 if isinstance(fault, Restart):
                     result.restarts.append((site, index, fault))
+                elif isinstance(fault, (Crash, Pause)) and fault.service is not None:
+                    # A service is no step: its fault is timed from the job's start, by the client.
+                    result.timers.append((fault.at or 0.0, site, index, fault))
                 elif isinstance(fault, (Crash, Pause)) and fault.at is not None and fault.after is None:
                     result.timers.append((fault.at, site, index, fault))
                 else:

@@ -316,6 +316,10 @@ class RayPool(SlotPolicy[RaySlot]):
         worker.crashed = reason
         worker.kill()
 
+    def _signal_service(self, site: str, name: str, signum: int) -> None:
+        # The service runs on the site's node, under its host actor: a call that is not waited on.
+        self.services.signal_nowait(site, name, signum)
+
     def _pause_worker(self, worker: RayWorker, seconds: float) -> None:
         # Stopped and resumed on its own node: the client may be on another machine.
         worker.pause(seconds)
