@@ -95,7 +95,12 @@ class Job:
         self._controller = controller
         self.retries = retries
         self.timeout = timeout
-        self._cond = threading.Condition()
+        # Two conditions on one lock: ``_cond`` for waiters on the job's end, ``_news``
+        # for iterators of its results. A result then wakes only an iterator: a caller
+        # in result() was woken (and went back to sleep) by each result before the end.
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        self._news = threading.Condition(lock)
         self._status = JobStatus.QUEUED
         self._results: list[Result] = []
         self._error: BaseException | None = None
@@ -242,8 +247,8 @@ class Job:
         index = 0
         while True:
             try:
-                with self._cond:
-                    if not self._cond.wait_for(partial(self._has_news, index), timeout):
+                with self._news:
+                    if not self._news.wait_for(partial(self._has_news, index), timeout):
                         raise TimeoutError(f"no result from job {self.id} within {timeout} s")
                     batch = self._results[index:]
                     ended = self._status.ended
@@ -385,7 +390,7 @@ class Job:
                 if chosen:
                     self._observed = True
                     self._runner.post(partial(_deliver, callback, chosen))
-            self._cond.notify_all()
+            self._news.notify_all()
         self._record("results", site=site, count=len(new))
 
     def _reset_for_retry(self) -> str | None:
@@ -409,6 +414,7 @@ class Job:
             future = self._future
             callbacks, self._done_callbacks = self._done_callbacks, []
             self._cond.notify_all()
+            self._news.notify_all()
             # A future's own callbacks (asyncio's bridge among them) are user code too.
             if future is not None:
                 self._runner.post(partial(self._settle, future))
