@@ -159,6 +159,18 @@ class SlotPool(JobSide[JobExecution], FaultControl):
         except FileExistsError:  # the number of an fd closed while registered, reused
             self._poller.modify(fd, POLLIN)
 
+    def _rebuild_poller(self) -> None:
+        """A fresh epoll watching exactly the fds in ``_fds`` (router thread, under the lock).
+
+        epoll watches files, not fd numbers: an fd closed while registered, whose file
+        lives on in a process forked from this one, would be reported for ever, and
+        can no longer be removed by its number.
+        """
+        old, self._poller = self._poller, select.epoll()
+        old.close()
+        for fd in self._fds:
+            self._poller.register(fd, POLLIN)
+
     def _unregister(self, fd: int) -> None:
         if self._fds.pop(fd, None) is not None:
             try:

@@ -163,6 +163,8 @@ class Router(SlotPool):
                     except (OSError, ValueError):
                         pass
                 with self.lock:
+                    if any(fd not in self._fds and fd not in watched for fd, _ in ready):
+                        self._rebuild_poller()  # a file closed while registered (see there)
                     for fd, _mask in ready:
                         self._on_ready(fd)
                     for outbox in pending:
