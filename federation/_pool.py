@@ -157,7 +157,10 @@ class SlotPool(SlotPolicy[JobExecution]):
         old, self._poller = self._poller, select.epoll()
         old.close()
         for fd in self._fds:
-            self._poller.register(fd, POLLIN)
+            try:
+                self._poller.register(fd, POLLIN)
+            except OSError:  # pragma: no cover - closed without being unregistered: nothing to read
+                pass
 
     def _unregister(self, fd: int) -> None:
         if self._fds.pop(fd, None) is not None:
