@@ -32,7 +32,7 @@ from ._handle import Job, JobStatus
 from ._log import get_logger, worker_log_level
 from ._oom import oom_kill_count
 from ._serialization import SegmentViews, unlink_segments
-from ._services import FederationServices
+from ._services import FederationServices, ServiceReport
 from ._slot_policy import SlotPolicy, backoff
 from .backends import get_backend
 
@@ -64,7 +64,9 @@ class SlotPool(SlotPolicy[JobExecution]):
         self._register(self._wake_r, WAKE, None, "")
         self._log_level = worker_log_level()
         self._next_memory_check = 0.0
-        self.services = FederationServices(config, self.log_files)  # started by Router.start
+        self.services = FederationServices(
+            config.sites, ServiceReport(self.log_files)
+        )  # Router.start starts it
         self._pending_out: set[Outbox] = set()  # control pipes with bytes waiting for room
         self._released: list[tuple[str, str]] = []
         # Results are copied out of workers' segments at once, so a job handle the

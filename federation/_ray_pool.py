@@ -34,9 +34,11 @@ from ._execution import SlotState
 from ._handle import Job, JobStatus
 from ._log import worker_log_level
 from ._ray_cluster import Lease, Placement, connect, import_ray, site_placement
+from ._ray_services import RayServices, pin_to_node
 from ._ray_site import LINK, SiteActor
 from ._ray_values import RayValues
 from ._serialization import dumps_function
+from ._services import bind_setup
 from ._slot_policy import SlotPolicy, backoff
 
 __all__ = ["RayPool", "RaySlot", "RayWorker"]
@@ -153,13 +155,6 @@ class RayPool(SlotPolicy[RaySlot]):
                 "machines, out of the client's sight; give sites Ray resources instead "
                 "(fed.Site(name, resources={'memory': bytes}))"
             )
-        with_services = [site.name for site in config.sites if site.services]
-        if with_services:
-            raise ConfigError(
-                f"site services are not available on the Ray backend yet (sites {with_services} have "
-                "some): a service runs beside the client, out of reach of other nodes; run it on the "
-                "site's node yourself and give its address in the site's env"
-            )
         super().__init__(config, callbacks)
         self.ray = import_ray()
         self.lease: Lease | None = connect(config.ray_address)
@@ -173,6 +168,8 @@ class RayPool(SlotPolicy[RaySlot]):
         self.unstarted: list[int] = []  # never used: Ray schedules every slot at once
         self._log_level = worker_log_level()
         self._values = RayValues()
+        # Started by RayRouter.start before any slot, stopped by _abandon after them.
+        self.services = RayServices(config, self.log_files)
         self._no_node_warned: set[str] = set()
 
     # -- starting ----------------------------------------------------------------------------
@@ -186,18 +183,23 @@ class RayPool(SlotPolicy[RaySlot]):
         for site_config in self.config.sites:
             site = site_config.name
             name = f"{site}/slot-{index}"
+            services = self.services.addresses[site]
             spec = m.WorkerSpec(
                 site=site,
                 name=name,
-                setup=site_config.setup,
+                setup=bind_setup(site_config.setup, services),
                 env=dict(site_config.env),
                 data_dir=str(site_config.data_dir) if site_config.data_dir else None,
                 sys_path=sys_path,
                 log_level=self._log_level,
                 max_token_bytes=self.config.max_token_bytes,
                 shm_prefix="",
+                services=services,
             )
             options = dict(self.placement.options[site])
+            node = self.services.node_of(site)
+            if node is not None:  # beside its services: their address (127.0.0.1) is its own node
+                pin_to_node(options, node)
             if site_config.env:
                 options["runtime_env"] = {"env_vars": dict(site_config.env)}
             actor = self.actor_class.options(

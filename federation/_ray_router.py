@@ -81,6 +81,9 @@ class RayRouter(RayEvents):
             SiteStartError: an actor failed to start (everything started is stopped again).
         """
         try:
+            # Before any actor: a site's setup may connect to its services, and its actors go
+            # to their node.
+            self.services.start(self.placement)
             with self.lock:
                 for index in range(self.config.pool_size):
                     self._start_slot(index)
@@ -345,10 +348,12 @@ class RayRouter(RayEvents):
             self._retired.clear()
             self._replace_at.clear()
             self.free.clear()
-            if self.log_files is not None:
-                self.log_files.close()
             lease, self.lease = self.lease, None
             self.changed.notify_all()
+        # After every actor, and outside the lock: it waits up to each service's stop_grace.
+        self.services.stop()
+        if self.log_files is not None:
+            self.log_files.close()
         if lease is not None:
             lease.release()
 
