@@ -562,6 +562,12 @@ class StepRunner(SiteStoreOwner, FaultRuntime, SiteLogging):
             self._batches.clear()
         self._run = None
         self._close_active(run)
+        # The values the run's steps still hold go now, and the releases of their segments
+        # before DONE: the sites that made them read the release before the slot's next job
+        # can start (it follows DONE), and reuse the segment rather than fault in fresh memory.
+        run.steps.clear()
+        run.order.clear()
+        self._flush_releases()
         job_id = run.job_id
         self._ended.add(job_id)
         self._ended_order.append(job_id)

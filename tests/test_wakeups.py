@@ -12,7 +12,7 @@ import os
 import time
 
 import pytest
-from pipelines import chain_pipeline, gated_pipeline
+from pipelines import array_pipeline, chain_pipeline, gated_pipeline
 
 T = 60
 
@@ -32,6 +32,17 @@ def test_a_value_for_the_client_goes_out_before_the_site_runs_its_next_step(
     with open(gate, "wb") as writer:  # opens once `second` has opened its end
         writer.write(b"go")
     assert job.result(timeout=T) == {"first": 2, "second": "go"}
+
+
+def test_a_segment_is_given_back_before_its_receiver_reports_done(make_federation) -> None:
+    """b releases the segment of a's array before its DONE, so a has it back before the
+    slot's next job starts (which follows DONE) and reuses it, rather than making a new
+    segment and faulting in its pages (64 MiB: 8 GB/s reused, about 1 GB/s fresh here)."""
+    federation = make_federation(["a", "b"], pool_size=1)
+    for _ in range(20):
+        assert federation.submit(array_pipeline(), n=4 << 20).result(timeout=T) == 4 << 20
+    segments = sorted(name for name in os.listdir("/dev/shm") if name.startswith(f"fed-{os.getpid()}-"))
+    assert len(segments) == 1, segments
 
 
 def _thread_cpu_seconds(native_id: int) -> float:
