@@ -95,12 +95,7 @@ class Job:
         self._controller = controller
         self.retries = retries
         self.timeout = timeout
-        # Two conditions on one lock: ``_cond`` for waiters on the job's end, ``_news``
-        # for iterators of its results. A result then wakes only an iterator: a caller
-        # in result() was woken (and went back to sleep) by each result before the end.
-        lock = threading.RLock()
-        self._cond = threading.Condition(lock)
-        self._news = threading.Condition(lock)
+        self._cond = threading.Condition()
         self._status = JobStatus.QUEUED
         self._results: list[Result] = []
         self._error: BaseException | None = None
@@ -247,8 +242,8 @@ class Job:
         index = 0
         while True:
             try:
-                with self._news:
-                    if not self._news.wait_for(partial(self._has_news, index), timeout):
+                with self._cond:
+                    if not self._cond.wait_for(partial(self._has_news, index), timeout):
                         raise TimeoutError(f"no result from job {self.id} within {timeout} s")
                     batch = self._results[index:]
                     ended = self._status.ended
@@ -390,7 +385,7 @@ class Job:
                 if chosen:
                     self._observed = True
                     self._runner.post(partial(_deliver, callback, chosen))
-            self._news.notify_all()
+            self._cond.notify_all()
         self._record("results", site=site, count=len(new))
 
     def _reset_for_retry(self) -> str | None:
@@ -414,7 +409,6 @@ class Job:
             future = self._future
             callbacks, self._done_callbacks = self._done_callbacks, []
             self._cond.notify_all()
-            self._news.notify_all()
             # A future's own callbacks (asyncio's bridge among them) are user code too.
             if future is not None:
                 self._runner.post(partial(self._settle, future))
