@@ -231,8 +231,6 @@ class Federation:
         )
         job._absent = absent
         plan = _check_plan(faults, self._site_names, per_submit=True) if faults is not None else self._faults
-        if plan is not None and self._config.backend == "ray":
-            self._router.fault_plan = plan  # refused there, with the reason
         with self._router.lock:
             self._submits += 1
             job._fault_number = self._submits

@@ -21,13 +21,24 @@ from typing import Any
 
 from ._serialization import Payload, dumps
 
-__all__ = ["EXITING", "LINK", "OUTPUT", "STOPPED", "LineWriter", "RayValues", "inline_buffers", "ray_module"]
+__all__ = [
+    "CRASH",
+    "EXITING",
+    "LINK",
+    "OUTPUT",
+    "STOPPED",
+    "LineWriter",
+    "RayValues",
+    "inline_buffers",
+    "ray_module",
+]
 
 # Messages of the Ray transport beside those of _messages.
 LINK = 100  # (LINK, {site: actor handle})                client -> actor, first of all
 OUTPUT = 101  # (OUTPUT, stdout?, [line, ...], job, step)  actor -> client: what steps printed
 STOPPED = 102  # (STOPPED,)                                 actor -> client: after STOP, all sent
 EXITING = 103  # (EXITING, exit code)                       actor -> client: os._exit was called
+CRASH = 104  # (CRASH, reason)                               actor -> client: a fault plan crashes me
 
 
 class RayValues:
