@@ -47,7 +47,7 @@ from typing import Any
 
 from . import _messages as m
 from ._exceptions import TokenRejectedError
-from ._faults import InjectedStartError
+from ._fault_runtime import InjectedStartError
 from ._ray_values import (
     CRASH,
     EXITING,

@@ -44,7 +44,7 @@ from typing import Any
 from . import _messages as m
 from ._context import StepContext
 from ._exceptions import JobCancelledError, QuorumError, SerializationError
-from ._faults import FaultRuntime
+from ._fault_runtime import FaultRuntime
 from ._gather import Gather
 from ._runs import JobRun, StepRun
 from ._serialization import (

@@ -290,7 +290,7 @@ class Worker(StepRunner):
                 )
             else:
                 # Blocks for ever, except while a job waits here: after a while the site
-                # tells the client what the job waits for (see _faults.describe_waiting).
+                # tells the client what the job waits for (see _fault_runtime.describe_waiting).
                 self._read_ready(self._wait_timeout_ms())
         if self._wait_since is not None:
             self._wait_over()
@@ -437,7 +437,7 @@ def run_worker(
         events.send(pickle.dumps((m.BOOTED,), protocol=5))
         try:
             if spec.fail_start is not None:
-                from ._faults import InjectedStartError
+                from ._fault_runtime import InjectedStartError
 
                 raise InjectedStartError(spec.fail_start)
             if spec.setup is not None:

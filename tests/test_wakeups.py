@@ -34,10 +34,12 @@ def test_a_value_for_the_client_goes_out_before_the_site_runs_its_next_step(
     assert job.result(timeout=T) == {"first": 2, "second": "go"}
 
 
-def test_a_segment_is_given_back_before_its_receiver_reports_done(make_federation) -> None:
+def test_a_segment_is_given_back_before_its_receiver_reports_done(make_federation, backend) -> None:
     """b releases the segment of a's array before its DONE, so a has it back before the
     slot's next job starts (which follows DONE) and reuses it, rather than making a new
     segment and faulting in its pages (64 MiB: 8 GB/s reused, about 1 GB/s fresh here)."""
+    if backend == "ray":
+        pytest.skip("on Ray an array travels through Ray's object store, not the site's segments")
     federation = make_federation(["a", "b"], pool_size=1)
     for _ in range(20):
         assert federation.submit(array_pipeline(), n=4 << 20).result(timeout=T) == 4 << 20
