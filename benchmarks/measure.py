@@ -251,6 +251,22 @@ METRICS: tuple[Metric, ...] = (
         digits=0,
     ),
     Metric(
+        "throughput",
+        "one_site_jobs_per_s_pipelined",
+        "1-site, all sent at once",
+        "jobs/s",
+        "higher",
+        digits=0,
+    ),
+    Metric(
+        "throughput",
+        "two_site_jobs_per_s_pipelined",
+        "2-site, all sent at once",
+        "jobs/s",
+        "higher",
+        digits=0,
+    ),
+    Metric(
         "tokens",
         "collected_items_per_s",
         "items/s, collected",
