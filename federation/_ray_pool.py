@@ -35,7 +35,7 @@ from ._jobs import JobSide
 from ._log import SiteLogFiles, worker_log_level
 from ._ray_cluster import Lease, Placement, connect, import_ray, site_placement
 from ._ray_site import LINK, SiteActor
-from ._ray_values import RayValues
+from ._ray_values import RayValues, pack
 from ._serialization import dumps_function
 
 __all__ = ["RayPool", "RaySlot", "RayWorker"]
@@ -122,7 +122,10 @@ class RaySlot:
         seq = worker.seq
         worker.seq += 1
         try:
-            return worker.actor.deliver.remote(m.CLIENT, seq, list(messages))
+            frame: Any = (m.CLIENT, seq, list(messages))
+            if messages[0][0] != LINK:  # actor handles go through Ray's serializer, which tracks them
+                frame = pack(frame)
+            return worker.actor.deliver.remote(frame)
         except Exception:  # noqa: BLE001 - Ray is shutting down: the poll reports the end
             return None
 

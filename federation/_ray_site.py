@@ -40,7 +40,19 @@ from typing import Any
 
 from . import _messages as m
 from ._exceptions import TokenRejectedError
-from ._ray_values import EXITING, LINK, OUTPUT, STOPPED, LineWriter, RayValues, inline_buffers, ray_module
+from ._ray_values import (
+    EXITING,
+    LINK,
+    OUTPUT,
+    STOPPED,
+    LineWriter,
+    RayValues,
+    holds_refs,
+    inline_buffers,
+    pack,
+    ray_module,
+    unpack,
+)
 from ._runs import JobRun
 from ._serialization import Payload, payload_size
 from ._steps import StepRunner
@@ -164,8 +176,11 @@ class SiteRunner(StepRunner):
             return
         seq = self._link_seq.get(site, 0)
         self._link_seq[site] = seq + 1
+        frame: Any = (self.site, seq, [message])
+        if not (message[0] == m.TOKENS and any(holds_refs(token[4]) for token in message[2])):
+            frame = pack(frame)  # references go through Ray's serializer, which tracks them
         # Fire and forget: a sibling that died is the client's to notice (its poll fails).
-        sibling.deliver.remote(self.site, seq, [message])
+        sibling.deliver.remote(frame)
 
     def _flush_results(self) -> None:
         if self._results and self._run is not None:
@@ -370,14 +385,19 @@ class SiteActor:
 
     # -- Ray methods ----------------------------------------------------------------------
 
-    def deliver(self, sender: str, seq: int, messages: list[tuple[Any, ...]]) -> list[tuple[int, Any]]:
+    def deliver(self, frame: Any) -> Any:
         """Messages from the client (``sender`` "") or a sibling site, call ``seq`` of its sender.
+
+        ``frame`` is ``(sender, seq, messages)``, pickled by :func:`._ray_values.pack`
+        unless it holds object references or actor handles; so is the answer, the
+        events numbered as :meth:`events` numbers them.
 
         A client's call that starts a job here waits (up to ``_REPLY_WAIT``) for
         the job to be done at this site and answers with the events so far: a
         short job costs one Ray call, as a hand-written actor call does. Every
         other call answers at once, with nothing; events then go by :meth:`events`.
         """
+        sender, seq, messages = unpack(frame)
         job = None
         if sender == m.CLIENT:
             for message in messages:
@@ -395,9 +415,9 @@ class SiteActor:
             out, self._outgoing = self._outgoing, []
             self._cond.notify_all()  # back-pressure: the steps may go on
             self._poll_cond.notify()  # no START waits now: the poll takes what comes
-        return out
+        return pack(out) if out else out
 
-    def events(self) -> list[tuple[int, Any]]:
+    def events(self) -> Any:
         """Wait for events and return every one so far, numbered (the client's long poll).
 
         While a job's START waits to answer with its events, this leaves them to
@@ -417,7 +437,7 @@ class SiteActor:
                     self._poll_cond.wait()
             out, self._outgoing = self._outgoing, []
             self._cond.notify_all()  # back-pressure: the steps may go on
-        return out
+        return pack(out)
 
     def where(self) -> tuple[str, int]:
         """This actor's node id and pid."""
