@@ -24,8 +24,8 @@ from ._fault_plan import Crash, FailStart, FaultPlan, Pause, SiteFault
 from ._faults import schedule
 
 if TYPE_CHECKING:
-    from ._execution import JobExecution
     from ._handle import Job
+    from ._slot_policy import Slot
 
 __all__ = ["FaultControl"]
 
@@ -41,7 +41,7 @@ class FaultControl:
     # provided by the pool
     backend: Any
 
-    def _faults_dispatch(self, job: Job, slot: JobExecution, participants: list[str]) -> None:
+    def _faults_dispatch(self, job: Job, slot: Slot, participants: list[str]) -> None:
         """Send each site its rules for ``job`` (before START); arm the timers; mark restarts."""
         plan = job._faults
         assert plan is not None
@@ -99,7 +99,7 @@ class FaultControl:
                 continue  # the job or this site is over: nothing left to break
             self._inject(job, slot, site, index, fault)
 
-    def _inject(self, job: Job, slot: JobExecution, site: str, index: int, fault: SiteFault) -> None:
+    def _inject(self, job: Job, slot: Slot, site: str, index: int, fault: SiteFault) -> None:
         plan = job._faults
         assert plan is not None
         record: dict[str, Any] = {"fault": fault.kind, "index": index, "site": site, "seed": plan.seed}
@@ -121,7 +121,7 @@ class FaultControl:
         fields.setdefault("job_number", job._fault_number)
         job._events.append((float(fields.pop("time", time.time())), "fault", fields))
 
-    def _on_fault_event(self, slot: JobExecution, site: str, message: tuple[Any, ...]) -> None:
+    def _on_fault_event(self, slot: Slot, site: str, message: tuple[Any, ...]) -> None:
         """FAULT records or a WAITING line from a worker, for the job it names."""
         job = slot.job
         if job is None or job.id != message[1]:

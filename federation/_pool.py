@@ -5,12 +5,14 @@
                  └──died/failed─────┴─────────┴───died / grace over─────┴──> BROKEN ──reaped──> STOPPED
     retire (recycle, close) ──> STOPPING ──stopped──> STOPPED   (killed after shutdown_timeout)
 
-Every move goes through :meth:`SlotPool._move`, which checks it against
-``_execution.TRANSITIONS`` and keeps the free list equal to the IDLE slots.
-A slot that leaves the pool is replaced after a backoff: a worker killed while
-starting may pass (backoff up to 0.5 s, never counted), while a failed start
-(a setup that raised, a worker that exited, a timeout) counts; more than
-``max_slot_restarts`` in a row make the federation give up, failing every job.
+Every move goes through :meth:`~federation._slot_policy.SlotPolicy._move`, which
+checks it against ``_execution.TRANSITIONS`` and keeps the free list equal to the
+IDLE slots. A slot that leaves the pool is replaced after a backoff: a worker
+killed while starting may pass (backoff up to 0.5 s, never counted), while a
+failed start (a setup that raised, a worker that exited, a timeout) counts; more
+than ``max_slot_restarts`` in a row make the federation give up, failing every
+job. Those decisions are :mod:`._slot_policy`'s, shared with the Ray transport;
+this module starts slots of processes, watches their fds and reaps them.
 """
 
 from __future__ import annotations
@@ -19,22 +21,19 @@ import os
 import select
 import sys
 import time
-from collections import deque
-from typing import Any
 
 from . import _messages as m
 from ._callbacks import CallbackThread
 from ._channel import Outbox
 from ._config import FederationConfig
 from ._exceptions import ConfigError, FederationError, SiteStartError
-from ._execution import TRANSITIONS, JobExecution, SlotState, SlotTransitionError, fds_per_slot
-from ._fault_control import FaultControl
+from ._execution import JobExecution, SlotState, fds_per_slot
 from ._handle import Job, JobStatus
-from ._jobs import JobSide
-from ._log import SiteLogFiles, get_logger, worker_log_level
+from ._log import get_logger, worker_log_level
 from ._oom import oom_kill_count
 from ._serialization import SegmentViews, unlink_segments
-from ._services import FederationServices
+from ._services import FederationServices, ServiceReport
+from ._slot_policy import SlotPolicy, backoff
 from .backends import get_backend
 
 __all__ = ["EVENTS", "OUTPUT", "SENTINEL", "STDOUT", "WAKE", "SlotPool"]
@@ -44,7 +43,7 @@ EVENTS, SENTINEL, OUTPUT, STDOUT, WAKE = range(5)  # what a registered fd is
 TRIM_AFTER = 1.0  # seconds without jobs after which the client unmaps workers' segments
 
 
-class SlotPool(JobSide[JobExecution], FaultControl):
+class SlotPool(SlotPolicy[JobExecution]):
     """The slots of one federation and their workers' pipes, under the job side's lock."""
 
     def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
@@ -52,16 +51,7 @@ class SlotPool(JobSide[JobExecution], FaultControl):
         _raise_fd_limit(_fds_needed(config.pool_size, len(config.sites), config.backend == "thread"))
         super().__init__(config, callbacks)
         self.backend = get_backend(config)
-        self.slots: list[JobExecution | None] = [None] * config.pool_size
         self.unstarted: list[int] = []  # slot indices waiting for the first wave to boot
-        self.free: deque[JobExecution] = deque()  # exactly the IDLE slots (see _move)
-        self.start_error: SiteStartError | None = None
-        self.started = False
-        self.replaced = 0
-        self.restart_failures = 0  # failed starts in a row (a setup raised, a worker exited, a timeout)
-        self.start_deaths = 0  # workers killed from outside while starting, in a row
-        self._replace_at: dict[int, float] = {}  # slot index -> when to start its replacement
-        self._generation = 0
         self._lifeline_r, self._lifeline_w = os.pipe()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -71,9 +61,9 @@ class SlotPool(JobSide[JobExecution], FaultControl):
         self._register(self._wake_r, WAKE, None, "")
         self._log_level = worker_log_level()
         self._next_memory_check = 0.0
-        self._retired: list[JobExecution] = []  # out of the pool, waiting for their workers to end
-        self.log_files = SiteLogFiles(config.log_dir) if config.log_dir is not None else None
-        self.services = FederationServices(config, self.log_files)  # started by Router.start
+        self.services = FederationServices(
+            config.sites, ServiceReport(self.log_files)
+        )  # Router.start starts it
         self._pending_out: set[Outbox] = set()  # control pipes with bytes waiting for room
         self._released: list[tuple[str, str]] = []
         # Results are copied out of workers' segments at once, so a job handle the
@@ -174,19 +164,6 @@ class SlotPool(JobSide[JobExecution], FaultControl):
 
     # -- the slot state machine -------------------------------------------------------------
 
-    def _move(self, slot: JobExecution, state: SlotState) -> None:
-        """The one place a slot changes state: checked against the table, free list kept equal."""
-        if state is slot.state:
-            return
-        if state not in TRANSITIONS[slot.state]:
-            raise SlotTransitionError(f"slot {slot.index}: {slot.state.value} -> {state.value} is not a move")
-        if slot.state is SlotState.IDLE:
-            self.free.remove(slot)
-        slot.state = state
-        if state is SlotState.IDLE:
-            self.free.append(slot)
-        slot.kill_deadline = None
-
     def _take_free(self) -> JobExecution | None:
         """A free slot whose workers are all alive, or None.
 
@@ -250,45 +227,8 @@ class SlotPool(JobSide[JobExecution], FaultControl):
             self.wake()  # the router may be waiting with no deadline at all
         self._forward_pending(job, slot)
 
-    def _forward_input(
-        self, job: Job, slot: JobExecution, name: str, seq: int, payload: bytes | None, close: bool
-    ) -> None:
-        per_site: dict[str, list[m.Token]] = {}
-        for route in job._compiled.stream_inputs[name]:
-            tokens = per_site.setdefault(route.site, [])
-            if payload is not None:
-                tokens.append((route.step, route.param, m.CLIENT, seq, payload, m.ITEM))
-            if close:
-                tokens.append((route.step, route.param, m.CLIENT, seq, None, m.END))
-        for site, tokens in per_site.items():
-            slot.send(site, (m.TOKENS, job.id, tokens))
-
-    def _stop_sites(self, job: Job, slot: JobExecution, status: JobStatus, resume: bool) -> None:
-        if resume:  # a suspended job's workers must run to stop
-            for worker in slot.workers.values():
-                worker.suspend(False)
-        if slot.pending_sites and slot.state is SlotState.BUSY:
-            reason = "cancelled" if status is JobStatus.CANCELLED else "failed"
-            for site in slot.pending_sites:
-                slot.send(site, (m.ABORT, job.id, reason))
-            self._move(slot, SlotState.DRAINING)
-            slot.kill_deadline = time.monotonic() + self._cancel_grace()
-            self.wake()
-        elif not slot.pending_sites:
-            self._release(slot)
-
-    def _send_site(self, slot: JobExecution, site: str, message: tuple[Any, ...]) -> None:
-        slot.send(site, message)
-
-    def _cancel_site(self, job: Job, slot: JobExecution, site: str) -> None:
-        if site in slot.pending_sites and site not in slot.site_kill:
-            slot.send(site, (m.ABORT, job.id, "late: a tolerant fan-in stopped waiting for it"))
-            slot.site_kill[site] = time.monotonic() + self._cancel_grace()
-            self.wake()
-
-    def _kill_site(self, slot: JobExecution, site: str) -> None:
+    def _kill_late_site(self, slot: JobExecution, site: str) -> None:
         """Kill one worker of a slot (a late site that did not stop); the slot is repaired later."""
-        slot.site_kill.pop(site, None)
         slot.repair = True
         self.log.warning("killing a late site's worker that did not stop in time", site=site, slot=slot.index)
         slot.workers[site].kill()
@@ -307,55 +247,18 @@ class SlotPool(JobSide[JobExecution], FaultControl):
         """A worker of ``slot`` has ended (its sentinel says so); the router handles it."""
         raise NotImplementedError
 
-    def _release(self, slot: JobExecution) -> None:
-        job = slot.job
-        if job is not None:
-            self.running.pop(job.id, None)
+    def _on_released(self) -> None:
         if not self.running and self._views.has_cached():
             self._trim_at = time.monotonic() + TRIM_AFTER
-        slot.job = None
-        slot.pending_sites = set()
-        slot.site_kill.clear()
-        slot.jobs_run += 1
-        if slot.state not in (SlotState.BUSY, SlotState.DRAINING):
-            return
-        if slot.repair:
-            # A worker of it died inside a tolerant fan-in: the others are idle now,
-            # so the slot is replaced whole (its pipes to the dead worker are gone).
-            self.log.info("replacing a slot that lost a worker in a tolerant fan-in", slot=slot.index)
-            self._retire(slot, graceful=True)
-            self._dispatch_queued()
-            return
-        limit = self.config.max_jobs_per_worker
-        if limit is not None and slot.jobs_run >= limit:
-            self.log.debug("recycling slot", slot=slot.index, jobs=slot.jobs_run)
-            self._retire(slot, graceful=True)
-            return
-        self._move(slot, SlotState.IDLE)
-        self._dispatch_queued()
 
-    def _retire(self, slot: JobExecution, graceful: bool, delay: float = 0.0) -> None:
-        """Take ``slot`` out of the pool for good; its replacement starts after ``delay`` s."""
-        if graceful:
-            self._move(slot, SlotState.STOPPING)
-            slot.stop()
-            slot.kill_deadline = time.monotonic() + self.config.shutdown_timeout
-        else:
-            self._move(slot, SlotState.BROKEN)
-            slot.kill()
-            if slot.job is not None:
-                # A broken slot never reports DONE: its job (ended already, or about
-                # to be by the caller) no longer holds it, nor close().
-                self.running.pop(slot.job.id, None)
-                slot.job = None
-        if self.slots[slot.index] is slot:
-            self.slots[slot.index] = None
-            self._retired.append(slot)
-            if not self.closing and self.gave_up is None:
-                self.replaced += 1
-                self._replace_at[slot.index] = time.monotonic() + delay
-                self.wake()
-        self._maybe_reap(slot)
+    def _site_stopped(self, slot: JobExecution, site: str, job: Job) -> None:
+        # The job was cancelled or failed here: processes its steps started
+        # would outlive it (a step stopped cooperatively is not killed).
+        killed = slot.workers[site].kill_strays()
+        if killed:
+            self.log.info(
+                "killed processes a stopped job left behind", site=site, job_id=job.id, count=killed
+            )
 
     def _start_replacements(self) -> None:
         """Start the replacements that are due; one that cannot start is tried again later."""
@@ -368,7 +271,7 @@ class SlotPool(JobSide[JobExecution], FaultControl):
                 self._start_slot(index)
             except Exception as exc:  # noqa: BLE001 - e.g. a moment of fd pressure: it may pass
                 self.start_deaths += 1
-                delay = _backoff(self.start_deaths, cap=0.5)
+                delay = backoff(self.start_deaths, cap=0.5)
                 self.log.error(
                     "could not start a replacement slot; trying again",
                     slot=index,
@@ -400,53 +303,6 @@ class SlotPool(JobSide[JobExecution], FaultControl):
         if self.slots[slot.index] is slot:
             self.slots[slot.index] = None
         self.changed.notify_all()
-
-    def _on_start_failed(self, slot: JobExecution, site: str, message: str, tb: str | None) -> None:
-        """A slot could not start: its setup raised, a worker exited, or it timed out.
-
-        Such failures in a row, beyond ``max_slot_restarts``, make the federation
-        give up (they will not pass by themselves); each earlier one backs off.
-        """
-        if slot.state is not SlotState.STARTING:
-            return
-        error = SiteStartError(message, site=site, remote_traceback=tb)
-        self.restart_failures += 1
-        self.log.error("worker failed to start", site=site, slot=slot.index, traceback=tb)
-        if not self.started:
-            # The federation must not come up half-started: its constructor raises this.
-            self.start_error = self.start_error or error
-        elif self.restart_failures > self.config.max_slot_restarts:
-            self._retire(slot, graceful=False)
-            self._give_up(error, tb)
-            return
-        self._retire(slot, graceful=False, delay=_backoff(self.restart_failures))
-        self.changed.notify_all()
-
-    def _give_up(self, error: SiteStartError, tb: str | None) -> None:
-        """Stop restarting: fail every job held, refuse new ones, say why everywhere."""
-        cause = (
-            f"{error} ({self.restart_failures} failed starts in a row, "
-            f"max_slot_restarts={self.config.max_slot_restarts})"
-        )
-        self.gave_up = cause
-        self._replace_at.clear()
-        self.log.critical("the federation gave up restarting its workers", cause=cause)
-
-        def failure(job: Job) -> SiteStartError:
-            return SiteStartError(
-                f"job {job.id} ({job.pipeline!r}) could not run: the federation gave up: {cause}",
-                site=error.site,
-                remote_traceback=tb,
-            )
-
-        self._fail_all(failure)
-        for slot in [s for s in self.slots if s is not None]:
-            if slot.state in (SlotState.IDLE, SlotState.STARTING, SlotState.BUSY, SlotState.DRAINING):
-                self._retire(slot, graceful=False)
-        self.changed.notify_all()
-
-    def _all_slots(self) -> list[JobExecution]:
-        return [slot for slot in self.slots if slot is not None] + list(self._retired)
 
     def suspend_job(self, job: Job, suspend: bool) -> None:
         with self.lock:
@@ -522,13 +378,6 @@ class SlotPool(JobSide[JobExecution], FaultControl):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _backoff(failures: int, cap: float = 2.0) -> float:
-    """Seconds to wait before the next start after ``failures`` failed starts in a row."""
-    if failures <= 0:
-        return 0.0
-    return float(min(0.05 * 2 ** (failures - 1), cap))
 
 
 def _ensure_stdio() -> None:

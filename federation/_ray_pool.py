@@ -1,7 +1,8 @@
 """The Ray pool: slots of site actors, their state machine, their start, replacement and end.
 
-The job side (:mod:`._jobs`) is shared with the local transport unchanged;
-this module supplies its hooks on Ray. A slot holds one site actor
+The job side (:mod:`._jobs`) and the slot policy (:mod:`._slot_policy`) are
+shared with the local transport unchanged; this module supplies their hooks on
+Ray. A slot holds one site actor
 (:class:`~federation._ray_site.SiteActor`) per site, pinned to that site's
 nodes, made before any job arrives; it moves through the same states as a
 local slot (``_execution.TRANSITIONS``)::
@@ -29,14 +30,16 @@ from . import _messages as m
 from ._callbacks import CallbackThread
 from ._config import FederationConfig
 from ._exceptions import ConfigError, FederationError, SiteStartError
-from ._execution import TRANSITIONS, SlotState, SlotTransitionError
+from ._execution import SlotState
 from ._handle import Job, JobStatus
-from ._jobs import JobSide
-from ._log import SiteLogFiles, worker_log_level
+from ._log import worker_log_level
 from ._ray_cluster import Lease, Placement, connect, import_ray, site_placement
+from ._ray_services import RayServices, pin_to_node
 from ._ray_site import LINK, SiteActor
 from ._ray_values import RayValues, pack
 from ._serialization import dumps_function
+from ._services import bind_setup
+from ._slot_policy import SlotPolicy, backoff
 
 __all__ = ["RayPool", "RaySlot", "RayWorker"]
 
@@ -123,7 +126,7 @@ class RaySlot:
         worker.seq += 1
         try:
             frame: Any = (m.CLIENT, seq, list(messages))
-            if messages[0][0] != LINK:  # actor handles go through Ray's serializer, which tracks them
+            if all(message[0] != LINK for message in messages):  # actor handles: Ray tracks them
                 frame = pack(frame)
             return worker.actor.deliver.remote(frame)
         except Exception:  # noqa: BLE001 - Ray is shutting down: the poll reports the end
@@ -143,8 +146,10 @@ class RaySlot:
         return [worker for worker in self.workers.values() if not worker.gone]
 
 
-class RayPool(JobSide[RaySlot]):
+class RayPool(SlotPolicy[RaySlot]):
     """The slots of one federation on Ray, under the job side's lock."""
+
+    worker_noun = "site actor"
 
     def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
         if config.max_worker_memory is not None:
@@ -152,13 +157,6 @@ class RayPool(JobSide[RaySlot]):
                 "max_worker_memory is not available on the Ray backend: actors may run on other "
                 "machines, out of the client's sight; give sites Ray resources instead "
                 "(fed.Site(name, resources={'memory': bytes}))"
-            )
-        with_services = [site.name for site in config.sites if site.services]
-        if with_services:
-            raise ConfigError(
-                f"site services are not available on the Ray backend yet (sites {with_services} have "
-                "some): a service runs beside the client, out of reach of other nodes; run it on the "
-                "site's node yourself and give its address in the site's env"
             )
         super().__init__(config, callbacks)
         self.ray = import_ray()
@@ -170,22 +168,11 @@ class RayPool(JobSide[RaySlot]):
             self.lease = None
             raise
         self.actor_class = self.ray.remote(SiteActor)
-        self.slots: list[RaySlot | None] = [None] * config.pool_size
         self.unstarted: list[int] = []  # never used: Ray schedules every slot at once
-        self.free: deque[RaySlot] = deque()  # exactly the IDLE slots (see _move)
-        self.start_error: SiteStartError | None = None
-        self.started = False
-        self.replaced = 0
-        self.restart_failures = 0
-        self.start_deaths = 0
-        self.dropped = 0
-        self.links: dict[tuple[str, str], list[int]] = {}
-        self._replace_at: dict[int, float] = {}
-        self._generation = 0
-        self._retired: list[RaySlot] = []
         self._log_level = worker_log_level()
         self._values = RayValues()
-        self.log_files = SiteLogFiles(config.log_dir) if config.log_dir is not None else None
+        # Started by RayRouter.start before any slot, stopped by _abandon after them.
+        self.services = RayServices(config, self.log_files)
         self._no_node_warned: set[str] = set()
 
     # -- starting ----------------------------------------------------------------------------
@@ -199,18 +186,23 @@ class RayPool(JobSide[RaySlot]):
         for site_config in self.config.sites:
             site = site_config.name
             name = f"{site}/slot-{index}"
+            services = self.services.addresses[site]
             spec = m.WorkerSpec(
                 site=site,
                 name=name,
-                setup=site_config.setup,
+                setup=bind_setup(site_config.setup, services),
                 env=dict(site_config.env),
                 data_dir=str(site_config.data_dir) if site_config.data_dir else None,
                 sys_path=sys_path,
                 log_level=self._log_level,
                 max_token_bytes=self.config.max_token_bytes,
                 shm_prefix="",
+                services=services,
             )
             options = dict(self.placement.options[site])
+            node = self.services.node_of(site)
+            if node is not None:  # beside its services: their address (127.0.0.1) is its own node
+                pin_to_node(options, node)
             if site_config.env:
                 options["runtime_env"] = {"env_vars": dict(site_config.env)}
             actor = self.actor_class.options(
@@ -236,19 +228,6 @@ class RayPool(JobSide[RaySlot]):
         raise NotImplementedError
 
     # -- the slot state machine -------------------------------------------------------------
-
-    def _move(self, slot: RaySlot, state: SlotState) -> None:
-        """The one place a slot changes state: checked against the table, free list kept equal."""
-        if state is slot.state:
-            return
-        if state not in TRANSITIONS[slot.state]:
-            raise SlotTransitionError(f"slot {slot.index}: {slot.state.value} -> {state.value} is not a move")
-        if slot.state is SlotState.IDLE:
-            self.free.remove(slot)
-        slot.state = state
-        if state is SlotState.IDLE:
-            self.free.append(slot)
-        slot.kill_deadline = None
 
     def _take_free(self) -> RaySlot | None:
         """A free slot, now BUSY; a death not yet read is noticed by its failed poll."""
@@ -300,40 +279,6 @@ class RayPool(JobSide[RaySlot]):
             self.wake()  # the router may be waiting with no deadline at all
         self._forward_pending(job, slot)
 
-    def _forward_input(
-        self, job: Job, slot: RaySlot, name: str, seq: int, payload: bytes | None, close: bool
-    ) -> None:
-        per_site: dict[str, list[m.Token]] = {}
-        for route in job._compiled.stream_inputs[name]:
-            tokens = per_site.setdefault(route.site, [])
-            if payload is not None:
-                tokens.append((route.step, route.param, m.CLIENT, seq, payload, m.ITEM))
-            if close:
-                tokens.append((route.step, route.param, m.CLIENT, seq, None, m.END))
-        for site, tokens in per_site.items():
-            slot.send(site, (m.TOKENS, job.id, tokens))
-
-    def _stop_sites(self, job: Job, slot: RaySlot, status: JobStatus, resume: bool) -> None:
-        if slot.pending_sites and slot.state is SlotState.BUSY:
-            reason = "cancelled" if status is JobStatus.CANCELLED else "failed"
-            for site in slot.pending_sites:
-                slot.send(site, (m.ABORT, job.id, reason))
-            self._move(slot, SlotState.DRAINING)
-            # Ray cannot interrupt a running method: past the grace, the slot is killed.
-            slot.kill_deadline = time.monotonic() + self._cancel_grace()
-            self.wake()
-        elif not slot.pending_sites:
-            self._release(slot)
-
-    def _send_site(self, slot: RaySlot, site: str, message: tuple[Any, ...]) -> None:
-        slot.send(site, message)
-
-    def _cancel_site(self, job: Job, slot: RaySlot, site: str) -> None:
-        if site in slot.pending_sites and site not in slot.site_kill:
-            slot.send(site, (m.ABORT, job.id, "late: a tolerant fan-in stopped waiting for it"))
-            slot.site_kill[site] = time.monotonic() + self._cancel_grace()
-            self.wake()
-
     def _slot_counts(self) -> tuple[int, int]:
         starting = sum(1 for slot in self.slots if slot is not None and slot.state is SlotState.STARTING)
         return len(self.slots), starting + len(self._replace_at)
@@ -350,51 +295,13 @@ class RayPool(JobSide[RaySlot]):
             "process; cancel the job (job.cancel()) or use backend='process'"
         )
 
+    def _kill_late_site(self, slot: RaySlot, site: str) -> None:
+        # Ray cannot stop one method: the late site's actor goes, the slot is repaired after the job.
+        slot.repair = True
+        self.log.warning("killing a late site's actor that did not stop in time", site=site, slot=slot.index)
+        slot.workers[site].kill()
+
     # -- ending ------------------------------------------------------------------------------
-
-    def _release(self, slot: RaySlot) -> None:
-        job = slot.job
-        if job is not None:
-            self.running.pop(job.id, None)
-        slot.job = None
-        slot.pending_sites = set()
-        slot.site_kill.clear()
-        slot.jobs_run += 1
-        if slot.state not in (SlotState.BUSY, SlotState.DRAINING):
-            return
-        if slot.repair:
-            # An actor of it died inside a tolerant fan-in: the slot is replaced whole.
-            self._retire(slot, graceful=True)
-            self._dispatch_queued()
-            return
-        limit = self.config.max_jobs_per_worker
-        if limit is not None and slot.jobs_run >= limit:
-            self.log.debug("recycling slot", slot=slot.index, jobs=slot.jobs_run)
-            self._retire(slot, graceful=True)
-            return
-        self._move(slot, SlotState.IDLE)
-        self._dispatch_queued()
-
-    def _retire(self, slot: RaySlot, graceful: bool, delay: float = 0.0) -> None:
-        """Take ``slot`` out of the pool for good; its replacement starts after ``delay`` s."""
-        if graceful:
-            self._move(slot, SlotState.STOPPING)
-            slot.stop()
-            slot.kill_deadline = time.monotonic() + self.config.shutdown_timeout
-        else:
-            self._move(slot, SlotState.BROKEN)
-            slot.kill()
-            if slot.job is not None:
-                self.running.pop(slot.job.id, None)
-                slot.job = None
-        if self.slots[slot.index] is slot:
-            self.slots[slot.index] = None
-            self._retired.append(slot)
-            if not self.closing and self.gave_up is None:
-                self.replaced += 1
-                self._replace_at[slot.index] = time.monotonic() + delay
-                self.wake()
-        self._maybe_reap(slot)
 
     def _maybe_reap(self, slot: RaySlot) -> None:
         """A retired slot is STOPPED once every actor of it is confirmed dead."""
@@ -437,57 +344,8 @@ class RayPool(JobSide[RaySlot]):
                 self._start_slot(index)
             except Exception as exc:  # noqa: BLE001 - e.g. the cluster is shutting down
                 self.start_deaths += 1
-                delay = _backoff(self.start_deaths, cap=1.0)
+                delay = backoff(self.start_deaths, cap=1.0)
                 self.log.error(
                     "could not start a replacement slot; trying again", slot=index, error=repr(exc)
                 )
                 self._replace_at[index] = now + delay
-
-    def _on_start_failed(self, slot: RaySlot, site: str, message: str, tb: str | None) -> None:
-        """A slot could not start: a setup raised, an actor could not be made, or a timeout."""
-        if slot.state is not SlotState.STARTING:
-            return
-        error = SiteStartError(message, site=site, remote_traceback=tb)
-        self.restart_failures += 1
-        self.log.error("site actor failed to start", site=site, slot=slot.index, error=message)
-        if not self.started:
-            self.start_error = self.start_error or error
-        elif self.restart_failures > self.config.max_slot_restarts:
-            self._retire(slot, graceful=False)
-            self._give_up(error, tb)
-            return
-        self._retire(slot, graceful=False, delay=_backoff(self.restart_failures))
-        self.changed.notify_all()
-
-    def _give_up(self, error: SiteStartError, tb: str | None) -> None:
-        """Stop restarting: fail every job held, refuse new ones, say why everywhere."""
-        cause = (
-            f"{error} ({self.restart_failures} failed starts in a row, "
-            f"max_slot_restarts={self.config.max_slot_restarts})"
-        )
-        self.gave_up = cause
-        self._replace_at.clear()
-        self.log.critical("the federation gave up restarting its site actors", cause=cause)
-
-        def failure(job: Job) -> SiteStartError:
-            return SiteStartError(
-                f"job {job.id} ({job.pipeline!r}) could not run: the federation gave up: {cause}",
-                site=error.site,
-                remote_traceback=tb,
-            )
-
-        self._fail_all(failure)
-        for slot in [s for s in self.slots if s is not None]:
-            if slot.state in (SlotState.IDLE, SlotState.STARTING, SlotState.BUSY, SlotState.DRAINING):
-                self._retire(slot, graceful=False)
-        self.changed.notify_all()
-
-    def _all_slots(self) -> list[RaySlot]:
-        return [slot for slot in self.slots if slot is not None] + list(self._retired)
-
-
-def _backoff(failures: int, cap: float = 2.0) -> float:
-    """Seconds to wait before the next start after ``failures`` failed starts in a row."""
-    if failures <= 0:
-        return 0.0
-    return float(min(0.05 * 2 ** (failures - 1), cap))

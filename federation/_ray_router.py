@@ -41,8 +41,9 @@ from ._fault_plan import FaultPlan
 from ._handle import Job, JobStatus
 from ._ray_cluster import died_reason, register_closer, unregister_closer
 from ._ray_events import RayEvents
-from ._ray_pool import RaySlot, RayWorker, _backoff
+from ._ray_pool import RaySlot, RayWorker
 from ._ray_values import unpack
+from ._slot_policy import backoff
 
 __all__ = ["RayRouter"]
 
@@ -81,6 +82,9 @@ class RayRouter(RayEvents):
             SiteStartError: an actor failed to start (everything started is stopped again).
         """
         try:
+            # Before any actor: a site's setup may connect to its services, and its actors go
+            # to their node.
+            self.services.start(self.placement)
             with self.lock:
                 for index in range(self.config.pool_size):
                     self._start_slot(index)
@@ -172,17 +176,10 @@ class RayRouter(RayEvents):
                 self.changed.notify_all()
 
     def _next_timeout(self) -> float | None:
-        deadlines = list(self._deadlines.values())
-        deadlines.extend(self._replace_at.values())
-        for slot in self._all_slots():
-            deadlines.extend(slot.site_kill.values())
-            if slot.kill_deadline is not None:
-                deadlines.append(slot.kill_deadline)
-            if slot.state is SlotState.STARTING:
-                deadlines.append(slot.started_at + self.config.start_timeout)
-        if not deadlines:
+        deadline = self._next_deadline()
+        if deadline is None:
             return None
-        return max(0.0, min(deadlines) - time.monotonic()) + 0.001
+        return max(0.0, deadline - time.monotonic()) + 0.001
 
     def _on_poll(self, slot: RaySlot, worker: RayWorker, future: Any, poll: bool) -> None:
         if worker.gone:
@@ -231,7 +228,7 @@ class RayRouter(RayEvents):
             self.log.warning(
                 "site actor died while starting; replacing it", site=site, slot=slot.index, reason=reason
             )
-            self._retire(slot, graceful=False, delay=_backoff(self.start_deaths, cap=1.0))
+            self._retire(slot, graceful=False, delay=backoff(self.start_deaths, cap=1.0))
             return
         job = slot.job
         if (
@@ -279,46 +276,10 @@ class RayRouter(RayEvents):
     # -- deadlines and shutting down ---------------------------------------------------------
 
     def _on_deadlines(self) -> None:
-        now = time.monotonic()
-        self._on_job_deadlines(now)
-        for slot in self._all_slots():
-            late = [site for site, when in slot.site_kill.items() if when <= now]
-            if late and slot.state is SlotState.BUSY:
-                # A late site that did not stop: Ray cannot kill one method, so its actor goes.
-                for site in late:
-                    slot.site_kill.pop(site)
-                    slot.repair = True
-                    slot.workers[site].kill()
-            if (
-                slot.kill_deadline is not None
-                and slot.kill_deadline <= now
-                and slot.state is SlotState.DRAINING
-            ):
-                (self.log.debug if self.closing and self.interrupted else self.log.warning)(
-                    "killing a slot whose job did not stop in time",
-                    slot=slot.index,
-                    grace=self._cancel_grace(),
-                )
-                if slot.job is not None:
-                    self.running.pop(slot.job.id, None)
-                slot.job = None
-                self._retire(slot, graceful=False)
-            elif slot.state is SlotState.STARTING and slot.started_at + self.config.start_timeout <= now:
-                missing = sorted(set(slot.sites) - slot.ready)
-                self._on_start_failed(
-                    slot,
-                    missing[0] if missing else "?",
-                    f"site actors of sites {missing} were not ready within start_timeout="
-                    f"{self.config.start_timeout} s: {self._why_not_ready()}",
-                    None,
-                )
-            elif (
-                slot.state is SlotState.STOPPING
-                and slot.kill_deadline is not None
-                and slot.kill_deadline <= now
-            ):
-                self._move(slot, SlotState.BROKEN)
-                slot.kill()
+        self._on_slot_deadlines(time.monotonic())
+
+    def _not_ready_detail(self) -> str:
+        return f": {self._why_not_ready()}"
 
     def _why_not_ready(self) -> str:
         """A likely cause of actors not starting: the cluster's state now, in a line."""
@@ -388,10 +349,12 @@ class RayRouter(RayEvents):
             self._retired.clear()
             self._replace_at.clear()
             self.free.clear()
-            if self.log_files is not None:
-                self.log_files.close()
             lease, self.lease = self.lease, None
             self.changed.notify_all()
+        # After every actor, and outside the lock: it waits up to each service's stop_grace.
+        self.services.stop()
+        if self.log_files is not None:
+            self.log_files.close()
         if lease is not None:
             lease.release()
 

@@ -35,7 +35,7 @@ import threading
 import time
 import traceback
 from collections import defaultdict, deque
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 from . import _messages as m
@@ -93,6 +93,8 @@ class _Inbox:
 
 class SiteRunner(StepRunner):
     """Runs one site's steps in a Ray actor; the actor supplies the messages."""
+
+    private_loggers = ("ray",)  # Ray's own records stay in Ray's logs
 
     def __init__(self, spec: m.WorkerSpec, inbox: _Inbox, node: str, emit: Callable[[Any], None]) -> None:
         self.site = spec.site
@@ -252,69 +254,15 @@ class SiteRunner(StepRunner):
 
     # -- logging ---------------------------------------------------------------------------
 
+    def _log_identity(self) -> dict[str, Any]:
+        return {"site": self.site, "pid": self.pid, "node": self.node}
+
     def log(self, level: str, event: str, **fields: Any) -> None:
         """Send one log record to the client, tagged with this site, its pid and node."""
         fields.setdefault("site", self.site)
         fields.setdefault("pid", self.pid)
         fields.setdefault("node", self.node)
         self._send_event((m.LOG, [(level, event, fields)]))
-
-    def structlog_logger(self) -> Any:
-        """A structlog logger whose records travel to the client."""
-        if self._structlog is None:
-            import logging
-
-            import structlog
-
-            runner = self
-
-            def forward(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
-                event = str(event_dict.pop("event", ""))
-                event_dict.pop("level", None)
-                fields = {
-                    k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
-                    for k, v in event_dict.items()
-                }
-                runner.log(method, event, **fields)
-                raise structlog.DropEvent
-
-            level = getattr(logging, self.spec.log_level.upper(), logging.INFO)
-            self._structlog = structlog.wrap_logger(
-                None,
-                processors=[forward],
-                wrapper_class=structlog.make_filtering_bound_logger(level),
-                context_class=dict,
-            ).bind(site=self.site, pid=self.pid, node=self.node)
-        return self._structlog
-
-    def forward_stdlib_logging(self) -> None:
-        """Send records of the standard ``logging`` module (user code, libraries) to the client."""
-        import logging
-
-        runner = self
-
-        class _Forward(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                if record.name.startswith("ray"):
-                    return  # Ray's own records stay in Ray's logs
-                try:
-                    fields: dict[str, Any] = {"origin": record.name}
-                    run = runner._run
-                    if run is not None:
-                        fields["job_id"] = run.job_id
-                    if runner._current_step is not None:
-                        fields["step"] = runner._current_step
-                    if record.exc_info:
-                        fields["exception"] = self.format(record).split("\n", 1)[-1]
-                    runner.log(record.levelname.lower(), record.getMessage(), **fields)
-                except Exception:  # noqa: BLE001 - logging must never break a step
-                    self.handleError(record)
-
-        level = getattr(logging, self.spec.log_level.upper(), logging.WARNING)
-        root = logging.getLogger()
-        root.addHandler(_Forward(level))
-        if root.level > level or root.level == logging.NOTSET:
-            root.setLevel(level)
 
     # -- the loop --------------------------------------------------------------------------
 

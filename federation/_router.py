@@ -49,20 +49,17 @@ from ._callbacks import CallbackThread
 from ._config import FederationConfig
 from ._exceptions import (
     FederationError,
-    JobError,
-    QuorumError,
     SerializationError,
     SiteStartError,
-    StepFailedError,
     WorkerDiedError,
     describe_exitcode,
 )
 from ._execution import JobExecution, SlotState
 from ._handle import Job, JobStatus
-from ._log import log_worker_record
 from ._oom import oom_kill_count
-from ._pool import EVENTS, OUTPUT, SENTINEL, STDOUT, WAKE, SlotPool, _backoff
-from ._serialization import load_exception, unlink_segments
+from ._pool import EVENTS, OUTPUT, SENTINEL, STDOUT, WAKE, SlotPool
+from ._serialization import unlink_segments
+from ._slot_policy import backoff
 
 __all__ = ["Router"]
 
@@ -74,8 +71,6 @@ class Router(SlotPool):
 
     def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
         super().__init__(config, callbacks)
-        self.dropped = 0
-        self.links: dict[tuple[str, str], list[int]] = {}
         self.thread = threading.Thread(target=self._run, name="federation-router", daemon=True)
 
     def start(self, wait: bool) -> None:
@@ -177,23 +172,11 @@ class Router(SlotPool):
                 self.changed.notify_all()
 
     def _next_timeout(self) -> int | None:
-        deadlines = list(self._deadlines.values())
-        deadlines.extend(self._replace_at.values())
-        if self._trim_at is not None:
-            deadlines.append(self._trim_at)
-        for slot in self._all_slots():
-            if slot.kill_deadline is not None:
-                deadlines.append(slot.kill_deadline)
-            deadlines.extend(slot.site_kill.values())
-            if slot.state is SlotState.STARTING:
-                deadlines.append(slot.started_at + self.config.start_timeout)
-        if self.config.max_worker_memory is not None and self.running:
-            deadlines.append(self._next_memory_check)
-        if self._fault_timers:
-            deadlines.append(self._fault_timers[0][0])  # a fault plan's timed crash or pause
-        if not deadlines:
+        watching = self.config.max_worker_memory is not None and self.running
+        deadline = self._next_deadline(self._trim_at, self._next_memory_check if watching else None)
+        if deadline is None:
             return None
-        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+        return max(0, int((deadline - time.monotonic()) * 1000) + 1)
 
     def _on_ready(self, fd: int) -> None:
         entry = self._fds.get(fd)
@@ -223,79 +206,18 @@ class Router(SlotPool):
     # -- events ------------------------------------------------------------------------------
 
     def _on_event(self, slot: JobExecution, site: str, message: tuple[Any, ...]) -> None:
+        if self._on_job_event(slot, site, message, f"{site}/slot-{slot.index}"):
+            return
         tag = message[0]
-        if tag == m.RESULTS:
-            self._on_results(slot, site, message[1], message[2])
-        elif tag == m.DONE:
-            self._on_done(slot, site, message[1], message[2], message[3])
-        elif tag == m.FAILED:
-            job = slot.job
-            if job is None or job.id != message[1]:
-                self.dropped += 1
-                return
-            _, job_id, step, data, tb = message
-            cause = load_exception(data, tb)
-            if isinstance(cause, QuorumError):
-                error: JobError = QuorumError(
-                    str(cause),
-                    job_id=job_id,
-                    site=cause.site,
-                    step=cause.step,
-                    needed=cause.needed,
-                    missing=cause.missing,
-                )
-                self._end_job(job, JobStatus.FAILED, error)
-                return
-            detail = f"step {step!r} raised {type(cause).__name__}: {cause}"
-            if self._site_lost(job, slot, site, m.RAISED, detail):
-                return  # a tolerant fan-in goes on without it; DONE (not ok) follows
-            error = StepFailedError(
-                f"step {step!r} of job {job_id} ({job.pipeline!r}) failed at site {site!r}: "
-                f"{type(cause).__name__}: {cause}",
-                job_id=job_id,
-                site=site,
-                step=step,
-            )
-            error.__cause__ = cause
-            self._end_job(job, JobStatus.FAILED, error)
-        elif tag in (m.FAULT, m.WAITING):
-            self._on_fault_event(slot, site, message)  # faults applied; what a site waits for
-        elif tag == m.CUT:
-            job = slot.job
-            if job is not None and job.id == message[1]:
-                self._on_cut(job, slot, message[2])
-        elif tag == m.SEND_TO_JOB:
-            self._send_to_job(slot, site, message)
-        elif tag == m.LOG:
-            for level, event, fields in message[1]:
-                fields.setdefault("worker", f"{site}/slot-{slot.index}")
-                if self.log_files is not None:
-                    self.log_files.record(site, level, event, fields)
-                slot.last_lines[site].append(
-                    f"[{level}] {event} "
-                    + " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("site", "pid", "worker"))
-                )
-                log_worker_record(site, level, event, fields)
-        elif tag == m.BOOTED:
+        if tag == m.BOOTED:
             slot.booted.add(site)
             if self.unstarted and slot.booted == set(slot.sites):
                 # The CPU-heavy part of this wave's start is over; its setups may be
                 # slow but need not hold the next wave back.
                 self._start_unstarted()
         elif tag == m.READY:
-            slot.ready.add(site)
             slot.workers[site].mark_ready()
-            if slot.ready == set(slot.sites) and slot.state is SlotState.STARTING:
-                self._move(slot, SlotState.IDLE)
-                self.restart_failures = 0
-                self.start_deaths = 0
-                self.log.debug(
-                    "slot ready", slot=slot.index, seconds=round(time.monotonic() - slot.started_at, 3)
-                )
-                self._dispatch_queued()
-        elif tag == m.START_FAILED:
-            slot.start_failed = True
-            self._on_start_failed(slot, site, f"a worker of site {site!r} failed to start", message[1])
+            self._site_ready(slot, site)
 
     def _on_results(self, slot: JobExecution, site: str, job_id: int, batch: list[Any]) -> None:
         job = slot.job
@@ -328,56 +250,6 @@ class Router(SlotPool):
         self._released.clear()
         for creator, names in by_site.items():
             slot.send(creator, (m.RELEASE, names))
-
-    def _on_done(self, slot: JobExecution, site: str, job_id: int, ok: bool, info: dict[str, Any]) -> None:
-        results = info.pop("results", None)
-        if results:
-            self._on_results(slot, site, job_id, results)
-        job = slot.job
-        if job is None or job.id != job_id:
-            self.dropped += 1
-            return
-        slot.pending_sites.discard(site)
-        if not ok:
-            # The job was cancelled or failed here: processes its steps started
-            # would outlive it (a step stopped cooperatively is not killed).
-            killed = slot.workers[site].kill_strays()
-            if killed:
-                self.log.info(
-                    "killed processes a stopped job left behind", site=site, job_id=job.id, count=killed
-                )
-        metrics = info.pop("metrics", None)
-        if metrics:
-            self._add_metrics(job, site, metrics)
-        job._record("site_done", site=site, ok=ok, **info)
-        for target, (count, size) in info.get("links", {}).items():
-            totals = self.links.setdefault((site, target), [0, 0])
-            totals[0] += count
-            totals[1] += size
-        self._maybe_finish(slot, job)
-
-    def _maybe_finish(self, slot: JobExecution, job: Job) -> None:
-        """End ``job`` once every site that matters is done; free the slot once all are.
-
-        Sites a tolerant fan-in gave up on (late) need not be done for the job to
-        finish: they were cancelled, and only hold the slot until they stop.
-        """
-        if slot.pending_sites - job._excused:
-            return
-        if not job.done():
-            self._end_job(job, JobStatus.FINISHED, None)
-        if not slot.pending_sites and self.running.get(job.id, (None, None))[1] is slot:
-            self._release(slot)
-
-    def _send_to_job(self, slot: JobExecution, site: str, message: tuple[Any, ...]) -> None:
-        _, request, _from_job, to_job, name, payload, close = message
-        target = self._find_job(to_job)
-        reason: str | None
-        if target is None:
-            reason = f"job {to_job} has ended" if self.issued(to_job) else f"job {to_job} does not exist"
-        else:
-            reason = self.send_input(target, name, payload, close)
-        slot.send(site, (m.REPLY, request, reason))
 
     # -- deaths ------------------------------------------------------------------------------
 
@@ -416,7 +288,7 @@ class Router(SlotPool):
                     slot=slot.index,
                     exitcode=description,
                 )
-                self._retire(slot, graceful=False, delay=_backoff(self.start_deaths, cap=0.5))
+                self._retire(slot, graceful=False, delay=backoff(self.start_deaths, cap=0.5))
                 return
             self._on_start_failed(
                 slot,
@@ -505,43 +377,7 @@ class Router(SlotPool):
             if not self.running:
                 # Idle: what workers' segments this client still maps is given back too.
                 self._views.trim()
-        if self._fault_timers:
-            self._faults_due(now)
-        self._on_job_deadlines(now)
-        for slot in self._all_slots():
-            for site, when in list(slot.site_kill.items()):
-                if when <= now and slot.state in (SlotState.BUSY, SlotState.DRAINING):
-                    self._kill_site(slot, site)
-            if (
-                slot.kill_deadline is not None
-                and slot.kill_deadline <= now
-                and slot.state is SlotState.DRAINING
-            ):
-                (self.log.debug if self.closing and self.interrupted else self.log.warning)(
-                    "killing a slot whose job did not stop in time",
-                    slot=slot.index,
-                    grace=self._cancel_grace(),
-                )
-                if slot.job is not None:
-                    self.running.pop(slot.job.id, None)
-                slot.job = None
-                self._retire(slot, graceful=False)
-            elif slot.state is SlotState.STARTING and slot.started_at + self.config.start_timeout <= now:
-                missing = sorted(set(slot.sites) - slot.ready)
-                self._on_start_failed(
-                    slot,
-                    missing[0] if missing else "?",
-                    f"workers of sites {missing} were not ready within "
-                    f"start_timeout={self.config.start_timeout} s",
-                    None,
-                )
-            elif (
-                slot.state is SlotState.STOPPING
-                and slot.kill_deadline is not None
-                and slot.kill_deadline <= now
-            ):
-                self._move(slot, SlotState.BROKEN)
-                slot.kill()
+        self._on_slot_deadlines(now)
         if self.config.max_worker_memory is not None and self.running and now >= self._next_memory_check:
             # The watchdog runs only while jobs run: an idle federation uses no CPU.
             self._next_memory_check = now + _MEMORY_CHECK_EVERY

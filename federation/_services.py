@@ -38,8 +38,11 @@ treats an exit with code 0 as "not ready yet"); ``OutputExecutor`` (it consumes
 the output, which must go to the logs); ``stop()`` (it waits with the *start*
 timeout, polling). Its errors never leave this module.
 
-A transport that places sites elsewhere (Ray) would run a site's services where
-its workers run; :meth:`FederationServices.signal` is the seam for faults.
+What services do (a record, a line of output) is told to a :class:`ServiceReport`:
+the client's logs and ``log_dir`` here. On Ray each site's services run under one
+of these, inside a service host actor on the site's node
+(:mod:`federation._ray_services`), whose report forwards to the client instead.
+:meth:`FederationServices.signal` is the seam for faults.
 """
 
 from __future__ import annotations
@@ -66,9 +69,11 @@ from ._service_address import ServiceAddress, ServiceMap
 from ._service_checks import fill
 
 if TYPE_CHECKING:
-    from ._config import FederationConfig, Service, SiteConfig
+    from collections.abc import Iterable
 
-__all__ = ["FederationServices", "bind_setup"]
+    from ._config import Service, SiteConfig
+
+__all__ = ["FederationServices", "ServiceReport", "bind_setup"]
 
 _SUPERVISOR = str(Path(__file__).with_name("_supervisor.py"))
 _LAST_LINES = 20
@@ -92,6 +97,24 @@ def bind_setup(setup: Any, services: ServiceMap) -> Any:
     if parameter is None or parameter.kind in (parameter.POSITIONAL_ONLY, parameter.VAR_POSITIONAL):
         return setup
     return functools.partial(setup, services=services)
+
+
+class ServiceReport:
+    """Where services' records and output lines go: the client's logs, and ``log_dir``'s files."""
+
+    def __init__(self, log_files: SiteLogFiles | None) -> None:
+        self._log_files = log_files
+        self._log = get_logger("services")
+
+    def record(self, level: str, event: str, **fields: Any) -> None:
+        """A record of the ``federation.services`` logger (``level``: info, warning, error)."""
+        getattr(self._log, level)(event, **fields)
+
+    def output(self, site: str, name: str, line: str) -> None:
+        """A line service ``name`` of ``site`` wrote: the site's log file and logger, tagged."""
+        if self._log_files is not None:
+            self._log_files.output(site, f"{site}/{name}", line)
+        log_worker_record(site, "info", "service output", {"service": name, "line": line})
 
 
 def _readiness(service: Service) -> str:
@@ -136,12 +159,12 @@ class _Running:
 
 
 class FederationServices:
-    """Every service of a federation's sites: their start, output, deaths and stop."""
+    """Every service of some sites (a federation's, or one site's on Ray): start, output, deaths, stop."""
 
-    def __init__(self, config: FederationConfig, log_files: SiteLogFiles | None) -> None:
-        self._sites = [site for site in config.sites if site.services]
-        self._log_files = log_files
-        self._log = get_logger("services")
+    def __init__(self, sites: Iterable[SiteConfig], report: ServiceReport) -> None:
+        sites = list(sites)
+        self._sites = [site for site in sites if site.services]
+        self._report = report
         self._cond = threading.Condition()
         self._changes = 0  # bumped (under _cond) whenever a line is seen or a service ends
         self._waves: list[list[_Running]] = []  # the n-th service of every site
@@ -151,9 +174,11 @@ class FederationServices:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._wake_r = self._wake_w = self._lifeline_r = self._lifeline_w = -1
-        self.addresses: dict[str, ServiceMap] = {
-            site.name: ServiceMap(site.name, {}) for site in config.sites
-        }
+        # Held from the check of _stopped to a process's state being "starting", and by stop()
+        # setting _stopped: a start racing a stop (on Ray, a stop from another call) either
+        # launches a process that stop() then stops, or launches none.
+        self._launching = threading.Lock()
+        self.addresses: dict[str, ServiceMap] = {site.name: ServiceMap(site.name, {}) for site in sites}
 
     # -- starting ------------------------------------------------------------------------------
 
@@ -202,6 +227,12 @@ class FederationServices:
             self.addresses[site_name] = ServiceMap(site_name, {r.name: r.address for r in services})
 
     def _launch(self, running: _Running) -> None:
+        with self._launching:
+            if self._stopped:
+                raise self._error(running, "was not started: the services are being stopped")
+            self._launch_process(running)
+
+    def _launch_process(self, running: _Running) -> None:
         mirakuru = _mirakuru()
         service = running.service
         argv = [sys.executable, "-I", "-S", _SUPERVISOR, str(service.stop_grace), running.label, "--"]
@@ -230,8 +261,8 @@ class FederationServices:
                     f"could not start: {executor.host}:{executor.port} already accepts connections before "
                     "it started (another process listens there: one left from an earlier run?)",
                 )
-            self._log.info(
-                "starting a service", site=running.site, service=running.name, command=running.argv
+            self._report.record(
+                "info", "starting a service", site=running.site, service=running.name, command=running.argv
             )
             # The process only: waiting until it is ready is ours (see the module's docstring).
             mirakuru.SimpleExecutor.start(executor)
@@ -270,7 +301,8 @@ class FederationServices:
                     pending.remove(running)
                     with self._cond:
                         running.state = "running"
-                    self._log.info(
+                    self._report.record(
+                        "info",
                         "service ready",
                         site=running.site,
                         service=running.name,
@@ -385,9 +417,7 @@ class FederationServices:
                 running.line_seen = True
                 self._changes += 1
                 self._cond.notify_all()
-        if self._log_files is not None:
-            self._log_files.output(running.site, running.label, line)
-        log_worker_record(running.site, "info", "service output", {"service": running.name, "line": line})
+        self._report.output(running.site, running.name, line)
 
     def _on_exit(self, running: _Running) -> None:
         """``running``'s supervisor has exited: its last output, what is left of its group, its code."""
@@ -409,7 +439,8 @@ class FederationServices:
             self._cond.notify_all()
             lines = list(running.last_lines)
         if was == "running":
-            self._log.error(
+            self._report.record(
+                "error",
                 "a service died; it is not restarted, and steps that use it will fail",
                 site=running.site,
                 service=running.name,
@@ -418,8 +449,12 @@ class FederationServices:
                 last_output=lines,
             )
         elif was == "stopping":
-            self._log.info(
-                "service stopped", site=running.site, service=running.name, exitcode=describe_exitcode(code)
+            self._report.record(
+                "info",
+                "service stopped",
+                site=running.site,
+                service=running.name,
+                exitcode=describe_exitcode(code),
             )
 
     # -- faults and stopping -----------------------------------------------------------------------
@@ -439,7 +474,8 @@ class FederationServices:
         with self._stop_lock:
             if self._stopped:
                 return
-            self._stopped = True
+            with self._launching:
+                self._stopped = True
             try:
                 for wave in reversed(self._waves):
                     self._stop_wave(wave)
@@ -458,12 +494,15 @@ class FederationServices:
                 now = time.monotonic()
                 for running in [r for r in live if deadlines[r.label] <= now]:
                     if running.label in killed:
-                        self._log.error(
-                            "a service survived SIGKILL (stuck in the kernel?)", service=running.label
+                        self._report.record(
+                            "error",
+                            "a service survived SIGKILL (stuck in the kernel?)",
+                            service=running.label,
                         )
                         live.remove(running)
                         continue
-                    self._log.warning(
+                    self._report.record(
+                        "warning",
                         "a service did not stop within its stop_grace; killing it",
                         site=running.site,
                         service=running.name,
@@ -482,8 +521,11 @@ class FederationServices:
                     # but left the group (a daemon); then mirakuru lets go of the process.
                     running.executor.kill()
                 except Exception as exc:  # noqa: BLE001 - mirakuru's errors stay here
-                    self._log.warning(
-                        "could not kill what a service left", service=running.label, error=repr(exc)
+                    self._report.record(
+                        "warning",
+                        "could not kill what a service left",
+                        service=running.label,
+                        error=repr(exc),
                     )
 
     def _send(self, running: _Running, signum: int) -> None:

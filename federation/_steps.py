@@ -57,6 +57,7 @@ from ._serialization import (
     payload_size,
     shared_segments,
 )
+from ._site_logging import SiteLogging
 from ._store import SiteStoreOwner
 
 __all__ = ["StepContext", "StepRunner"]
@@ -70,7 +71,7 @@ _TIMINGS_PER_STEP = 64  # timeline records kept per step and job; later calls ar
 _CHECK_EVERY = 0.002  # seconds between looks at the inbox while a step emits
 
 
-class StepRunner(SiteStoreOwner, FaultRuntime):
+class StepRunner(SiteStoreOwner, FaultRuntime, SiteLogging):
     """Runs one site's steps of the current job; a site runtime supplies the pipes."""
 
     # State the runtime sets up (see Worker.__init__).
@@ -115,14 +116,6 @@ class StepRunner(SiteStoreOwner, FaultRuntime):
         raise NotImplementedError
 
     def _read_ready(self, timeout_ms: int | None) -> None:
-        raise NotImplementedError
-
-    def structlog_logger(self) -> Any:
-        """A structlog logger whose records travel to the client."""
-        raise NotImplementedError
-
-    def log(self, level: str, event: str, **fields: Any) -> None:
-        """Send one log record to the client, tagged with this site."""
         raise NotImplementedError
 
     def abort_requested(self, job_id: int) -> str | None:

@@ -42,7 +42,7 @@ import threading
 import time
 import traceback
 from collections import defaultdict, deque
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 from . import _messages as m
@@ -326,6 +326,9 @@ class Worker(StepRunner):
 
     # -- logging ---------------------------------------------------------------------------
 
+    def _log_identity(self) -> dict[str, Any]:
+        return {"site": self.site, "pid": self.pid}
+
     def log(self, level: str, event: str, **fields: Any) -> None:
         """Send one log record to the client, tagged with this worker."""
         fields.setdefault("site", self.site)
@@ -335,66 +338,7 @@ class Worker(StepRunner):
         except SystemExit:
             pass
 
-    def structlog_logger(self) -> Any:
-        """A structlog logger whose records travel to the client (structlog imported on first use)."""
-        if self._structlog is None:
-            import structlog
-
-            worker = self
-
-            def forward(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
-                event = str(event_dict.pop("event", ""))
-                event_dict.pop("level", None)
-                fields = {
-                    k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
-                    for k, v in event_dict.items()
-                }
-                worker.log(method, event, **fields)
-                raise structlog.DropEvent
-
-            import logging
-
-            level = getattr(logging, self.spec.log_level.upper(), logging.INFO)
-            self._structlog = structlog.wrap_logger(
-                None,
-                processors=[forward],
-                wrapper_class=structlog.make_filtering_bound_logger(level),
-                context_class=dict,
-            ).bind(site=self.site, pid=self.pid)
-        return self._structlog
-
     # -- the loop --------------------------------------------------------------------------
-
-    def forward_stdlib_logging(self) -> None:
-        """Send records of the standard ``logging`` module (user code, libraries) to the client.
-
-        Called after READY, while the worker waits for its first job: importing
-        ``logging`` is then off the pool's start-up path.
-        """
-        import logging
-
-        worker = self
-
-        class _Forward(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                try:
-                    run = worker._run
-                    fields: dict[str, Any] = {"origin": record.name}  # "logger" is the client logger's
-                    if run is not None:
-                        fields["job_id"] = run.job_id
-                    if worker._current_step is not None:
-                        fields["step"] = worker._current_step
-                    if record.exc_info:
-                        fields["exception"] = self.format(record).split("\n", 1)[-1]
-                    worker.log(record.levelname.lower(), record.getMessage(), **fields)
-                except Exception:  # noqa: BLE001 - logging must never break a step
-                    self.handleError(record)
-
-        level = getattr(logging, self.spec.log_level.upper(), logging.WARNING)
-        root = logging.getLogger()
-        root.addHandler(_Forward(level))
-        if root.level > level or root.level == logging.NOTSET:
-            root.setLevel(level)
 
     def serve(self) -> None:
         """Serve until STOP, or until the client is gone."""

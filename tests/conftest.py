@@ -161,7 +161,6 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 #: Test modules whose features the Ray backend refuses (with a ConfigError), and why.
 RAY_UNSUPPORTED = {
     "test_faults.py": "fault plans are not available on the Ray backend yet (a ConfigError says so)",
-    "test_services.py": "site services are not available on the Ray backend yet (a ConfigError says so)",
 }
 
 

@@ -26,6 +26,7 @@ ORDER = [
     "_context",
     "_faults",
     "_runs",
+    "_site_logging",
     "_steps",
     "_worker",
     "_ray_values",
@@ -49,6 +50,7 @@ ORDER = [
     "_execution",
     "_jobs",
     "_fault_control",
+    "_slot_policy",
     "_pool",
     "_router",
     "_ray_cluster",
@@ -69,6 +71,7 @@ ORDER = [
 TYPE_ONLY_UPWARD = {
     ("backends", "_config"),  # get_backend's parameter is annotated with the config it reads
     ("_bindings", "_pipeline"),  # a Step is annotated with the pipeline it belongs to
+    ("_fault_control", "_slot_policy"),  # its hooks are annotated with the slots the policy keeps
 }
 #: What a worker process runs: it must never reach the client's side.
 WORKER_SIDE = {
@@ -83,6 +86,7 @@ WORKER_SIDE = {
     "_store",
     "_context",
     "_runs",
+    "_site_logging",
     "_steps",
     "_worker",
     "_ray_values",

@@ -46,7 +46,8 @@ def _chatty() -> fed.Pipeline:
     return pipeline
 
 
-@process_only
+# On the thread backend a step's stdlib records are the client's own: its logging handles them.
+@pytest.mark.parametrize("backend", ["process", "ray"], indirect=True)
 def test_stdlib_logging_in_a_step_reaches_the_client_tagged(make_federation) -> None:
     keep = _Keep()
     logger = logging.getLogger("federation")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,10 +27,16 @@ import federation as fed
 
 T = 30  # the longest any single wait in these tests may take
 APP = str(Path(__file__).with_name("service_app.py"))
+ENV = shutil.which("env") or "/usr/bin/env"
 
 
 def app(*args: str) -> list[str]:
-    return [sys.executable, APP, *args]
+    """service_app.py's command line, its process marked as this test process's (``TEST_OWNER``).
+
+    Marked in the command itself: on Ray a service starts from a service host on a node,
+    whose environment is not this process's.
+    """
+    return [ENV, f"TEST_OWNER={os.getpid()}", sys.executable, APP, *args]
 
 
 def tcp_service(name: str = "echo", **options: object) -> fed.Service:
@@ -322,8 +329,30 @@ def test_service_output_goes_to_the_site_logs_tagged(make_federation, tmp_path, 
     assert output and "service=echo" in output[0].getMessage() and "listening on" in output[0].getMessage()
 
 
-def test_services_die_with_a_client_killed_with_sigkill(backend, tmp_path) -> None:
-    """No close(), no atexit: the kernel closes the lifeline and the supervisors stop the groups."""
+def _client_env(backend: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment of a client run as a script: this package, and on Ray the session's cluster."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    if backend == "ray":
+        # A driver of the session's cluster: its actors die with it. (A private instance
+        # would be ended whole by its watchdog: see test_ray.)
+        env["RAY_ADDRESS"] = request.getfixturevalue("ray_cluster").address
+    return env
+
+
+def service_families() -> list[psutil.Process]:
+    """This test's services, each with its supervisor and whatever it started."""
+    found = []
+    for service in app_processes():
+        found += [service.parent(), service, *service.children(recursive=True)]
+    return found
+
+
+def test_services_die_with_a_client_killed_with_sigkill(backend, tmp_path, request) -> None:
+    """No close(), no atexit: the lifeline's owner dies and the supervisors stop the groups.
+
+    Locally the owner is the client; on Ray the site's service host, a Ray actor that
+    dies with its driver.
+    """
     script = tmp_path / "client.py"
     script.write_text(
         textwrap.dedent(
@@ -332,8 +361,7 @@ def test_services_die_with_a_client_killed_with_sigkill(backend, tmp_path) -> No
             import psutil
             import federation as fed
 
-            service = fed.Service("svc", [sys.executable, {APP!r}, "stubborn"],
-                                  ready_line="ready to serve", stop_grace=0.5)
+            service = fed.Service("svc", {app("stubborn")!r}, ready_line="ready to serve", stop_grace=0.5)
             federation = fed.Federation([fed.Site("a", services=[service]), "b"],
                                         backend={backend!r}, pool_size=1)
             mine = [p.pid for p in psutil.Process().children(recursive=True)]
@@ -342,17 +370,20 @@ def test_services_die_with_a_client_killed_with_sigkill(backend, tmp_path) -> No
             """
         )
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     with subprocess.Popen(
-        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        [sys.executable, str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=_client_env(backend, request),
     ) as client:
         assert client.stdout is not None
         with selectors.DefaultSelector() as selector:
             selector.register(client.stdout, selectors.EVENT_READ)
-            assert selector.select(T), "the client did not start its federation in time"
+            assert selector.select(2 * T), "the client did not start its federation in time"
         pids = [int(pid) for pid in client.stdout.readline().split()]
-        processes = [psutil.Process(pid) for pid in pids]
-        assert len([p for p in processes if p.cmdline()[1:2] == [APP]]) == 1  # the service
+        assert len(app_processes()) == 1  # the service
+        processes = [psutil.Process(pid) for pid in pids] + service_families()
+        assert len(processes) >= 3  # a supervisor, the service, its child (and local workers)
         client.kill()
         assert client.wait(T) == -signal.SIGKILL
 
@@ -362,7 +393,7 @@ def test_services_die_with_a_client_killed_with_sigkill(backend, tmp_path) -> No
     assert wait_until(gone, T), [p for p in processes if p.is_running()]
 
 
-def test_a_federation_left_open_at_exit_stops_its_services_gracefully(tmp_path) -> None:
+def test_a_federation_left_open_at_exit_stops_its_services_gracefully(backend, tmp_path, request) -> None:
     """Interpreter exit closes it: SIGTERM first (mirakuru's own exit hook would SIGKILL)."""
     script = tmp_path / "client.py"
     script.write_text(
@@ -371,17 +402,16 @@ def test_a_federation_left_open_at_exit_stops_its_services_gracefully(tmp_path) 
             import sys
             import federation as fed
 
-            service = fed.Service("svc", [sys.executable, {APP!r}, "stubborn"],
-                                  ready_line="ready to serve", stop_grace=0.2)
+            service = fed.Service("svc", {app("stubborn")!r}, ready_line="ready to serve", stop_grace=0.2)
             federation = fed.Federation([fed.Site("a", services=[service])], pool_size=1,
-                                        log_dir={str(tmp_path / "logs")!r})
+                                        backend={backend!r}, log_dir={str(tmp_path / "logs")!r})
             print("leaving it open", flush=True)
             """
         )
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, str(script)]
-    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=T, check=False)
+    env = _client_env(backend, request)
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=2 * T, check=False)
     assert out.returncode == 0 and "leaving it open" in out.stdout, out.stderr
     assert "a service died" not in out.stderr
     assert "a/svc: got SIGTERM, ignoring it" in (tmp_path / "logs" / "a.log").read_text()
@@ -413,6 +443,89 @@ def ask_echo_at(site: str) -> fed.Pipeline:
 
     pipeline.output(ask)
     return pipeline
+
+
+# -- on Ray: a site's services on its node --------------------------------------------------------
+
+ray_only = pytest.mark.parametrize("backend", ["ray"])
+
+
+@ray_only
+def test_on_ray_a_sites_services_run_on_its_node_beside_its_actors(make_federation, ray_cluster) -> None:
+    """Each site's service host is on the site's labelled node, its actors too, its services under it."""
+    echo = tcp_service()
+    federation = make_federation([fed.Site("a", services=[echo]), fed.Site("b", services=[echo]), "hub"])
+    pipeline = fed.Pipeline("where-echo")
+
+    @pipeline.step(sites=["a", "b"])
+    def ask(ctx):
+        import socket
+
+        import ray
+
+        address = ctx.services["echo"]
+        with socket.create_connection((address.host, address.port), timeout=10) as conn:
+            return ray.get_runtime_context().get_node_id(), conn.makefile().readline().strip()
+
+    pipeline.output(ask)
+    result = federation.submit(pipeline).result(timeout=T)
+    services = federation._router.services
+    for site in ("a", "b"):
+        node = ray_cluster.node_id(site)
+        assert services.node_of(site) == node
+        assert result[site] == (node, site)  # the step ran on that node and reached its own service
+    assert services.node_of("hub") is None
+    serving = {service.environ()["SERVICE_SITE"]: service for service in app_processes()}
+    for site, service in serving.items():  # under its supervisor, under the site's service host
+        assert services.host_pid(site) in [parent.pid for parent in service.parents()]
+    assert sorted(serving) == ["a", "b"]
+
+
+@ray_only
+def test_on_ray_services_die_with_their_service_host_and_that_is_logged(make_federation, records) -> None:
+    """The host's process owns the lifelines: killed (as when its node goes), its services go too."""
+    import ray
+
+    lost = records(lambda r: "a service host died" in r.getMessage())
+    federation = make_federation([fed.Site("a", services=[tcp_service(stop_grace=0.5)]), "b"])
+    processes = service_families()
+    assert len(processes) == 2  # the supervisor and the service
+    services = federation._router.services
+    ray.kill(services._hosts["a"].actor, no_restart=True)
+    assert lost.matched.wait(T)
+    [record] = [r for r in lost.records if "a service host died" in r.getMessage()]
+    assert record.levelno == logging.ERROR and "site=a" in record.getMessage()
+    assert wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in processes), T)
+    assert services.node_of("a") is None  # replacements of a's actors go anywhere on its nodes
+    assert not services.signal("a", "echo", signal.SIGTERM)
+
+
+@ray_only
+def test_on_ray_a_supervisor_killed_alone_still_takes_its_services_group_down(
+    make_federation, records
+) -> None:
+    """A Ray worker SIGKILLs its direct children as it exits, their groups left alone.
+
+    Here: the host is frozen (it cannot clean up, as when it is exiting) and the
+    supervisor its owner started is SIGKILLed; the supervisor's watcher stops the group.
+    """
+    died = records(lambda r: "a service died" in r.getMessage())
+    stubborn = fed.Service("stubborn", app("stubborn"), ready_line="ready to serve", stop_grace=0.3)
+    federation = make_federation([fed.Site("a", services=[stubborn]), "b"])
+    host = psutil.Process(federation._router.services.host_pid("a"))
+    [service] = app_processes()
+    family = [service, *service.children()]
+    supervisor = [
+        p for p in service.parents() if any(part.endswith("_supervisor.py") for part in p.cmdline())
+    ]
+    assert supervisor[-1].ppid() == host.pid
+    host.suspend()
+    try:
+        supervisor[-1].kill()
+        assert wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in family), T)
+    finally:
+        host.resume()
+    assert died.matched.wait(T)
 
 
 # -- config ---------------------------------------------------------------------------------------
