@@ -27,7 +27,7 @@ import difflib
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -128,15 +128,45 @@ class SiteFault(Fault):
 
 
 @dataclass(frozen=True)
-class Crash(SiteFault):
-    """The site's worker is killed (SIGKILL; on the thread backend its thread ends with an error)."""
+class _ServiceTarget(SiteFault):
+    """A site fault that may aim at one of the site's services instead of its worker."""
+
+    service: str | None = dataclasses.field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.service is None:
+            return
+        if not self.service or not isinstance(self.service, str):
+            raise ConfigError(f"{self.kind}: service={self.service!r} must name one of the site's services")
+        if self.after is not None or self.step is not None:
+            raise ConfigError(
+                f"{self.kind} of service {self.service!r}: a service fault is timed from the job's "
+                "start (at=, job=, probability=); after= and step= count a step's values, which a "
+                "service does not send"
+            )
+        if self.site == ALL:
+            raise ConfigError(f"{self.kind} of service {self.service!r}: name one site, not {ALL!r}")
+
+
+@dataclass(frozen=True)
+class Crash(_ServiceTarget):
+    """The site's worker is killed (SIGKILL; on the thread backend its thread ends with an error).
+
+    With ``service="db"``, the site's service ``db`` is killed instead (SIGKILL to its
+    process group), ``at`` seconds after the job starts (at once if ``at`` is None).
+    """
 
     kind: ClassVar[str] = "crash"
 
 
 @dataclass(frozen=True)
-class Pause(SiteFault):
-    """The site's worker stops for ``seconds``, then resumes (a straggler)."""
+class Pause(_ServiceTarget):
+    """The site's worker stops for ``seconds``, then resumes (a straggler).
+
+    With ``service="db"``, the site's service ``db`` is stopped instead (SIGSTOP to its
+    process group, SIGCONT ``seconds`` later): it accepts connections but answers nothing.
+    """
 
     kind: ClassVar[str] = "pause"
     seconds: float = 1.0
@@ -371,14 +401,28 @@ class FaultPlan:
         text = source.read_text()
         return cls.from_toml(text) if source.suffix == ".toml" else cls.from_json(text)
 
-    def check(self, sites: Sequence[str], *, per_submit: bool = False) -> None:
-        """Refuse faults naming sites the federation lacks (or a start fault for one submit).
+    def check(
+        self,
+        sites: Sequence[str],
+        *,
+        per_submit: bool = False,
+        services: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        """Refuse faults naming sites (or services) the federation lacks, or a start fault for one submit.
 
         Raises:
-            ConfigError: naming the fault and the site, with "did you mean".
+            ConfigError: naming the fault and the site or service, with "did you mean".
         """
         known = set(sites)
         for fault in self.faults:
+            if isinstance(fault, _ServiceTarget) and fault.service is not None and services is not None:
+                declared = list(services.get(fault.site, ()))
+                if fault.service not in declared:
+                    raise ConfigError(
+                        f"fault {_fault_repr(fault)} names service {fault.service!r}, which site "
+                        f"{fault.site!r} does not have{_hint(fault.service, declared)}; its services "
+                        f"are {sorted(declared)} (fed.Site(..., services=[...]))"
+                    )
             names = [fault.site] if isinstance(fault, SiteFault) else []
             if isinstance(fault, LinkFault):
                 names = [fault.source, fault.target]

@@ -11,10 +11,10 @@ Who decides, who acts::
                            inputs from the client shaped on arrival
 
 The decisions (:class:`SiteFaults`, :class:`LinkShaper`) are plain code with no
-pipes: a transport calls them at its own seams (the Ray backend: where it puts a
-token frame in the object store, and around a step call), so a plan behaves the
-same everywhere. Every fault applied is reported as a FAULT event with the
-plan's seed and lands in the job's timeline.
+pipes: a transport calls them at its own seams (the Ray backend: where a site
+actor sends a token frame to a sibling, results to the client, and around a
+step call), so a plan behaves the same everywhere. Every fault applied is
+reported as a FAULT event with the plan's seed and lands in the job's timeline.
 
 A site also says what it waits for once it has waited a while
 (:func:`describe_waiting`), so a job stuck on a dropped token times out with
@@ -115,6 +115,9 @@ def schedule(plan: FaultPlan, number: int, attempt: int, sites: Sequence[str]) -
                     continue
                 if isinstance(fault, Restart):
                     result.restarts.append((site, index, fault))
+                elif isinstance(fault, (Crash, Pause)) and fault.service is not None:
+                    # A service is no step: its fault is timed from the job's start, by the client.
+                    result.timers.append((fault.at or 0.0, site, index, fault))
                 elif isinstance(fault, (Crash, Pause)) and fault.at is not None and fault.after is None:
                     result.timers.append((fault.at, site, index, fault))
                 else:
@@ -477,18 +480,22 @@ class FaultRuntime:
             faults.record(index, fault, step=step, tokens=count)
             self._flush_all()
             self._send_fault_records()
-            pump = getattr(self, "_pump_until", None)
-            events = getattr(self, "_events", None)
-            if pump is not None and events is not None:
-                pump(lambda: not events.has_pending)
-            if threading.current_thread() is threading.main_thread():
-                os.kill(os.getpid(), 9)
-            raise InjectedCrash(f"crashed by fault {index} of the plan (seed {faults.seed})")
+            self._crash(f"crashed by fault {index} of the fault plan (seed {faults.seed})")
         if isinstance(fault, Pause):
             faults.record(index, fault, step=step, tokens=count, seconds=fault.seconds)
             self._flush_all()
             self._send_fault_records()
             time.sleep(fault.seconds)  # the fault itself: this worker does nothing meanwhile
+
+    def _crash(self, reason: str) -> None:
+        """End this site as a crash does, once what it said has left (never returns)."""
+        pump = getattr(self, "_pump_until", None)
+        events = getattr(self, "_events", None)
+        if pump is not None and events is not None:
+            pump(lambda: not events.has_pending)
+        if threading.current_thread() is threading.main_thread():
+            os.kill(os.getpid(), 9)
+        raise InjectedCrash(reason)
 
     def _send_fault_records(self) -> None:
         faults = self._faults

@@ -89,7 +89,10 @@ class Federation:
             self._router = RayRouter(config, self._callbacks)
         else:
             self._router = Router(config, self._callbacks)
-        self._faults = _check_plan(faults, self._site_names, per_submit=False)
+        self._site_services = {
+            site.name: [service.name for service in site.services] for site in config.sites
+        }
+        self._faults = _check_plan(faults, self._site_names, self._site_services, per_submit=False)
         self._router.fault_plan = self._faults
         self._submits = 0  # a fault plan's job numbers: the Nth submit is job N
         self._shutdown = _Shutdown(self._router, self._callbacks, config.shutdown_timeout)
@@ -230,9 +233,11 @@ class Federation:
             callbacks=self._callbacks,
         )
         job._absent = absent
-        plan = _check_plan(faults, self._site_names, per_submit=True) if faults is not None else self._faults
-        if plan is not None and self._config.backend == "ray":
-            self._router.fault_plan = plan  # refused there, with the reason
+        plan = (
+            _check_plan(faults, self._site_names, self._site_services, per_submit=True)
+            if faults is not None
+            else self._faults
+        )
         with self._router.lock:
             self._submits += 1
             job._fault_number = self._submits
@@ -415,12 +420,14 @@ class _Shutdown:
             self.run(cancel_pending=True, timeout=None)
 
 
-def _check_plan(plan: Any, sites: Sequence[str], *, per_submit: bool) -> FaultPlan | None:
+def _check_plan(
+    plan: Any, sites: Sequence[str], services: dict[str, list[str]], *, per_submit: bool
+) -> FaultPlan | None:
     if plan is None:
         return None
     if not isinstance(plan, FaultPlan):
         raise ConfigError(f"faults= takes a fed.FaultPlan, not {type(plan).__name__}")
-    plan.check(sites, per_submit=per_submit)
+    plan.check(sites, per_submit=per_submit, services=services)
     return plan
 
 

@@ -18,7 +18,7 @@ from . import _messages as m
 from ._exceptions import SerializationError
 from ._handle import JobStatus
 from ._ray_pool import RayPool, RaySlot, RayWorker
-from ._ray_values import EXITING, OUTPUT, STOPPED
+from ._ray_values import CRASH, EXITING, OUTPUT, STOPPED
 
 __all__ = ["RayEvents"]
 
@@ -47,6 +47,8 @@ class RayEvents(RayPool):
             self._site_ready(slot, site)
         elif tag == EXITING:
             worker.exitcode = message[1]
+        elif tag == CRASH:
+            self._crash_worker(worker, message[1])  # a fault plan's crash: the FAULT record came first
         elif tag == STOPPED:
             worker.kill()  # its runner has ended: all it said has arrived; the poll confirms the death
 

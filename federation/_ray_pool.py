@@ -43,7 +43,8 @@ from ._slot_policy import SlotPolicy, backoff
 
 __all__ = ["RayPool", "RaySlot", "RayWorker"]
 
-# A site actor's Ray threads: the long poll, a START waiting to answer, messages arriving.
+# A site actor's Ray threads: the long poll, a START waiting to answer, messages arriving,
+# a fault plan's pause reaping its stopper.
 _ACTOR_THREADS = 6
 
 
@@ -61,6 +62,7 @@ class RayWorker:
         self.node_id: str | None = None
         self.node_address: str | None = None
         self.gone = False  # its poll failed: the actor is dead
+        self.crashed: str | None = None  # why a fault plan had it killed, if one did
         self.exitcode: int | None = None  # what it passed to os._exit, if it said so
         self.seq = 0  # the number of the client's next message to it
         self.poll: Any = None  # the outstanding events() call
@@ -89,6 +91,15 @@ class RayWorker:
         try:
             ray.kill(self.actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already dead, or the cluster is going
+            pass
+
+    def pause(self, seconds: float) -> None:
+        """Stop the actor's process for ``seconds``, on its node (see ``SiteActor.pause``)."""
+        if self.gone:
+            return
+        try:
+            self.actor.pause.remote(seconds)
+        except Exception:  # noqa: BLE001 - Ray is shutting down: the poll reports the end
             pass
 
 
@@ -183,6 +194,7 @@ class RayPool(SlotPolicy[RaySlot]):
         slot = RaySlot(index, self._generation, sites)
         self.slots[index] = slot
         sys_path = tuple(p for p in sys.path if p)
+        failing = self._faults_start_failures(list(sites)) if self.fault_plan is not None else {}
         for site_config in self.config.sites:
             site = site_config.name
             name = f"{site}/slot-{index}"
@@ -197,6 +209,7 @@ class RayPool(SlotPolicy[RaySlot]):
                 log_level=self._log_level,
                 max_token_bytes=self.config.max_token_bytes,
                 shm_prefix="",
+                fail_start=failing.get(site),
                 services=services,
             )
             options = dict(self.placement.options[site])
@@ -250,6 +263,8 @@ class RayPool(SlotPolicy[RaySlot]):
         slot.pending_sites = set(participants)
         self.running[job.id] = (job, slot)
         started = time.time()
+        if job._faults is not None:
+            self._faults_dispatch(job, slot, participants)  # each site's rules, ahead of START
         for site in participants:
             digest, plan = compiled.plans[site]
             cached = slot.plans[site]
@@ -294,6 +309,23 @@ class RayPool(SlotPolicy[RaySlot]):
             "suspend() and resume() are not available on the Ray backend: Ray cannot pause an actor's "
             "process; cancel the job (job.cancel()) or use backend='process'"
         )
+
+    # -- a fault plan's timed crash and pause -------------------------------------------------
+
+    def _can_stop_workers(self) -> bool:
+        return True
+
+    def _crash_worker(self, worker: RayWorker, reason: str) -> None:
+        worker.crashed = reason
+        worker.kill()
+
+    def _signal_service(self, site: str, name: str, signum: int) -> None:
+        # The service runs on the site's node, under its host actor: a call that is not waited on.
+        self.services.signal_nowait(site, name, signum)
+
+    def _pause_worker(self, worker: RayWorker, seconds: float) -> None:
+        # Stopped and resumed on its own node: the client may be on another machine.
+        worker.pause(seconds)
 
     def _kill_late_site(self, slot: RaySlot, site: str) -> None:
         # Ray cannot stop one method: the late site's actor goes, the slot is repaired after the job.

@@ -30,14 +30,12 @@ from . import _messages as m
 from ._callbacks import CallbackThread
 from ._config import FederationConfig
 from ._exceptions import (
-    ConfigError,
     FederationError,
     SiteStartError,
     WorkerDiedError,
     describe_exitcode,
 )
 from ._execution import SlotState
-from ._fault_plan import FaultPlan
 from ._handle import Job, JobStatus
 from ._ray_cluster import died_reason, register_closer, unregister_closer
 from ._ray_events import RayEvents
@@ -48,24 +46,10 @@ from ._slot_policy import backoff
 __all__ = ["RayRouter"]
 
 _CONFIRM_DEATHS = 10.0  # seconds close() waits for Ray to confirm every actor it killed is gone
-_NO_FAULTS = (
-    "fault plans are not available on the Ray backend yet: run them on backend='process' or 'thread' "
-    "(a plan behaves the same there), or inject faults with Ray's own tools"
-)
 
 
 class RayRouter(RayEvents):
     """The router thread of one federation on Ray: its queue, the actors' events, their deaths."""
-
-    @property
-    def fault_plan(self) -> FaultPlan | None:
-        """Fault plans are not available on Ray yet: only ``None`` is accepted."""
-        return None
-
-    @fault_plan.setter
-    def fault_plan(self, plan: FaultPlan | None) -> None:
-        if plan is not None:
-            raise ConfigError(_NO_FAULTS)
 
     def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
         super().__init__(config, callbacks)
@@ -212,6 +196,8 @@ class RayRouter(RayEvents):
         reason = died_reason(exc)
         if worker.exitcode is not None:
             reason = f"{describe_exitcode(worker.exitcode)} (os._exit)"
+        if worker.crashed is not None:
+            reason = f"{worker.crashed}: its actor was killed"
         last = tuple(slot.last_lines[site])
         if slot.state is SlotState.STARTING:
             if not _killed_from_outside(reason):

@@ -323,6 +323,16 @@ class RayServices:
         except Exception:  # noqa: BLE001 - the host is gone: so is the service
             return False
 
+    def signal_nowait(self, site: str, name: str, signum: int) -> None:
+        """Send ``signum`` to ``site``'s service ``name`` without waiting for the host (any thread)."""
+        host = self._hosts.get(site)
+        if host is None or host.gone or self._stopped:
+            return
+        try:
+            host.actor.signal.remote(name, signum)
+        except Exception:  # noqa: BLE001 - the host is gone (its poll says so), or Ray is going
+            pass
+
     # -- stopping ----------------------------------------------------------------------------
 
     def stop(self) -> None:

@@ -22,6 +22,12 @@ sent; the receiving site fetches it node to node (zero-copy when both sites
 share a node). Results for the client carry their buffers inline, so the
 client never waits on a fetch.
 
+A fault plan acts at the same seams as in a worker process (``_faults``):
+token frames to a sibling, events to the client and stream inputs are shaped
+(held frames wait on the runner's timer), a crash is the client killing the
+actor once it has the site's last events, and a timed pause stops the whole
+actor process from a small process on its node (:meth:`SiteActor.pause`).
+
 Workers of a cluster import this module; it imports Ray only as a Ray worker
 already has it, and nothing of the client side.
 """
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -40,7 +47,9 @@ from typing import Any
 
 from . import _messages as m
 from ._exceptions import TokenRejectedError
+from ._faults import InjectedStartError
 from ._ray_values import (
+    CRASH,
     EXITING,
     LINK,
     OUTPUT,
@@ -64,6 +73,8 @@ _SENDS_PER_JOB = 10_000  # timeline records of frames sent, per job and site
 _OUTGOING_HIGH = 4096  # events waiting for the client beyond which the runner waits for it
 _REPLY_WAIT = 0.5  # seconds a START waits for its job to be done here, to answer with its events
 _LINGER = 0.002  # seconds the long poll leaves events to a waiting START
+_CRASH_WAIT = 30.0  # seconds a crashing site waits for the client to kill its actor before it dies alone
+_PAUSE_SLACK = 10.0  # seconds past a pause's end after which its stopper process is given up on
 
 
 class _Inbox:
@@ -137,6 +148,8 @@ class SiteRunner(StepRunner):
     # -- sending ---------------------------------------------------------------------------
 
     def _send_event(self, message: tuple[Any, ...]) -> None:
+        if self._faults is not None and self._faults_event(message):
+            return  # a fault plan holds it (a slow or cut link to the client; see _faults)
         if message[0] == m.RESULTS:
             message = (m.RESULTS, message[1], [(o, s, inline_buffers(p)) for o, s, p in message[2]])
         elif message[0] == m.DONE and message[3].get("results"):
@@ -190,12 +203,22 @@ class SiteRunner(StepRunner):
             self._send_event((m.RESULTS, self._run.job_id, batch))
 
     def _flush_all(self) -> None:
+        if self._fault_due:
+            self._faults_flush()  # frames a fault plan held whose time has come
         for site in list(self._batches):
             self._flush_batch(site)
         self._flush_results()
 
     def _flush_releases(self) -> None:
         """Nothing to release: Ray counts references."""
+
+    def _crash(self, reason: str) -> None:
+        """A fault plan crashes this site: the client kills the actor, as it kills one for a
+        timed crash, once it has what this site said before (the events are in order). The
+        runner does nothing meanwhile: nothing this site would do after the crash leaves it."""
+        self._emit_event((CRASH, reason))
+        threading.Event().wait(_CRASH_WAIT)
+        os.kill(os.getpid(), signal.SIGKILL)  # the client is gone: die alone
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -404,6 +427,30 @@ class SiteActor:
             self._cond.notify_all()  # back-pressure: the steps may go on
         return pack(out)
 
+    def pause(self, seconds: float) -> None:
+        """Stop this actor's whole process for ``seconds``: a fault plan's timed Pause.
+
+        A process cannot resume itself, and the client may be on another
+        machine: a small process on this node sends SIGSTOP, sleeps and sends
+        SIGCONT, so a step busy in user code stops too, as a worker process does
+        under the local transport's SIGSTOP. This Ray thread reaps it (it is
+        stopped with the rest meanwhile).
+        """
+        import subprocess
+
+        stopper = subprocess.Popen(
+            ["/bin/sh", "-c", 'kill -STOP "$1"; sleep "$2"; kill -CONT "$1"', "federation-pause"]
+            + [str(os.getpid()), f"{max(0.0, seconds):.6f}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            stopper.wait(seconds + _PAUSE_SLACK)
+        except subprocess.TimeoutExpired:  # running again, so it sent SIGCONT or never stopped us
+            stopper.kill()
+            stopper.wait()
+
     def where(self) -> tuple[str, int]:
         """This actor's node id and pid."""
         return self._node, os.getpid()
@@ -482,6 +529,8 @@ class SiteActor:
             if spec.data_dir:
                 os.makedirs(spec.data_dir, exist_ok=True)
             self._emit((m.BOOTED,))
+            if spec.fail_start is not None:
+                raise InjectedStartError(spec.fail_start)  # a fault plan's FailStart
             if spec.setup is not None:
                 runner.state = spec.setup()
         except BaseException as exc:  # noqa: BLE001 - report any setup failure, SystemExit too
@@ -505,15 +554,18 @@ class SiteActor:
 
     @staticmethod
     def _wait_for_work(runner: SiteRunner) -> None:
-        """Wait for a message, or for a tolerant gather's deadline (then a TICK is the work)."""
+        """Wait for a message, or for a deadline (a tolerant gather's, a frame a fault plan
+        holds: then a TICK is the work). A job that waits here a while says what for."""
         if runner._inbox:
             return
         timer = runner._next_timer()
         if timer is None:
-            runner._read_ready(None)
-            return
-        left = timer - time.monotonic()
-        if left > 0:
-            runner._read_ready(int(left * 1000) + 1)
-        if not runner._inbox and time.monotonic() >= timer:
-            runner._inbox.append((m.TICK,))
+            runner._read_ready(runner._wait_timeout_ms())
+        else:
+            left = timer - time.monotonic()
+            if left > 0:
+                runner._read_ready(int(left * 1000) + 1)
+            if not runner._inbox and time.monotonic() >= timer:
+                runner._inbox.append((m.TICK,))
+        if runner._inbox and runner._wait_since is not None:
+            runner._wait_over()

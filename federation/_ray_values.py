@@ -22,6 +22,7 @@ from typing import Any
 from ._serialization import Payload, dumps
 
 __all__ = [
+    "CRASH",
     "EXITING",
     "LINK",
     "OUTPUT",
@@ -40,6 +41,7 @@ LINK = 100  # (LINK, {site: actor handle})                client -> actor, first
 OUTPUT = 101  # (OUTPUT, stdout?, [line, ...], job, step)  actor -> client: what steps printed
 STOPPED = 102  # (STOPPED,)                                 actor -> client: after STOP, all sent
 EXITING = 103  # (EXITING, exit code)                       actor -> client: os._exit was called
+CRASH = 104  # (CRASH, reason)                               actor -> client: a fault plan crashes me
 
 
 class RayValues:

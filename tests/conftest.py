@@ -159,9 +159,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 #: Test modules whose features the Ray backend refuses (with a ConfigError), and why.
-RAY_UNSUPPORTED = {
-    "test_faults.py": "fault plans are not available on the Ray backend yet (a ConfigError says so)",
-}
+RAY_UNSUPPORTED: dict[str, str] = {}
 
 
 def _ray_fd_slack() -> int:

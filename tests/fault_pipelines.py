@@ -93,3 +93,23 @@ def stream_input() -> fed.Pipeline:
 
     pipeline.output(echo)
     return pipeline
+
+
+def ticking(seconds: float) -> fed.Pipeline:
+    """``a`` busy in user code for ``seconds`` (never yielding to the federation), noting the time."""
+    pipeline = fed.Pipeline("ticking")
+
+    @pipeline.step(site="a")
+    def tick() -> list[float]:
+        ticks = [time.time()]
+        busy = 0.0
+        while busy < seconds:
+            started = time.perf_counter()
+            while time.perf_counter() - started < 0.005:
+                pass
+            busy += 0.005
+            ticks.append(time.time())
+        return ticks
+
+    pipeline.output(tick)
+    return pipeline

@@ -54,6 +54,7 @@ ORDER = [
     "_pool",
     "_router",
     "_ray_cluster",
+    "_ray_services",
     "_ray_pool",
     "_ray_events",
     "_ray_router",

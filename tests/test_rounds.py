@@ -262,8 +262,6 @@ def test_seeded_dropouts_and_stragglers_from_a_fault_plan(make_federation, backe
     What the gathering step reports missing is exactly what the plan injected,
     round by round, and the same seed injects the same faults again.
     """
-    if backend == "ray":
-        pytest.skip("fault plans are not available on the Ray backend yet (a ConfigError says so)")
     from federation import faults
 
     plan = fed.FaultPlan(

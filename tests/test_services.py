@@ -430,6 +430,103 @@ def test_a_fault_can_signal_a_sites_service(make_federation, records) -> None:
     assert federation.submit(ask_echo_at("b")).result(timeout=T) == "b"
 
 
+def _until_refused() -> fed.Pipeline:
+    """A step at ``a`` that asks its echo service until the connection is refused (at most T s)."""
+    pipeline = fed.Pipeline("until-refused")
+
+    @pipeline.step(site="a")
+    def ask(ctx):
+        import socket
+        import time
+
+        address = ctx.services["echo"]
+        answers = 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((address.host, address.port), timeout=10) as conn:
+                    conn.makefile().readline()
+                    answers += 1
+            except (ConnectionRefusedError, ConnectionResetError):  # killed between two, or mid-answer
+                return f"refused after {answers} answers"
+            time.sleep(0.01)  # the service is polled: its death is another process's doing
+        return "never refused"
+
+    pipeline.output(ask)
+    return pipeline
+
+
+def test_a_fault_plan_crashes_a_sites_service_and_only_that_one(make_federation, records) -> None:
+    died = records(lambda r: "a service died" in r.getMessage())
+    echo = tcp_service()
+    federation = make_federation([fed.Site("a", services=[echo]), fed.Site("b", services=[echo])])
+    plan = fed.FaultPlan(seed=3, faults=[fed.faults.Crash("a", service="echo", at=0.2)])
+    job = federation.submit(_until_refused(), faults=plan)
+    assert job.result(timeout=T).startswith("refused after")
+    assert died.matched.wait(T)
+    message = died.records[-1].getMessage()
+    assert "site=a" in message and "SIGKILL(-9)" in message
+    [event] = [e for e in job.timeline() if e.kind is fed.TimelineKind.FAULT]
+    assert (event.site, event.detail["fault"], event.detail["service"], event.detail["seed"]) == (
+        "a",
+        "crash",
+        "echo",
+        3,
+    )
+    assert federation.submit(ask_echo_at("b")).result(timeout=T) == "b"
+
+
+def test_a_fault_plan_pauses_a_sites_service_then_it_answers_again(make_federation) -> None:
+    federation = make_federation([fed.Site("a", services=[tcp_service()])])
+    plan = fed.FaultPlan(seed=1, faults=[fed.faults.Pause("a", 0.8, service="echo", at=0.1)])
+    pipeline = fed.Pipeline("slow-answer")
+
+    @pipeline.step(site="a")
+    def ask(ctx):
+        import socket
+        import time
+
+        # Asks until one answer is late (the pause began), at most 30 s: connected at once
+        # (the kernel's backlog), answered only once the service runs again.
+        address = ctx.services["echo"]
+        deadline = time.monotonic() + 30
+        while True:
+            started = time.monotonic()
+            with socket.create_connection((address.host, address.port), timeout=10) as conn:
+                answer = conn.makefile().readline().strip()
+            waited = time.monotonic() - started
+            if waited >= 0.3 or started > deadline:
+                return answer, waited
+
+    pipeline.output(ask)
+    job = federation.submit(pipeline, faults=plan)
+    answer, waited = job.result(timeout=T)
+    assert answer == "a" and 0.5 <= waited < 10
+    [event] = [e for e in job.timeline() if e.kind is fed.TimelineKind.FAULT]
+    assert (event.detail["fault"], event.detail["service"], event.detail["seconds"]) == ("pause", "echo", 0.8)
+    assert federation.submit(ask_echo_at("a")).result(timeout=T) == "a"  # running again
+
+
+def test_a_service_fault_names_a_declared_service_and_is_timed() -> None:
+    with pytest.raises(fed.ConfigError, match="did you mean 'echo'"):
+        fed.FaultPlan(faults=[fed.faults.Crash("a", service="ecko")]).check(["a"], services={"a": ["echo"]})
+    with pytest.raises(fed.ConfigError, match="timed from the job's start"):
+        fed.faults.Pause("a", 1.0, service="db", after=3)
+    with pytest.raises(fed.ConfigError, match="name one site"):
+        fed.faults.Crash(fed.faults.ALL, service="db")
+    plan = fed.FaultPlan(seed=2, faults=[fed.faults.Pause("a", 2.0, service="db", at=0.5)])
+    assert fed.FaultPlan.from_toml(plan.to_toml()) == plan
+    assert "service='db'" in repr(plan)
+
+
+def test_a_service_fault_for_a_service_the_site_lacks_is_refused_at_submit(make_federation) -> None:
+    federation = make_federation([fed.Site("a", services=[tcp_service()]), "b"])
+    plan = fed.FaultPlan(faults=[fed.faults.Crash("b", service="echo")])
+    with pytest.raises(fed.ConfigError, match=r"site 'b' does not have.*services are \[\]"):
+        federation.submit(ask_echo_at("a"), faults=plan)
+    assert federation.submit(ask_echo_at("a")).result(timeout=T) == "a"  # nothing lost
+
+
 def ask_echo_at(site: str) -> fed.Pipeline:
     pipeline = fed.Pipeline(f"ask-{site}")
 
