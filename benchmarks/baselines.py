@@ -606,7 +606,10 @@ class RayBaseline:
         self._ray = ray
         path = os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
         started = time.perf_counter()
+        # A private instance: a plain ray.init() joins a cluster already running on this
+        # machine (another program's, a test session's) and then refuses num_cpus.
         ray.init(
+            address="local",
             num_cpus=os.cpu_count() or 1,
             include_dashboard=False,
             log_to_driver=False,
