@@ -219,29 +219,35 @@ class FrameReader:
         if not got:
             self.eof = True
             return frames
-        self._buffer += scratch[:got]
-        self._parse(frames)
+        buffer = self._buffer
+        if buffer:
+            buffer += scratch[:got]
+            del buffer[: self._parse(buffer, len(buffer), frames)]
+        else:
+            # The usual case: whole frames, parsed where they landed, not copied into the buffer first.
+            pos = self._parse(scratch, got, frames)
+            if pos < got:
+                self._buffer = bytearray(scratch[pos:got])
         return frames
 
-    def _parse(self, frames: list[bytes | bytearray]) -> None:
-        buffer = self._buffer
-        size = len(buffer)
+    def _parse(self, data: memoryview | bytearray, size: int, frames: list[bytes | bytearray]) -> int:
+        """Append the complete frames in ``data[:size]``; how many bytes they took."""
         pos = 0
         while size - pos >= 8:
-            (length,) = _HEADER.unpack_from(buffer, pos)
+            (length,) = _HEADER.unpack_from(data, pos)
             start = pos + 8
             if size - start >= length:
-                frames.append(bytes(buffer[start : start + length]))
+                frames.append(bytes(data[start : start + length]))
                 pos = start + length
                 continue
             if length >= _DIRECT:
                 big = bytearray(length)
                 have = size - start
-                big[:have] = buffer[start:size]
+                big[:have] = data[start:size]
                 self._big, self._big_filled = big, have
                 pos = size
             break
-        del buffer[:pos]
+        return pos
 
     def _fill_big(self, frames: list[bytes | bytearray]) -> bool:
         big = self._big

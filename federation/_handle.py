@@ -96,6 +96,9 @@ class Job:
         self.retries = retries
         self.timeout = timeout
         self._cond = threading.Condition()
+        # Threads in results() waiting for news: a result wakes only them, never a caller
+        # waiting in result() for the end (woken for nothing, it went back to sleep).
+        self._iterators = 0
         self._status = JobStatus.QUEUED
         self._results: list[Result] = []
         self._error: BaseException | None = None
@@ -243,7 +246,12 @@ class Job:
         while True:
             try:
                 with self._cond:
-                    if not self._cond.wait_for(partial(self._has_news, index), timeout):
+                    self._iterators += 1
+                    try:
+                        got = self._cond.wait_for(partial(self._has_news, index), timeout)
+                    finally:
+                        self._iterators -= 1
+                    if not got:
                         raise TimeoutError(f"no result from job {self.id} within {timeout} s")
                     batch = self._results[index:]
                     ended = self._status.ended
@@ -385,7 +393,8 @@ class Job:
                 if chosen:
                     self._observed = True
                     self._runner.post(partial(_deliver, callback, chosen))
-            self._cond.notify_all()
+            if self._iterators:
+                self._cond.notify_all()
         self._record("results", site=site, count=len(new))
 
     def _reset_for_retry(self) -> str | None:

@@ -13,7 +13,7 @@ local transport's thread, which reads the workers' pipes and sentinels.
       events pipes      (results, done, failed, send_to_job, logs)
       worker sentinels  (a worker died: fail or retry its job, replace the slot)
       worker output     (stdout/stderr lines, kept for WorkerDiedError)
-      control pipes     (POLLOUT, only while bytes are pending)
+      control pipes     (EPOLLOUT, only while bytes are pending)
       a wake-up pipe    (new work, close)
     with a timeout only for the nearest deadline (cancel grace, job timeout,
     start timeout, memory watchdog), never to notice work.
@@ -121,6 +121,12 @@ class Router(SlotPool):
 
     def _run(self) -> None:
         try:
+            self._loop()
+        finally:
+            self._poller.close()  # the thread's own; _abandon closes it if the thread never ran
+
+    def _loop(self) -> None:
+        try:
             while True:
                 with self.lock:
                     if self.stopped:
@@ -135,20 +141,25 @@ class Router(SlotPool):
                             self._pending_out.discard(outbox)
                         else:
                             pending.append(outbox)
+                watched = []
                 for outbox in pending:
-                    self._poller.register(outbox.fileno(), select.POLLOUT)
+                    try:
+                        self._poller.register(outbox.fileno(), select.EPOLLOUT)
+                        watched.append(outbox.fileno())
+                    except (OSError, ValueError):  # closed meanwhile: the flush below says so
+                        pass
                 try:
-                    ready = self._poller.poll(timeout)
+                    ready = self._poller.poll(-1 if timeout is None else timeout / 1000)
                 except InterruptedError:
                     ready = []
-                for outbox in pending:
-                    fd = outbox.fileno()
-                    if fd >= 0 and fd not in self._fds:
-                        try:
-                            self._poller.unregister(fd)
-                        except (KeyError, ValueError):
-                            pass
+                for fd in watched:
+                    try:
+                        self._poller.unregister(fd)
+                    except (OSError, ValueError):
+                        pass
                 with self.lock:
+                    if any(fd not in self._fds and fd not in watched for fd, _ in ready):
+                        self._rebuild_poller()  # a file closed while registered (see there)
                     for fd, _mask in ready:
                         self._on_ready(fd)
                     for outbox in pending:
@@ -437,6 +448,8 @@ class Router(SlotPool):
                     unlink_segments(slot.shm_prefix(site))
                 slot.close()
             self._views.close()
+            if not self.thread.is_alive():
+                self._poller.close()  # else the thread closes it as it returns
             self.backend.close()
             self.slots = [None] * len(self.slots)
             self.unstarted.clear()

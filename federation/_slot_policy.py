@@ -448,7 +448,8 @@ class SlotPolicy(JobSide[SlotT], FaultControl):
         Sites a tolerant fan-in gave up on (late) need not be done for the job to
         finish: they were cancelled, and only hold the slot until they stop.
         """
-        if slot.pending_sites - job._excused:
+        pending = slot.pending_sites
+        if pending and (not job._excused or pending - job._excused):  # a new set only if some are excused
             return
         if not job.done():
             self._end_job(job, JobStatus.FINISHED, None)

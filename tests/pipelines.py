@@ -290,3 +290,27 @@ def lockstep_pipeline(n: int, fail_at: int | None = None, marker: str | None = N
 
     pipeline.output(report)
     return pipeline
+
+
+def gated_pipeline() -> fed.Pipeline:
+    """``first`` at a, for the client; then ``second`` at a, which waits for a FIFO's bytes."""
+    pipeline = fed.Pipeline("gated")
+
+    @pipeline.step(site="a")
+    def first(x):
+        return x + 1
+
+    @pipeline.step(site="a")
+    def second(first, gate):
+        import select
+
+        fd = os.open(gate, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            ready, _, _ = select.select([fd], [], [], 60)
+            return os.read(fd, 16).decode() if ready else "no bytes within 60 s"
+        finally:
+            os.close(fd)
+
+    pipeline.output(first)
+    pipeline.output(second)
+    return pipeline
