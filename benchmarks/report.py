@@ -83,29 +83,31 @@ class Report:
         """The metrics of the chosen scenarios that some engine measured, in table order."""
         return [m for m in METRICS if m.scenario in self.scenarios and (m.scenario, m.key) in self.values]
 
-    def ratio(self, metric: Metric, engine: str) -> float | None:
-        """How many times better federation is than ``engine`` on ``metric``; None if either is missing.
+    def ratio(self, metric: Metric, engine: str, base: str | None = None) -> float | None:
+        """How many times better ``base`` is than ``engine`` on ``metric``; None if either is missing.
 
-        The Ray actors' column is compared with federation on Ray (the same
-        runtime, written by hand), when that ran; federation on Ray itself has no ratio.
+        Without ``base``, as the table shows it: the Ray actors' column is compared
+        with federation on Ray (the same runtime, written by hand) when that ran,
+        every other column with federation; federation on Ray itself has no ratio.
         """
         values = self.values.get((metric.scenario, metric.key), {})
-        if engine == "fed-ray":
-            return None
-        base = "fed-ray" if engine == "ray" and "fed-ray" in values else "federation"
+        if base is None:
+            if engine == "fed-ray":
+                return None
+            base = "fed-ray" if engine == "ray" and "fed-ray" in values else "federation"
         ours, theirs = values.get(base), values.get(engine)
         if ours is None or theirs is None or ours <= 0 or theirs <= 0:
             return None
         return theirs / ours if metric.better == "lower" else ours / theirs
 
     def _check(self, metric: Metric, check: Check) -> bool | None:
-        value = self.values.get((metric.scenario, metric.key), {}).get("federation")
+        value = self.values.get((metric.scenario, metric.key), {}).get(check.engine)
         if value is None:
             return None
         if check.limit is not None:
             return value <= check.limit if metric.better == "lower" else value >= check.limit
         if check.faster_than is not None:
-            ratio = self.ratio(metric, check.faster_than)
+            ratio = self.ratio(metric, check.faster_than, base=check.engine)
             return None if ratio is None else ratio >= check.factor
         return None
 
@@ -119,11 +121,14 @@ class Report:
         if all(result is None for result in results):
             return "n/a", None
         if any(result is None for result in results):
-            missing = [
-                ENGINES.get(check.faster_than, check.faster_than)
+            values = self.values.get((metric.scenario, metric.key), {})
+            missing = {
+                ENGINES.get(engine, engine): None
                 for check, result in zip(metric.checks, results, strict=True)
-                if result is None and check.faster_than
-            ]
+                if result is None
+                for engine in (check.engine, check.faster_than)
+                if engine is not None and engine not in values
+            }
             return "met, " + (", ".join(missing) or "a check") + " not run", True
         return "met", True
 

@@ -36,7 +36,7 @@ from ._log import worker_log_level
 from ._ray_cluster import Lease, Placement, connect, import_ray, site_placement
 from ._ray_services import RayServices, pin_to_node
 from ._ray_site import LINK, SiteActor
-from ._ray_values import RayValues
+from ._ray_values import RayValues, pack
 from ._serialization import dumps_function
 from ._services import bind_setup
 from ._slot_policy import SlotPolicy, backoff
@@ -136,7 +136,10 @@ class RaySlot:
         seq = worker.seq
         worker.seq += 1
         try:
-            return worker.actor.deliver.remote(m.CLIENT, seq, list(messages))
+            frame: Any = (m.CLIENT, seq, list(messages))
+            if all(message[0] != LINK for message in messages):  # actor handles: Ray tracks them
+                frame = pack(frame)
+            return worker.actor.deliver.remote(frame)
         except Exception:  # noqa: BLE001 - Ray is shutting down: the poll reports the end
             return None
 

@@ -40,6 +40,7 @@ from ._handle import Job, JobStatus
 from ._ray_cluster import died_reason, register_closer, unregister_closer
 from ._ray_events import RayEvents
 from ._ray_pool import RaySlot, RayWorker
+from ._ray_values import unpack
 from ._slot_policy import backoff
 
 __all__ = ["RayRouter"]
@@ -168,7 +169,7 @@ class RayRouter(RayEvents):
         if worker.gone:
             return
         try:
-            events = future.result(timeout=0)
+            events = unpack(future.result(timeout=0))
         except Exception as exc:  # noqa: BLE001 - Ray's errors are translated here, never raised
             if poll:  # a START's call that failed: the poll fails too, and says why
                 self._on_worker_gone(slot, worker, exc)

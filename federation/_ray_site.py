@@ -56,8 +56,11 @@ from ._ray_values import (
     STOPPED,
     LineWriter,
     RayValues,
+    holds_refs,
     inline_buffers,
+    pack,
     ray_module,
+    unpack,
 )
 from ._runs import JobRun
 from ._serialization import Payload, payload_size
@@ -188,8 +191,11 @@ class SiteRunner(StepRunner):
             return
         seq = self._link_seq.get(site, 0)
         self._link_seq[site] = seq + 1
+        frame: Any = (self.site, seq, [message])
+        if not (message[0] == m.TOKENS and any(holds_refs(token[4]) for token in message[2])):
+            frame = pack(frame)  # references go through Ray's serializer, which tracks them
         # Fire and forget: a sibling that died is the client's to notice (its poll fails).
-        sibling.deliver.remote(self.site, seq, [message])
+        sibling.deliver.remote(frame)
 
     def _flush_results(self) -> None:
         if self._results and self._run is not None:
@@ -336,6 +342,7 @@ class SiteActor:
         self._outgoing: list[tuple[int, Any]] = []  # (event number, event), in order
         self._emitted = 0
         self._oldest = 0.0  # when the oldest event waiting was emitted
+        self._handed = False  # the events waiting were handed to the poll by a waiting START
         self._waiting: dict[int, bool] = {}  # job id -> its DONE was emitted, for a START's reply
         self._inbox = _Inbox()
         self._runner: SiteRunner | None = None
@@ -350,14 +357,19 @@ class SiteActor:
 
     # -- Ray methods ----------------------------------------------------------------------
 
-    def deliver(self, sender: str, seq: int, messages: list[tuple[Any, ...]]) -> list[tuple[int, Any]]:
+    def deliver(self, frame: Any) -> Any:
         """Messages from the client (``sender`` "") or a sibling site, call ``seq`` of its sender.
+
+        ``frame`` is ``(sender, seq, messages)``, pickled by :func:`._ray_values.pack`
+        unless it holds object references or actor handles; so is the answer, the
+        events numbered as :meth:`events` numbers them.
 
         A client's call that starts a job here waits (up to ``_REPLY_WAIT``) for
         the job to be done at this site and answers with the events so far: a
         short job costs one Ray call, as a hand-written actor call does. Every
         other call answers at once, with nothing; events then go by :meth:`events`.
         """
+        sender, seq, messages = unpack(frame)
         job = None
         if sender == m.CLIENT:
             for message in messages:
@@ -370,34 +382,50 @@ class SiteActor:
             self._waiting[job] = False
         self._inbox.put(sender, seq, messages)
         with self._cond:
-            self._cond.wait_for(lambda: self._waiting[job], _REPLY_WAIT)
-            del self._waiting[job]
+            self._wait_for_done(job)
+            self._waiting.pop(job, None)  # gone already if os._exit cleared them
             out, self._outgoing = self._outgoing, []
+            self._handed = False
             self._cond.notify_all()  # back-pressure: the steps may go on
-            self._poll_cond.notify()  # no START waits now: the poll takes what comes
-        return out
+        return pack(out) if out else out
 
-    def events(self) -> list[tuple[int, Any]]:
+    def _wait_for_done(self, job: int) -> None:
+        """Wait (holding ``_cond``) until ``job`` is done here or ``_REPLY_WAIT`` has passed.
+
+        Events that wait here longer than ``_LINGER`` go to the poll, woken
+        then: a streaming result is late by that at most, and a short job wakes
+        no thread but this one (the poll sleeps through it).
+        """
+        deadline = time.monotonic() + _REPLY_WAIT
+        while not self._waiting.get(job, True):
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            if self._outgoing and not self._handed:
+                linger_end = self._oldest + _LINGER
+                if linger_end <= now:
+                    self._handed = True  # the poll takes them; the next first event wakes this again
+                    self._poll_cond.notify()
+                    continue
+                self._cond.wait(min(linger_end, deadline) - now)
+            else:
+                self._cond.wait(deadline - now)
+
+    def events(self) -> Any:
         """Wait for events and return every one so far, numbered (the client's long poll).
 
         While a job's START waits to answer with its events, this leaves them to
         it unless they have waited ``_LINGER`` (a streaming result is late by that
-        at most, and a short job is one Ray call).
+        at most, and a short job is one Ray call); the waiting START times that
+        and wakes this (``_wait_for_done``), so a short job does not wake it.
         """
         with self._poll_cond:
-            while True:
-                if self._outgoing:
-                    if not self._waiting:
-                        break
-                    left = self._oldest + _LINGER - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._poll_cond.wait(left)
-                else:
-                    self._poll_cond.wait()
+            while not (self._outgoing and (self._handed or not self._waiting)):
+                self._poll_cond.wait()
             out, self._outgoing = self._outgoing, []
+            self._handed = False
             self._cond.notify_all()  # back-pressure: the steps may go on
-        return out
+        return pack(out)
 
     def pause(self, seconds: float) -> None:
         """Stop this actor's whole process for ``seconds``: a fault plan's timed Pause.
@@ -438,8 +466,10 @@ class SiteActor:
             if event[0] == m.DONE and event[1] in self._waiting:
                 self._waiting[event[1]] = True
                 self._cond.notify_all()
-            elif len(self._outgoing) == 1 or not self._waiting:
+            elif not self._waiting or self._handed:
                 self._poll_cond.notify()
+            elif len(self._outgoing) == 1:
+                self._cond.notify_all()  # the waiting START times how long it waits (_wait_for_done)
             if len(self._outgoing) > _OUTGOING_HIGH and threading.current_thread() is self._thread:
                 # A client that reads slower than steps produce holds the steps back
                 # (as a full pipe does), instead of this actor's memory growing.
@@ -461,6 +491,7 @@ class SiteActor:
                 actor._emit((EXITING, code))
                 with actor._cond:
                     actor._waiting.clear()  # the poll takes it now
+                    actor._handed = True
                     actor._poll_cond.notify()
                     actor._cond.wait_for(lambda: not actor._outgoing, 1.0)
                 time.sleep(0.2)  # the poll's answer leaves the process after events() returned

@@ -29,8 +29,11 @@ __all__ = [
     "STOPPED",
     "LineWriter",
     "RayValues",
+    "holds_refs",
     "inline_buffers",
+    "pack",
     "ray_module",
+    "unpack",
 ]
 
 # Messages of the Ray transport beside those of _messages.
@@ -119,6 +122,36 @@ def inline_buffers(payload: Payload) -> Payload:
         (pickle.PickleBuffer(buffer), size) for buffer, (_, size) in zip(buffers, refs, strict=True)
     )
     return (data, inline)
+
+
+_PACK_MAX = 64 * 1024  # bytes: a larger message goes as it is (pickling it here would copy it once more)
+
+
+def pack(value: Any) -> Any:
+    """``value`` pickled to bytes when that is cheaper for Ray to send, else ``value`` itself.
+
+    One ``bytes`` argument or return value costs Ray a fraction of a list of
+    tuples (it sends bytes as they are, where it runs nested objects through
+    its serializer), on both ends of every call. The caller keeps object
+    references and actor handles out (the standard pickle would pin them for
+    ever instead of registering the receiver as a borrower). A value pickle
+    cannot handle, or a large one, goes as it is.
+    """
+    try:
+        data = pickle.dumps(value, protocol=5)
+    except Exception:  # noqa: BLE001 - e.g. a class pickle cannot find by name
+        return value
+    return data if len(data) <= _PACK_MAX else value
+
+
+def unpack(value: Any) -> Any:
+    """What :func:`pack` was given."""
+    return pickle.loads(value) if type(value) is bytes else value
+
+
+def holds_refs(payload: Any) -> bool:
+    """Whether a payload carries object-store references (its large buffers, sent out of band)."""
+    return type(payload) is tuple and len(payload) == 2 and bool(payload[1]) and _is_ref(payload[1][0][0])
 
 
 class LineWriter:

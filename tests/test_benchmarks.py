@@ -72,3 +72,33 @@ def test_quick_latency_run_prints_a_table_and_writes_json(tmp_path: Path) -> Non
     target = latency["metrics"]["two_site_p50_ms"]["target"]
     assert target["text"]
     assert target["met"] in (True, False)
+
+
+def test_each_target_is_checked_on_the_engine_it_names() -> None:
+    """A process-backend target is never judged on federation on Ray, nor a Ray target on the process backend.
+
+    When federation on Ray ran, the table compares the Ray actors' column with
+    it; a target written for the process backend must still compare the process
+    backend with Ray, and the Ray target federation on Ray with the Ray actors.
+    """
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.measure import METRICS
+        from benchmarks.report import Report
+    finally:
+        sys.path.remove(str(ROOT))
+
+    metric = next(m for m in METRICS if m.key == "two_site_p50_ms")
+
+    def status(values: dict[str, float]) -> tuple[str, bool | None]:
+        report = Report(meta={}, scenarios=["latency"], engines=list(values))
+        for engine, value in values.items():
+            report.add("latency", engine, {"two_site_p50_ms": value})
+        return report.target_status(metric)
+
+    fast = {"federation": 0.12, "pipe": 0.05, "ray": 1.2}
+    assert status(fast) == ("met, federation on Ray not run", True)
+    assert status({**fast, "fed-ray": 1.5}) == ("met", True)  # 1.25x the actors, and 10x Ray on process
+    assert status({**fast, "fed-ray": 1.7})[1] is False  # 1.42x the actors
+    assert status({**fast, "pipe": 0.03})[1] is False  # 4x the Pipe floor
+    assert status({**fast, "federation": 0.3, "fed-ray": 1.5})[1] is False  # only 4x Ray

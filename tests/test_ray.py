@@ -386,3 +386,48 @@ def _describe(proc: psutil.Process) -> str:
         return f"{proc.pid} {proc.name()} parent {proc.ppid()} marked {marked}"
     except (OSError, psutil.Error) as exc:
         return f"{proc.pid}: {exc!r}"
+
+
+def large_and_small() -> fed.Pipeline:
+    """a hands b a large buffer (out of band: an object-store reference) and a small value."""
+    pipeline = fed.Pipeline("large-and-small")
+
+    @pipeline.step(site="a")
+    def make(size):
+        return bytearray(b"x" * size), size
+
+    @pipeline.step(site="b")
+    def check(make):
+        data, size = make
+        return len(data) == size and data[:1] == b"x" and data[-1:] == b"x", size
+
+    pipeline.output(check)
+    return pipeline
+
+
+@ray_only
+def test_frames_are_pickled_once_except_those_carrying_object_references(
+    make_federation, ray_cluster
+) -> None:
+    """One pickled frame per call; a reference must go through Ray's serializer (the standard
+    pickle would pin its object for ever), so a frame holding one is sent as it is."""
+    import pickle
+
+    import ray
+
+    from federation._ray_values import holds_refs, pack, unpack
+
+    ref = ray.put(b"buffer")
+    assert holds_refs((b"pickle", ((ref, 6),)))
+    assert not holds_refs((b"pickle", ((pickle.PickleBuffer(b"inline"), 6),)))  # fetched for the client
+    assert not holds_refs((7,)) and not holds_refs(b"pickle") and not holds_refs(None)
+    frame = ("a", 3, [(3, 1, [("step", "param", "a", 0, (7,), 1)])])
+    assert type(pack(frame)) is bytes and unpack(pack(frame)) == frame
+    unpicklable = ("a", 3, [(3, 1, lambda: None)])
+    assert pack(unpicklable) is unpicklable  # goes as it is, through Ray's serializer
+    big = ("", 0, [(2, 1, b"d" * 65, {"x": b"i" * 100_000}, frozenset())])
+    assert pack(big) is big  # pickling it here would only copy it once more
+
+    federation = make_federation(["a", "b"], pool_size=1)
+    for size in (10, 4 << 20, 10, 4 << 20):
+        assert federation.submit(large_and_small(), size=size).result(timeout=T) == (True, size)
