@@ -322,6 +322,30 @@ class Federation:
 
         return collect_stats(self._router, self._closed)
 
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every slot of the pool is up: after the start, or after slots were replaced.
+
+        A slot whose worker died (a crash, a fault plan's ``Crash``, a late site
+        stopped by a quorum) is replaced in the background while jobs run on the
+        others. Starting workers takes CPU from the sites running beside them (on
+        Ray, a new actor process per site): a round loop whose deadlines are
+        tight waits for the pool to be whole before its next round. Slots busy
+        with a job count as up. With ``Federation(wait_ready=False)``, this is
+        the wait that was skipped.
+
+        Args:
+            timeout: seconds to wait at most; ``None`` waits until the pool is whole.
+
+        Raises:
+            TimeoutError: the pool was not whole in time; the message names the
+                slots still starting, and the sites each waits for.
+            FederationClosedError: the federation is closing or closed.
+            FederationError: the federation gave up restarting workers.
+        """
+        if timeout is not None and timeout < 0:
+            raise ConfigError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
+        self._router.wait_ready(timeout)
+
     def map(
         self,
         pipeline: Pipeline,

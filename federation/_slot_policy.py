@@ -116,6 +116,43 @@ class SlotPolicy(JobSide[SlotT], FaultControl):
     def _on_released(self) -> None:
         """A slot was released (the lock is held): a transport may schedule idle work."""
 
+    # -- the pool as a whole ----------------------------------------------------------------
+
+    def _not_whole(self) -> list[str]:
+        """Which slots are not up yet (booting, or waiting to be replaced); empty when none."""
+        waiting = [f"slot {i} (replacement not started yet)" for i in sorted(self._replace_at)]
+        waiting += [f"slot {i} (not started yet)" for i in getattr(self, "unstarted", ())]
+        for slot in self.slots:
+            if slot is not None and slot.state is SlotState.STARTING:
+                booting = sorted(set(slot.sites) - slot.ready)
+                waiting.append(f"slot {slot.index} (starting: {', '.join(booting)})")
+        return waiting
+
+    def wait_ready(self, timeout: float | None) -> None:
+        """Block until every slot has started: none booting, none waiting to be replaced.
+
+        Busy slots count: they are up. Raises TimeoutError naming the slots still
+        starting, FederationClosedError once closing, FederationError once the
+        federation gave up restarting.
+        """
+        from ._exceptions import FederationClosedError, FederationError
+
+        with self.lock:
+            whole = self.changed.wait_for(
+                lambda: self.closing or self.gave_up is not None or not self._not_whole(), timeout
+            )
+            if self.gave_up is not None:
+                raise FederationError(
+                    f"the federation gave up restarting its {self.worker_noun}s: {self.gave_up}"
+                )
+            if self.closing:
+                raise FederationClosedError("the federation is closed")
+            if not whole:
+                raise TimeoutError(
+                    f"the pool was not whole within {timeout} s: {'; '.join(self._not_whole())}"
+                    f"{self._not_ready_detail()}"
+                )
+
     # -- the slot state machine -------------------------------------------------------------
 
     def _move(self, slot: SlotT, state: SlotState) -> None:

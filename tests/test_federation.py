@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -12,6 +13,7 @@ from conftest import wait_until, worker_processes
 from pipelines import (
     aggregator_pipeline,
     chain_pipeline,
+    held_setup,
     mean_pipeline,
     mean_sites,
     reporter_pipeline,
@@ -466,3 +468,31 @@ def test_a_slow_setup_does_not_hold_back_the_next_wave(make_federation, tmp_path
         builder.join(T)
     (federation,) = made
     assert federation.submit(chain_pipeline(), x=1).result(timeout=T) == 3
+
+
+def test_wait_ready_blocks_until_a_replaced_slot_is_up(make_federation, tmp_path) -> None:
+    """A slot that lost a worker is replaced while the other runs jobs; wait_ready returns
+    once it is up, and on a timeout names the slot and the site it still waits for."""
+    from federation import faults
+
+    hold = tmp_path / "hold"
+    sites = [fed.Site("a", setup=functools.partial(held_setup, str(hold))), "b"]
+    federation = make_federation(sites, pool_size=2, start_timeout=60)
+    federation.wait_ready(timeout=0)  # whole from the start
+    hold.write_text("x")  # from now on, a starting worker of site a waits
+    crash = fed.FaultPlan(faults=[faults.Crash("a")])
+    with pytest.raises(fed.WorkerDiedError):
+        federation.submit(chain_pipeline(), x=1, faults=crash).result(timeout=T)
+    not_up = r"slot \d \((starting: [ab, ]*a[ab, ]*|replacement not started yet)\)"
+    with pytest.raises(TimeoutError, match=not_up):
+        federation.wait_ready(timeout=0.3)
+    assert federation.submit(chain_pipeline(), x=2).result(timeout=T) == 5  # the other slot serves
+    hold.unlink()
+    federation.wait_ready(timeout=T)
+    slots = federation.stats().slots
+    assert (slots.starting, slots.free) == (0, 2)
+    with pytest.raises(fed.ConfigError, match="timeout"):
+        federation.wait_ready(timeout=-1)
+    federation.close()
+    with pytest.raises(fed.FederationClosedError):
+        federation.wait_ready(timeout=T)

@@ -273,6 +273,10 @@ def test_seeded_dropouts_and_stragglers_from_a_fault_plan(make_federation, backe
         federation = make_federation(SITES, pool_size=2, cancel_grace=0.5, faults=plan)
         seen = []
         for _ in range(6):
+            # A crashed or late site's slot is replaced in the background; its new
+            # workers (on Ray, a new actor process per site) take CPU from the round
+            # beside them, which on 2 cores can make a healthy site late.
+            federation.wait_ready(timeout=60)
             job = federation.submit(quorum_pipeline({}, minimum=1, deadline=0.4))
             result = job.result(timeout=30)
             injected = {
