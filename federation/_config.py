@@ -55,12 +55,16 @@ def _fail(message: str) -> NoReturn:
     raise _InvalidError(message)
 
 
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
 def _integer(value: Any, low: int | None, high: int | None = None) -> int:
     number: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
     elif (isinstance(value, float) and value.is_integer()) or (
-        isinstance(value, str) and value.strip().lstrip("+-").isdigit()
+        # ASCII digits only: "²" is a digit to str.isdigit() but not to int(), and "+-5" is no number.
+        isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip())
     ):
         number = int(value)
     if number is None or (low is not None and number < low) or (high is not None and number > high):

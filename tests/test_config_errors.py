@@ -105,3 +105,14 @@ def test_building_a_federation_imports_neither_pydantic_nor_structlog() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("text", ["²", "+-5", "1_0", "٣", " "])
+def test_an_integer_option_given_as_text_that_is_no_integer_is_a_config_error(text: str) -> None:
+    """Text that str.isdigit() accepts but int() does not (or reads otherwise) is refused by name."""
+    message = _message(lambda: fed.Federation(["a"], pool_size=text))
+    assert "pool_size" in message and "must be an integer" in message, message
+
+
+def test_an_integer_option_given_as_plain_digits_is_taken() -> None:
+    assert fed.FederationConfig(sites=["a"], pool_size=" 3 ").pool_size == 3
