@@ -100,7 +100,7 @@ def host(value: Any) -> str:
 def port(value: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():  # not "²"
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ValueError(f"must be an integer from 0 (a free port, picked for you) to 65535, not {value!r}")

@@ -116,3 +116,8 @@ def test_an_integer_option_given_as_text_that_is_no_integer_is_a_config_error(te
 
 def test_an_integer_option_given_as_plain_digits_is_taken() -> None:
     assert fed.FederationConfig(sites=["a"], pool_size=" 3 ").pool_size == 3
+
+
+def test_a_service_port_given_as_text_that_is_no_integer_names_what_is_allowed() -> None:
+    message = _message(lambda: fed.Service("db", ["true"], port="²"))
+    assert "port" in message and "integer from 0" in message, message
