@@ -48,7 +48,6 @@ from . import _messages as m
 from ._callbacks import CallbackThread
 from ._config import FederationConfig
 from ._exceptions import (
-    FederationError,
     SerializationError,
     SiteStartError,
     WorkerDiedError,
@@ -171,16 +170,8 @@ class Router(SlotPool):
                         except OSError:
                             pass
                     self._on_deadlines()
-        except BaseException as exc:  # pragma: no cover - a bug here must not hang users
-            self.log.critical("router thread crashed", error=repr(exc), exc_info=True)
-            with self.lock:
-                self.closing = True
-                for job in [*self.queue, *(entry[0] for entry in self.running.values())]:
-                    self._end_job(
-                        job, JobStatus.FAILED, FederationError(f"the federation's router crashed: {exc!r}")
-                    )
-                self.stopped = True
-                self.changed.notify_all()
+        except BaseException as exc:  # noqa: BLE001  # pragma: no cover - a bug here must not hang users
+            self._router_crashed(exc)
 
     def _next_timeout(self) -> int | None:
         watching = self.config.max_worker_memory is not None and self.running

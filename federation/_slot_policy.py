@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 from . import _messages as m
 from ._callbacks import CallbackThread
 from ._config import FederationConfig
-from ._exceptions import JobError, QuorumError, SiteStartError, StepFailedError
+from ._exceptions import FederationError, JobError, QuorumError, SiteStartError, StepFailedError
 from ._execution import TRANSITIONS, SlotState, SlotTransitionError
 from ._fault_control import FaultControl
 from ._handle import Job, JobStatus
@@ -115,6 +115,18 @@ class SlotPolicy(JobSide[SlotT], FaultControl):
 
     def _on_released(self) -> None:
         """A slot was released (the lock is held): a transport may schedule idle work."""
+
+    def _router_crashed(self, exc: BaseException) -> None:
+        """The router thread is ending on a bug: fail every job it holds rather than hang their callers."""
+        self.log.critical("router thread crashed", error=repr(exc), exc_info=True)
+        with self.lock:
+            self.closing = True
+            for job in [*self.queue, *(entry[0] for entry in self.running.values())]:
+                self._end_job(
+                    job, JobStatus.FAILED, FederationError(f"the federation's router crashed: {exc!r}")
+                )
+            self.stopped = True
+            self.changed.notify_all()
 
     # -- the pool as a whole ----------------------------------------------------------------
 

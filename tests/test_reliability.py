@@ -577,3 +577,26 @@ def test_many_threads_submitting_at_once(make_federation) -> None:
         thread.join(T)
     assert not errors
     assert results == {x: 2 * x + 1 for x in results} and len(results) == 200
+
+
+def test_a_router_that_crashes_fails_its_jobs_and_close_still_stops_everything(make_federation) -> None:
+    """A bug in the router thread must not leave callers waiting for ever: every job it
+    held fails with an error saying so, new jobs are refused, and close() returns with
+    every worker gone (the leak checks of this suite run after the test)."""
+    federation = make_federation(["a", "b"])
+    router = federation._router
+    running = federation.submit(slow_pipeline(cooperative=True), seconds=30)
+    queued = [federation.submit(slow_pipeline(cooperative=True), seconds=30) for _ in range(3)]
+
+    def bug() -> None:
+        raise RuntimeError("a bug in the router")
+
+    router._on_deadlines = bug  # the next round of the router's loop crashes
+    router.wake()
+    for job in [running, *queued]:
+        with pytest.raises(fed.FederationError, match="router crashed: RuntimeError"):
+            job.result(timeout=30)
+    with pytest.raises(fed.FederationClosedError):
+        federation.submit(chain_pipeline(), x=1)
+    federation.close(timeout=30)
+    assert federation.closed
