@@ -26,8 +26,9 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -64,6 +65,44 @@ ALL = "*"
 _PER = ("job", "site", "token")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+# Every field a fault may have: what its value must be, as a test and in words.
+# One table, checked for every fault as it is made (or loaded from a saved plan),
+# so a wrong value is a ConfigError naming the fault, the field and what is allowed,
+# never a TypeError from deep inside the schedule.
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "at": (lambda v: v is None or (_is_number(v) and v >= 0), "None or seconds >= 0 after the job starts"),
+    "after": (lambda v: v is None or (_is_count(v) and v >= 0), "None or a count of values >= 0"),
+    "job": (lambda v: v is None or (_is_count(v) and v >= 1), "None or a job number >= 1"),
+    "probability": (lambda v: _is_number(v) and 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "step": (lambda v: v is None or _is_name(v), "None or a step's name"),
+    "site": (_is_name, "a site's name (or faults.ALL)"),
+    "source": (_is_name, "a site's name, faults.CLIENT or faults.ALL"),
+    "target": (_is_name, "a site's name, faults.CLIENT or faults.ALL"),
+    "until": (lambda v: v is None or (_is_number(v) and v >= 0), "None or seconds >= 0 after the job starts"),
+    "seconds": (lambda v: _is_number(v) and 0 <= v < math.inf, "a finite number of seconds >= 0"),
+    "jitter": (lambda v: _is_number(v) and 0 <= v < math.inf, "a finite number of seconds >= 0"),
+    "delay": (lambda v: _is_number(v) and 0 <= v < math.inf, "a finite number of seconds >= 0"),
+    "factor": (lambda v: _is_number(v) and 1 <= v < math.inf, "a finite number >= 1"),
+    "bytes_per_second": (lambda v: _is_number(v) and v > 0, "a number of bytes per second > 0"),
+    "times": (lambda v: _is_count(v) and v >= 1, "a count >= 1"),
+    "skip": (lambda v: _is_count(v) and v >= 0, "a count >= 0"),
+    "both_ways": (lambda v: isinstance(v, bool), "True or False"),
+    "lose": (lambda v: isinstance(v, bool), "True or False"),
+}
+
+
 def rng_for(seed: int, *key: object) -> random.Random:
     """The RNG of one decision: a function of the seed and what is decided, nothing else."""
     digest = hashlib.sha256(repr((seed, *key)).encode()).digest()
@@ -83,17 +122,14 @@ class Fault:
     step: str | None = None
 
     def __post_init__(self) -> None:
-        if self.at is not None and not self.at >= 0:
-            raise ConfigError(f"{self.kind}: at={self.at!r} must be seconds >= 0 after the job starts")
-        if self.after is not None and (not isinstance(self.after, int) or self.after < 0):
-            raise ConfigError(f"{self.kind}: after={self.after!r} must be a count of tokens >= 0")
-        if self.job is not None and (not isinstance(self.job, int) or self.job < 1):
-            raise ConfigError(f"{self.kind}: job={self.job!r} must be a job number >= 1")
-        if not 0.0 <= self.probability <= 1.0:
-            raise ConfigError(f"{self.kind}: probability={self.probability!r} must be in [0, 1]")
-        if self.per not in _PER:
+        for field in dataclasses.fields(self):
+            rule = _FIELD_RULES.get(field.name)
+            value = getattr(self, field.name)
+            if rule is not None and not rule[0](value):
+                raise ConfigError(f"{self.kind}: {field.name}={value!r} must be {rule[1]}")
+        if not isinstance(self.per, str) or self.per not in _PER:
             raise ConfigError(
-                f"{self.kind}: per={self.per!r} must be one of {list(_PER)}{_hint(self.per, _PER)}"
+                f"{self.kind}: per={self.per!r} must be one of {list(_PER)}{_hint(str(self.per), _PER)}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,11 +217,6 @@ class Slow(SiteFault):
     factor: float = 1.0
     delay: float = 0.0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.factor < 1.0 or self.delay < 0.0:
-            raise ConfigError(f"slow: factor={self.factor!r} must be >= 1 and delay={self.delay!r} >= 0")
-
 
 @dataclass(frozen=True)
 class FailStart(SiteFault):
@@ -242,11 +273,6 @@ class Bandwidth(LinkFault):
 
     kind: ClassVar[str] = "bandwidth"
     bytes_per_second: float = 1e6
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.bytes_per_second > 0:
-            raise ConfigError(f"bandwidth: bytes_per_second={self.bytes_per_second!r} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -316,8 +342,12 @@ class FaultPlan:
     faults: tuple[Fault, ...] = ()
 
     def __init__(self, seed: int = 0, faults: Iterable[Fault] = ()) -> None:
-        if not isinstance(seed, int):
+        if not isinstance(seed, int) or isinstance(seed, bool):
             raise ConfigError(f"FaultPlan: seed={seed!r} must be an integer")
+        if isinstance(faults, (str, bytes, Mapping)) or not isinstance(faults, Iterable):
+            raise ConfigError(
+                f"FaultPlan: faults= takes a list of faults (federation.faults), not {type(faults).__name__}"
+            )
         object.__setattr__(self, "seed", seed)
         object.__setattr__(self, "faults", tuple(faults))
         for fault in self.faults:
@@ -341,8 +371,15 @@ class FaultPlan:
         Raises:
             ConfigError: an unknown kind or field, with "did you mean".
         """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a fault plan is a table of 'seed' and 'faults', not {type(data).__name__}")
+        entries = data.get("faults", ())
+        if not isinstance(entries, (list, tuple)):
+            raise ConfigError(f"a fault plan's 'faults' is a list of tables, not {type(entries).__name__}")
         faults = []
-        for entry in data.get("faults", ()):
+        for entry in entries:
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"a fault in a plan is a table with a 'kind', not {entry!r}")
             fields = dict(entry)
             kind = fields.pop("kind", None)
             fault_class = KINDS.get(str(kind))
@@ -355,7 +392,7 @@ class FaultPlan:
                 if name not in known:
                     raise ConfigError(f"fault {kind!r} has no field {name!r}{_hint(name, known)}")
             faults.append(fault_class(**fields))
-        return cls(seed=int(data.get("seed", 0)), faults=faults)
+        return cls(seed=data.get("seed", 0), faults=faults)
 
     def to_json(self) -> str:
         """The plan as JSON."""
@@ -364,7 +401,11 @@ class FaultPlan:
     @classmethod
     def from_json(cls, text: str) -> FaultPlan:
         """The plan in a JSON text."""
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"a fault plan's JSON does not parse: {exc}") from None
+        return cls.from_dict(data)
 
     def to_toml(self) -> str:
         """The plan as TOML: ``seed = ...`` then a ``[[faults]]`` table per fault."""
@@ -386,7 +427,11 @@ class FaultPlan:
                 toml = importlib.import_module("tomli")
             except ImportError as exc:
                 raise ConfigError("reading a TOML plan needs Python 3.11+ or `pip install tomli`") from exc
-        return cls.from_dict(toml.loads(text))
+        try:
+            data = toml.loads(text)
+        except ValueError as exc:  # tomllib.TOMLDecodeError
+            raise ConfigError(f"a fault plan's TOML does not parse: {exc}") from None
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> Path:
         """Write the plan to ``path``: TOML for ``.toml``, else JSON."""
@@ -396,10 +441,17 @@ class FaultPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> FaultPlan:
-        """Read a plan :meth:`save` wrote."""
+        """Read a plan :meth:`save` wrote.
+
+        Raises:
+            ConfigError: the file's content is not a plan, naming the file and what is wrong.
+        """
         source = Path(path)
         text = source.read_text()
-        return cls.from_toml(text) if source.suffix == ".toml" else cls.from_json(text)
+        try:
+            return cls.from_toml(text) if source.suffix == ".toml" else cls.from_json(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
     def check(
         self,

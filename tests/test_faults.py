@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import time
+from pathlib import Path
 from typing import Any
 
 import fault_pipelines as fp
@@ -324,3 +325,49 @@ def test_faults_are_marked_in_the_pictures(tmp_path: Any, fonts_loaded: None) ->
     assert 'class="fault"' in page and "seed 9" in page and "fault injected" in page
     pytest.importorskip("matplotlib")
     assert job.export_timeline(tmp_path / "t.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: faults.Pause("a", "2"), "seconds"),
+        (lambda: faults.Pause("a", float("nan")), "seconds"),
+        (lambda: faults.Delay("a", "b", -0.1), "seconds"),
+        (lambda: faults.Delay("a", "b", 0.1, jitter=None), "jitter"),
+        (lambda: faults.Slow("a", factor="2"), "factor"),
+        (lambda: faults.Slow("a", delay=float("inf")), "delay"),
+        (lambda: faults.Bandwidth("a", "b", "fast"), "bytes_per_second"),
+        (lambda: faults.Partition("a", "b", both_ways="yes"), "both_ways"),
+        (lambda: faults.Partition("a", "b", until="later"), "until"),
+        (lambda: faults.FailStart("a", times=0), "times"),
+        (lambda: faults.FailStart("a", skip=1.5), "skip"),
+        (lambda: faults.Crash("a", at="1"), "at"),
+        (lambda: faults.Crash("a", after=True), "after"),
+        (lambda: faults.Crash("a", probability="0.5"), "probability"),
+        (lambda: faults.Crash("a", step=3), "step"),
+        (lambda: faults.Crash(3), "site"),
+        (lambda: faults.Drop("a", "b", per=None), "per"),
+        (lambda: fed.FaultPlan(seed=True), "seed"),
+        (lambda: fed.FaultPlan(faults=None), "faults"),
+        (lambda: fed.FaultPlan(faults="crash"), "faults"),
+        (lambda: fed.FaultPlan.from_dict({"seed": "7"}), "seed"),
+        (lambda: fed.FaultPlan.from_dict({"faults": 3}), "faults"),
+        (lambda: fed.FaultPlan.from_dict({"faults": [3]}), "kind"),
+        (lambda: fed.FaultPlan.from_dict([]), "seed"),
+        (lambda: fed.FaultPlan.from_json("{seed: 1"), "JSON"),
+        (lambda: fed.FaultPlan.from_toml("seed = = 1"), "TOML"),
+    ],
+)
+def test_every_wrong_value_in_a_fault_is_a_config_error_naming_the_field(make: Any, field: str) -> None:
+    """Wrong types and ranges are refused when the fault is made, by name, with what is allowed,
+    never a TypeError from the schedule later (a saved plan is checked the same way)."""
+    with pytest.raises(fed.ConfigError) as info:
+        make()
+    assert field in str(info.value), str(info.value)
+
+
+def test_a_saved_plan_that_does_not_parse_names_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "plan.toml"
+    path.write_text("seed = 1\n[[faults]]\nkind = 'pause'\nsite = 'a'\nseconds = '2'\n")
+    with pytest.raises(fed.ConfigError, match=r"plan\.toml: pause: seconds='2' must be a finite number"):
+        fed.FaultPlan.load(path)
