@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ._config import check_seconds
+
 if TYPE_CHECKING:
     from ._handle import Job
     from ._pipeline import Pipeline
@@ -140,12 +142,25 @@ def run_batch(
 
     See :meth:`Federation.map <federation.Federation.map>` for the semantics.
     """
-    if timeout is not None and timeout <= 0:
-        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    timeout = check_seconds("timeout", timeout, zero=False)
+    check_seconds("job_timeout", job_timeout, zero=False)
     if progress is True and importlib.util.find_spec("rich") is None:
         raise ImportError(f"a progress bar needs rich, which is not installed: {_VIZ_HINT}")
     deadline = None if timeout is None else time.monotonic() + timeout
-    batch = [dict(mapping) for mapping in inputs]  # fail here, not midway, on a bad item
+    if isinstance(inputs, (str, bytes, Mapping)) or not isinstance(inputs, Iterable):
+        single = " (one job's inputs: submit() runs one job)" if isinstance(inputs, Mapping) else ""
+        raise TypeError(
+            "map() takes an iterable of mappings, one job's inputs each, "
+            f"not a {type(inputs).__name__}{single}"
+        )
+    batch = []  # all checked here, not midway, on a bad item
+    for index, mapping in enumerate(inputs):
+        if not isinstance(mapping, Mapping):
+            raise TypeError(
+                f"input {index} of the batch is a {type(mapping).__name__}, "
+                "not a mapping of input names to values"
+            )
+        batch.append(dict(mapping))
     for index, mapping in enumerate(batch):
         for name in mapping:
             if not isinstance(name, str):

@@ -58,6 +58,35 @@ def _fail(message: str) -> NoReturn:
 _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
 
 
+def check_seconds(name: str, value: Any, *, zero: bool = True) -> float | None:
+    """``value`` as seconds if it is None or a finite number >= 0 (> 0 without ``zero``).
+
+    For the timeouts of calls (``submit(timeout=)``, ``result(timeout=)``...): a
+    wrong one is a ConfigError in the caller's thread naming the argument, never
+    a NaN or infinity that reaches the router's clock.
+    """
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero)
+    ):
+        raise ConfigError(
+            f"{name} must be None or a finite number of seconds {'>=' if zero else '>'} 0, not {value!r}"
+        )
+    return float(value)
+
+
+def check_count(name: str, value: Any) -> int:
+    """``value`` if it is an int >= 0 (not a bool); else a ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, not {value!r}")
+    return value
+
+
 def _integer(value: Any, low: int | None, high: int | None = None) -> int:
     number: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):

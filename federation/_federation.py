@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._callbacks import CallbackThread
-from ._config import FederationConfig, SiteConfig, federation_config
+from ._config import FederationConfig, SiteConfig, check_count, check_seconds, federation_config
 from ._exceptions import ConfigError, FederationClosedError, PipelineError, SerializationError
 from ._fault_plan import FaultPlan
 from ._handle import Job
@@ -173,10 +173,11 @@ class Federation:
             raise FederationClosedError("the federation is closed and accepts no new jobs")
         if not isinstance(pipeline, Pipeline):
             raise PipelineError(f"submit() takes a fed.Pipeline, not {type(pipeline).__name__}")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a non-negative integer, not {retries!r}")
+        timeout = check_seconds("timeout", timeout, zero=False)
+        queue_timeout = check_seconds("queue_timeout", queue_timeout)
+        check_count("retries", retries)
+        if not isinstance(block, bool):
+            raise ConfigError(f"block must be True or False, not {block!r}")
         values = dict(inputs or {})
         overlap = set(values) & set(kwargs)
         if overlap:
@@ -292,6 +293,7 @@ class Federation:
         another thread is already closing, which returns at once (waiting there
         would wait on itself: the closer waits for the callback thread).
         """
+        timeout = check_seconds("timeout", timeout)  # before anything closes: a typo loses nothing
         self._closed = True
         self._shutdown.run(cancel_pending=cancel_pending, timeout=timeout)
         self._finalizer.detach()
@@ -342,9 +344,7 @@ class Federation:
             FederationClosedError: the federation is closing or closed.
             FederationError: the federation gave up restarting workers.
         """
-        if timeout is not None and timeout < 0:
-            raise ConfigError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
-        self._router.wait_ready(timeout)
+        self._router.wait_ready(check_seconds("timeout", timeout))
 
     def map(
         self,

@@ -17,6 +17,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ._callbacks import CallbackThread, run_safely
+from ._config import check_seconds
 from ._exceptions import JobCancelledError
 from ._messages import Missing
 from ._metrics import MetricRecord
@@ -165,6 +166,7 @@ class Job:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the job ends; True if it has, False if ``timeout`` ran out."""
+        timeout = check_seconds("timeout", timeout)
         try:
             with self._cond:
                 return self._cond.wait_for(lambda: self._status.ended, timeout)
@@ -242,6 +244,7 @@ class Job:
         Args:
             timeout: the longest wait for the next result; :class:`TimeoutError` after it.
         """
+        timeout = check_seconds("timeout", timeout)
         index = 0
         while True:
             try:

@@ -12,6 +12,7 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pipelines
 import psutil
@@ -600,3 +601,37 @@ def test_a_router_that_crashes_fails_its_jobs_and_close_still_stops_everything(m
         federation.submit(chain_pipeline(), x=1)
     federation.close(timeout=30)
     assert federation.closed
+
+
+@pytest.mark.parametrize(
+    ("call", "argument"),
+    [
+        (lambda f, j: f.submit(chain_pipeline(), x=1, timeout=float("nan")), "timeout"),
+        (lambda f, j: f.submit(chain_pipeline(), x=1, timeout=float("inf")), "timeout"),
+        (lambda f, j: f.submit(chain_pipeline(), x=1, timeout="30"), "timeout"),
+        (lambda f, j: f.submit(chain_pipeline(), x=1, timeout=0), "timeout"),
+        (lambda f, j: f.submit(chain_pipeline(), x=1, queue_timeout=-1), "queue_timeout"),
+        (lambda f, j: f.submit(chain_pipeline(), x=1, retries=True), "retries"),
+        (lambda f, j: f.submit(chain_pipeline(), x=1, block="no"), "block"),
+        (lambda f, j: j.result(timeout=float("nan")), "timeout"),
+        (lambda f, j: j.wait(timeout="1"), "timeout"),
+        (lambda f, j: next(j.results(timeout=-1)), "timeout"),
+        (lambda f, j: list(f.map(chain_pipeline(), [{"x": 1}], timeout=float("nan"))), "timeout"),
+        (lambda f, j: list(f.map(chain_pipeline(), [{"x": 1}], job_timeout=-2)), "job_timeout"),
+        (lambda f, j: f.wait_ready(timeout=float("inf")), "timeout"),
+        (lambda f, j: f.close(timeout=float("nan")), "timeout"),
+    ],
+)
+def test_a_wrong_argument_is_refused_in_the_callers_thread_and_loses_nothing(
+    make_federation, call: Any, argument: str
+) -> None:
+    """submit(timeout=nan) reached the router's clock and killed the router thread, failing
+    every job of the federation; now every timeout and count of the API is checked first."""
+    federation = make_federation(["a", "b"])
+    running = federation.submit(slow_pipeline(cooperative=True), seconds=0.5)
+    job = federation.submit(chain_pipeline(), x=1)
+    with pytest.raises(fed.ConfigError, match=argument):
+        call(federation, job)
+    assert running.result(timeout=30) == "finished"
+    assert job.result(timeout=30) == 3
+    assert federation.submit(chain_pipeline(), x=2).result(timeout=30) == 5
