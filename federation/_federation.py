@@ -178,6 +178,10 @@ class Federation:
         check_count("retries", retries)
         if not isinstance(block, bool):
             raise ConfigError(f"block must be True or False, not {block!r}")
+        if inputs is not None and not isinstance(inputs, Mapping):
+            raise PipelineError(
+                f"inputs= must be a mapping of input name -> value, not {type(inputs).__name__}"
+            )
         values = dict(inputs or {})
         overlap = set(values) & set(kwargs)
         if overlap:
@@ -257,6 +261,8 @@ class Federation:
         return self._router.cancel_job(job, reason)
 
     def send_input(self, job: Job, name: str, value: Any, close: bool) -> None:
+        if not isinstance(name, str):
+            raise PipelineError(f"a stream input's name is a string, not {name!r}")
         payload = None
         if not close:
             payload = dumps(value, what=f"the value sent to input {name!r} of job {job.id}")

@@ -201,6 +201,15 @@ class Pipeline:
                 or ``fed.collect(...)``. Unlisted parameters bind by their own name.
             collect: parameters that receive a whole stream as a list.
         """
+        if name is not None and not isinstance(name, str):
+            raise PipelineError(f"a step's name= must be a string, not {name!r}")
+        if bind is not None and not isinstance(bind, Mapping):
+            raise PipelineError(
+                f"bind= must be a mapping of parameter name -> step, step name, input or "
+                f"fed.collect/fed.quorum, not {type(bind).__name__}"
+            )
+        if isinstance(collect, (str, bytes)) or not isinstance(collect, Iterable):
+            raise PipelineError(f"collect= must be a list of parameter names, not {collect!r}")
         collect_names = frozenset(collect)
 
         def add(function: F) -> Step[F]:
@@ -241,7 +250,7 @@ class Pipeline:
             _check_site_name(label, site)
             pinned: tuple[str, ...] = (site,)
         else:
-            if isinstance(sites, str) or not sites:
+            if isinstance(sites, (str, bytes, Mapping)) or not isinstance(sites, Iterable) or not sites:
                 raise PipelineError(
                     f"step {label!r}: sites must be a non-empty list of site names, not {sites!r}"
                 )

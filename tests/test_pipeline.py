@@ -207,3 +207,43 @@ def test_inputs_and_outputs_are_inferred() -> None:
     assert compiled.participants == ("a", "b")
     assert set(compiled.outputs) == {"second"}
     assert compiled.routes == (("a", "b"),)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"sites": 3}, "sites"),
+        ({"sites": {"a": 1}}, "sites"),
+        ({"site": "a", "name": 3}, "name"),
+        ({"site": "a", "bind": 3}, "bind"),
+        ({"site": "a", "bind": ["x"]}, "bind"),
+        ({"site": "a", "collect": "x"}, "collect"),
+        ({"site": "a", "collect": 3}, "collect"),
+    ],
+)
+def test_a_wrong_type_for_a_step_option_is_a_pipeline_error_naming_it(options: dict, named: str) -> None:
+    """Not an AttributeError or 'int object is not iterable' from inside the pipeline."""
+    pipeline = fed.Pipeline("p")
+    with pytest.raises(fed.PipelineError, match=named):
+        pipeline.step(**options)(lambda x: x)
+
+
+def test_submit_inputs_and_a_stream_inputs_name_of_the_wrong_type_are_pipeline_errors() -> None:
+    pipeline = fed.Pipeline("p")
+    numbers = pipeline.input("numbers", stream=True)
+
+    @pipeline.step(site="a", bind={"n": numbers}, collect=["n"])
+    def total(n):
+        return sum(n)
+
+    pipeline.output(total)
+    with fed.Federation(["a"], backend="thread", pool_size=1) as federation:
+        for inputs in (3, "x", ["numbers"]):
+            with pytest.raises(fed.PipelineError, match="inputs= must be a mapping"):
+                federation.submit(pipeline, inputs=inputs)
+        job = federation.submit(pipeline)
+        with pytest.raises(fed.PipelineError, match="name is a string"):
+            job.send(["numbers"], 1)  # type: ignore[arg-type]
+        job.send("numbers", 2)
+        job.close("numbers")
+        assert job.result(timeout=30) == 2
