@@ -272,6 +272,7 @@ def connect(address: str | None) -> Lease:
                 started = [proc for proc in psutil.Process().children() if proc.pid not in before]
                 _watchdog = _Watchdog(mark, started)
             else:
+                _check_reachable(address)
                 ray.init(address=address, **options)
         except ConnectionError as exc:
             raise SiteStartError(
@@ -283,6 +284,30 @@ def connect(address: str | None) -> Lease:
         _owned = "private" if address is None else "joined"
         _users += 1
         return Lease(_gcs_address(ray), private=address is None)
+
+
+_REACH_TIMEOUT = 5.0  # seconds to open a TCP connection to a cluster's address before ray.init
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once, and clearly, when nothing listens at ``address`` (``host:port``).
+
+    ray.init keeps retrying an address with no cluster behind it for minutes,
+    printing its own warnings; a federation says what is wrong instead.
+    """
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isascii() or not port.isdigit():
+        return  # "auto" and the like: Ray's to resolve
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_REACH_TIMEOUT).close()
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise ConnectionError(
+            f"nothing answers at {host}:{port} ({reason}); is a Ray head running there "
+            "(`ray start --head`), and is the port its GCS port (6379 by default)?"
+        ) from None
 
 
 def _gcs_address(ray: Any) -> str:

@@ -247,6 +247,27 @@ def _processes_mentioning(text: str) -> list[psutil.Process]:
     return found
 
 
+def test_an_address_where_no_cluster_answers_fails_at_once_saying_so() -> None:
+    """ray.init retried such an address for minutes, printing its own warnings; a
+    federation names the address and what to check within a second or so."""
+    port = _free_port()  # closed again: nothing listens there
+    code = (
+        "import federation as fed\n"
+        "try:\n"
+        f"    fed.Federation(['a'], backend='ray', ray_address='127.0.0.1:{port}')\n"
+        "except fed.SiteStartError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    started = time.monotonic()
+    command = [sys.executable, "-c", code]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert f"refused: could not connect to the Ray cluster at ray_address='127.0.0.1:{port}'" in out.stdout, (
+        out.stdout + out.stderr
+    )
+    assert "nothing answers" in out.stdout and "ray start --head" in out.stdout
+    assert time.monotonic() - started < 30  # a fresh interpreter importing Ray, no retries
+
+
 def test_a_federation_joins_a_cluster_started_with_ray_start(tmp_path) -> None:
     """As users deploy: `ray start --head`, then a node labelled for the site, then ray_address=."""
     temp = Path("/tmp") / f"fedray-{os.getpid()}"  # Ray's socket paths must stay short
