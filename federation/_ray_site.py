@@ -46,7 +46,6 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _messages as m
-from ._exceptions import TokenRejectedError
 from ._fault_runtime import InjectedStartError
 from ._ray_values import (
     CRASH,
@@ -249,31 +248,6 @@ class SiteRunner(StepRunner):
     def _pump_until(self, condition: Callable[[], bool]) -> None:
         while not condition():
             self._read_ready(1000)
-
-    def abort_requested(self, job_id: int) -> str | None:
-        """The abort reason for ``job_id`` if the client asked (reads without waiting; any thread)."""
-        if job_id not in self._aborted and self._reading.acquire(blocking=False):
-            try:
-                self._read_ready_locked(0)
-            finally:
-                self._reading.release()
-        return self._aborted.get(job_id)
-
-    def send_to_job(self, from_job: int, to_job: int, name: str, value: Any, close: bool) -> None:
-        """Feed another job's stream input through the client; wait for its answer."""
-        self._request += 1
-        request = self._request
-        payload = (
-            self._dumps_inline(value, f"value for job {to_job}'s input {name!r}")
-            if value is not None or not close
-            else None
-        )
-        self._flush_all()
-        self._send_event((m.SEND_TO_JOB, request, from_job, to_job, name, payload, close))
-        self._pump_until(lambda: request in self._replies)
-        error = self._replies.pop(request)
-        if error is not None:
-            raise TokenRejectedError(to_job, error)
 
     # -- logging ---------------------------------------------------------------------------
 

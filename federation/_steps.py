@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import gc
 import pickle
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping
@@ -43,7 +44,7 @@ from typing import Any
 
 from . import _messages as m
 from ._context import StepContext
-from ._exceptions import JobCancelledError, QuorumError, SerializationError
+from ._exceptions import JobCancelledError, QuorumError, SerializationError, TokenRejectedError
 from ._fault_runtime import FaultRuntime
 from ._gather import Gather
 from ._runs import JobRun, StepRun
@@ -90,6 +91,9 @@ class StepRunner(SiteStoreOwner, FaultRuntime, SiteLogging):
     _ended: set[int]
     _ended_order: deque[int]
     _aborted: dict[int, str]
+    _reading: threading.Lock  # one reader of the transport at a time (a step may read, see abort_requested)
+    _request: int  # the last send_to_job request's number
+    _replies: dict[int, Any]  # send_to_job request -> the client's answer (None: accepted)
     _early: dict[int, list[tuple[Any, ...]]]
     _batches: defaultdict[str, list[m.Token]]  # tokens waiting per destination site
     _results: list[tuple[str, int, Payload]]
@@ -125,13 +129,47 @@ class StepRunner(SiteStoreOwner, FaultRuntime, SiteLogging):
     def _read_ready(self, timeout_ms: int | None) -> None:
         raise NotImplementedError
 
-    def abort_requested(self, job_id: int) -> str | None:
-        """The abort reason for ``job_id`` if the client asked to abort it."""
+    def _read_ready_locked(self, timeout_ms: int | None) -> None:
+        """Read what has arrived (``_reading`` held), waiting up to ``timeout_ms``."""
         raise NotImplementedError
 
-    def send_to_job(self, from_job: int, to_job: int, name: str, value: Any, close: bool) -> None:
-        """Feed another job's stream input through the client."""
+    def _pump_until(self, condition: Callable[[], bool]) -> None:
+        """Read and handle messages until ``condition()`` holds."""
         raise NotImplementedError
+
+    # -- what a step's context asks of the runtime ---------------------------------------------
+
+    def abort_requested(self, job_id: int) -> str | None:
+        """The abort reason for ``job_id`` if the client asked to abort it (reads without waiting).
+
+        Safe from any thread of a step: only one thread reads at a time, and a
+        thread that finds another reading answers from what is known.
+        """
+        if job_id not in self._aborted and self._reading.acquire(blocking=False):
+            try:
+                self._read_ready_locked(0)
+            finally:
+                self._reading.release()
+        return self._aborted.get(job_id)
+
+    def send_to_job(self, from_job: int, to_job: int, name: str, value: Any, close: bool) -> None:
+        """Feed another job's stream input through the client; wait for its answer.
+
+        What the step sent before goes first, then the request.
+        """
+        self._request += 1
+        request = self._request
+        payload = (
+            self._dumps_inline(value, f"value for job {to_job}'s input {name!r}")
+            if value is not None or not close
+            else None
+        )
+        self._flush_all()
+        self._send_event((m.SEND_TO_JOB, request, from_job, to_job, name, payload, close))
+        self._pump_until(lambda: request in self._replies)
+        error = self._replies.pop(request)
+        if error is not None:
+            raise TokenRejectedError(to_job, error)
 
     # -- the job run ---------------------------------------------------------------------------
 

@@ -47,7 +47,6 @@ from typing import Any
 
 from . import _messages as m
 from ._channel import ChannelClosedError, FrameReader, InboxReader, LinkOutbox, Outbox
-from ._exceptions import TokenRejectedError
 from ._runs import JobRun
 from ._serialization import (
     Payload,
@@ -295,34 +294,6 @@ class Worker(StepRunner):
         if self._wait_since is not None:
             self._wait_over()
         return self._inbox.popleft()
-
-    def abort_requested(self, job_id: int) -> str | None:
-        """The abort reason for ``job_id`` if the client asked to abort it (reads without waiting).
-
-        Safe from any thread of a step: only one thread reads the pipes at a time,
-        and a thread that finds another reading answers from what is known.
-        """
-        if job_id not in self._aborted and self._reading.acquire(blocking=False):
-            try:
-                self._read_ready_locked(0)
-            finally:
-                self._reading.release()
-        return self._aborted.get(job_id)
-
-    def send_to_job(self, from_job: int, to_job: int, name: str, value: Any, close: bool) -> None:
-        self._request += 1
-        request = self._request
-        payload = (
-            self._dumps_inline(value, f"value for job {to_job}'s input {name!r}")
-            if value is not None or not close
-            else None
-        )
-        self._send_event((m.SEND_TO_JOB, request, from_job, to_job, name, payload, close))
-        self._flush_all()
-        self._pump_until(lambda: request in self._replies)
-        error = self._replies.pop(request)
-        if error is not None:
-            raise TokenRejectedError(to_job, error)
 
     # -- logging ---------------------------------------------------------------------------
 
