@@ -622,6 +622,7 @@ def test_a_router_that_crashes_fails_its_jobs_and_close_still_stops_everything(m
         (lambda f, j: f.close(timeout=float("nan")), "timeout"),
     ],
 )
+@pytest.mark.parametrize("backend", ["process"])  # checked in the caller's thread, before any backend
 def test_a_wrong_argument_is_refused_in_the_callers_thread_and_loses_nothing(
     make_federation, call: Any, argument: str
 ) -> None:
