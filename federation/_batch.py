@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._config import check_seconds
+from ._field_checks import check_seconds
 
 if TYPE_CHECKING:
     from ._handle import Job

@@ -44,7 +44,7 @@ def _looks_like_a_typo_of(name: str, steps: Iterable[str]) -> str | None:
 
 def _check_site_name(label: str, site: str) -> None:
     """Refuse, as the step is built, a site name no federation could ever have."""
-    from ._config import _SITE_NAME  # the one rule for site names
+    from ._field_checks import SITE_NAME as _SITE_NAME  # the one rule for site names
 
     if not _SITE_NAME.fullmatch(site):
         raise PipelineError(

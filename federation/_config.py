@@ -19,20 +19,16 @@ the workers.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import _field_checks as checks
 from . import _service_checks as service_checks
 from ._exceptions import ConfigError
 
 __all__ = ["FederationConfig", "Service", "SiteConfig", "default_pool_size", "federation_config"]
-
-_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
-_SITE_NAME_RULE = "use 1 to 64 ASCII letters, digits or '_.:-', starting with a letter or digit"
 
 
 def default_pool_size() -> int:
@@ -44,211 +40,23 @@ def default_pool_size() -> int:
     return max(2, cpus)
 
 
-class _InvalidError(Exception):
-    """One problem with one option (internal: collected into a ConfigError)."""
-
-
-# -- field checks: each takes the value, returns it coerced or raises _InvalidError ---------------------
-
-
-def _fail(message: str) -> NoReturn:
-    raise _InvalidError(message)
-
-
-_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
-
-
-def check_seconds(name: str, value: Any, *, zero: bool = True) -> float | None:
-    """``value`` as seconds if it is None or a finite number >= 0 (> 0 without ``zero``).
-
-    For the timeouts of calls (``submit(timeout=)``, ``result(timeout=)``...): a
-    wrong one is a ConfigError in the caller's thread naming the argument, never
-    a NaN or infinity that reaches the router's clock.
-    """
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not zero)
-    ):
-        raise ConfigError(
-            f"{name} must be None or a finite number of seconds {'>=' if zero else '>'} 0, not {value!r}"
-        )
-    return float(value)
-
-
-def check_count(name: str, value: Any) -> int:
-    """``value`` if it is an int >= 0 (not a bool); else a ConfigError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{name} must be an integer >= 0, not {value!r}")
-    return value
-
-
-def _integer(value: Any, low: int | None, high: int | None = None) -> int:
-    number: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif (isinstance(value, float) and value.is_integer()) or (
-        # ASCII digits only: "²" is a digit to str.isdigit() but not to int(), and "+-5" is no number.
-        isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip())
-    ):
-        number = int(value)
-    if number is None or (low is not None and number < low) or (high is not None and number > high):
-        if high is not None:
-            _fail(f"must be an integer from {low} to {high}, not {value!r}")
-        _fail(f"must be an integer of at least {low}, not {value!r}")
-    return number
-
-
-def _number(value: Any, low: float, inclusive: bool) -> float:
-    number: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    if number is None or math.isnan(number) or (number < low if inclusive else number <= low):
-        _fail(f"must be a number of seconds {'>=' if inclusive else '>'} {low:g}, not {value!r}")
-    return number
-
-
-def _positive_int(value: Any) -> int:
-    return _integer(value, 1)
-
-
-def _non_negative_int(value: Any) -> int:
-    return _integer(value, 0)
-
-
-def _optional_positive_int(value: Any) -> int | None:
-    return None if value is None else _integer(value, 1)
-
-
-def _positive_seconds(value: Any) -> float:
-    return _number(value, 0.0, inclusive=False)
-
-
-def _seconds(value: Any) -> float:
-    return _number(value, 0.0, inclusive=True)
-
-
-def _pool_size(value: Any) -> int:
-    return _integer(value, 1, 1024)
-
-
-def _flag(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    _fail(f"must be True or False, not {value!r}")
-
-
-def _path(value: Any) -> Path | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, os.PathLike)):
-        return Path(value)
-    _fail(f"must be a path (str or pathlib.Path), not {type(value).__name__}")
-
-
-def _choice(*choices: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if value not in choices:
-            quoted = [repr(choice) for choice in choices]
-            allowed = " or ".join(quoted) if len(quoted) <= 2 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
-            _fail(f"must be {allowed}, not {value!r}")
-        return str(value)
-
-    return check
-
-
-def _names(value: Any, what: str) -> tuple[str, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        _fail(f"must be a list of {what}, not {type(value).__name__}")
-    items = tuple(value)
-    for item in items:
-        if not isinstance(item, str):
-            _fail(f"must be a list of {what}; {item!r} is a {type(item).__name__}")
-    return items
-
-
-def _preload(value: Any) -> tuple[str, ...]:
-    names = _names(value, "module names")
-    for name in names:
-        if not name or not all(part.isidentifier() for part in name.split(".")):
-            _fail(f"{name!r} is not a module name; give importable names such as 'numpy' or 'scipy.sparse'")
-    return names
-
-
-def _optional_address(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        _fail(f"must be None (a private local Ray instance), 'auto' or an address host:port, not {value!r}")
-    return value.strip()
-
-
-def _optional_egress(value: Any) -> tuple[str, ...] | None:
-    return None if value is None else _names(value, "site names")
-
-
-def _env(value: Any) -> dict[str, str]:
-    if not isinstance(value, Mapping):
-        _fail(f"must be a dict of variable names to strings, not {type(value).__name__}")
-    for key, item in value.items():
-        if not isinstance(key, str) or not isinstance(item, str):
-            _fail(f"must map names to strings; {key!r}: {item!r} is not (write {str(item)!r}?)")
-    return dict(value)
-
-
-def _resources(value: Any) -> dict[str, float]:
-    if not isinstance(value, Mapping):
-        _fail(f"must be a dict of resource names to amounts, not {type(value).__name__}")
-    resources: dict[str, float] = {}
-    for key, item in value.items():
-        if not isinstance(key, str) or isinstance(item, bool) or not isinstance(item, (int, float)):
-            _fail(f"must map resource names to numbers; {key!r}: {item!r} is not")
-        resources[key] = float(item)
-    return resources
-
-
-def _setup(value: Any) -> Callable[[], Any] | None:
-    if value is not None and not callable(value):
-        _fail(f"must be a callable taking no arguments, not {type(value).__name__}")
-    return value  # type: ignore[no-any-return]
-
-
-def _site_name(value: Any) -> str:
-    if not isinstance(value, str):
-        _fail(f"a site name is a string, not {type(value).__name__} {value!r}")
-    if not _SITE_NAME.fullmatch(value):
-        _fail(f"site name {value!r} is not allowed: {_SITE_NAME_RULE}")
-    return value
-
-
 def _site_services(value: Any) -> tuple[Service, ...]:
     if isinstance(value, (str, bytes, Service)) or not isinstance(value, Iterable):
-        _fail("must be a list of fed.Service(...) objects")
+        checks.fail("must be a list of fed.Service(...) objects")
     services = tuple(value)
     names: set[str] = set()
     for item in services:
         if not isinstance(item, Service):
-            _fail(f"must be a list of fed.Service(...) objects; {item!r} is not one")
+            checks.fail(f"must be a list of fed.Service(...) objects; {item!r} is not one")
         if item.name in names:
-            _fail(f"service {item.name!r} is listed twice; a site's service names must be unique")
+            checks.fail(f"service {item.name!r} is listed twice; a site's service names must be unique")
         names.add(item.name)
     return services
 
 
 def _sites(value: Any) -> tuple[SiteConfig, ...]:
     if isinstance(value, (str, bytes, SiteConfig)) or not isinstance(value, Iterable):
-        _fail("must be a list of site names or fed.Site(...) objects")
+        checks.fail("must be a list of site names or fed.Site(...) objects")
     sites: list[SiteConfig] = []
     for item in value:
         if isinstance(item, SiteConfig):
@@ -256,7 +64,7 @@ def _sites(value: Any) -> tuple[SiteConfig, ...]:
         elif isinstance(item, str):
             sites.append(SiteConfig._checked({"name": item}))
         else:
-            _fail(f"must be a list of site names or fed.Site(...) objects; {item!r} is neither")
+            checks.fail(f"must be a list of site names or fed.Site(...) objects; {item!r} is neither")
     return tuple(sites)
 
 
@@ -264,33 +72,33 @@ _NO_DEFAULT: Any = object()
 
 #: Site options: name -> (check, default or a factory of it).
 _SITE_FIELDS: dict[str, tuple[Callable[[Any], Any], Any]] = {
-    "name": (_site_name, _NO_DEFAULT),
-    "env": (_env, dict),
-    "setup": (_setup, None),
-    "data_dir": (_path, None),
-    "resources": (_resources, dict),
-    "egress": (_optional_egress, None),
+    "name": (checks.site_name, _NO_DEFAULT),
+    "env": (checks.env, dict),
+    "setup": (checks.setup, None),
+    "data_dir": (checks.path, None),
+    "resources": (checks.resources, dict),
+    "egress": (checks.optional_egress, None),
     "services": (_site_services, tuple),
 }
 
 #: Federation options, in the order of the docs.
 _FEDERATION_FIELDS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "sites": (_sites, _NO_DEFAULT),
-    "backend": (_choice("process", "thread", "ray"), "process"),
-    "ray_address": (_optional_address, None),
-    "start_method": (_choice("spawn", "forkserver"), "spawn"),
-    "preload": (_preload, tuple),
-    "pool_size": (_pool_size, default_pool_size),
-    "max_queued": (_positive_int, 100_000),
-    "start_timeout": (_positive_seconds, 60.0),
-    "shutdown_timeout": (_seconds, 10.0),
-    "cancel_grace": (_seconds, 2.0),
-    "max_token_bytes": (_positive_int, 2**31),
-    "max_worker_memory": (_optional_positive_int, None),
-    "max_jobs_per_worker": (_optional_positive_int, None),
-    "max_slot_restarts": (_non_negative_int, 5),
-    "echo_worker_output": (_flag, True),
-    "log_dir": (_path, None),
+    "backend": (checks.choice("process", "thread", "ray"), "process"),
+    "ray_address": (checks.optional_address, None),
+    "start_method": (checks.choice("spawn", "forkserver"), "spawn"),
+    "preload": (checks.preload, tuple),
+    "pool_size": (checks.pool_size, default_pool_size),
+    "max_queued": (checks.positive_int, 100_000),
+    "start_timeout": (checks.positive_seconds, 60.0),
+    "shutdown_timeout": (checks.seconds, 10.0),
+    "cancel_grace": (checks.seconds, 2.0),
+    "max_token_bytes": (checks.positive_int, 2**31),
+    "max_worker_memory": (checks.optional_positive_int, None),
+    "max_jobs_per_worker": (checks.optional_positive_int, None),
+    "max_slot_restarts": (checks.non_negative_int, 5),
+    "echo_worker_output": (checks.flag, True),
+    "log_dir": (checks.path, None),
 }
 
 
@@ -322,7 +130,7 @@ def _check(
         if name in values:
             try:
                 checked[name] = check(values[name])
-            except _InvalidError as exc:
+            except checks.InvalidError as exc:
                 message = str(exc)
                 # A message that already names what it is about needs no "name:" in front.
                 problems.append(message if message.startswith(_NAMED) else f"{name}: {message}")
@@ -427,11 +235,11 @@ class SiteConfig(_Frozen):
 
     @classmethod
     def _checked(cls, values: Mapping[str, Any]) -> SiteConfig:
-        """A site from ``values``; a problem raises :class:`_InvalidError` (inside another check)."""
+        """A site from ``values``; a problem raises :class:`checks.InvalidError` (inside another check)."""
         try:
             return cls(**values)
         except ConfigError as exc:
-            raise _InvalidError(str(exc)) from None
+            raise checks.InvalidError(str(exc)) from None
 
 
 #: Alias users write: ``fed.Site("clinic-a", setup=load)``.
@@ -448,7 +256,7 @@ def _lifted(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
         try:
             return check(value)
         except ValueError as exc:
-            raise _InvalidError(str(exc)) from None
+            raise checks.InvalidError(str(exc)) from None
 
     return lifted
 
@@ -456,14 +264,14 @@ def _lifted(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
 _SERVICE_FIELDS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "name": (_lifted(service_checks.service_name), _NO_DEFAULT),
     "command": (_lifted(service_checks.command), _NO_DEFAULT),
-    "env": (_env, dict),
-    "cwd": (_path, None),
+    "env": (checks.env, dict),
+    "cwd": (checks.path, None),
     "host": (_lifted(service_checks.host), "127.0.0.1"),
     "port": (_lifted(service_checks.port), None),
     "url": (_lifted(service_checks.url), None),
     "ready_line": (_lifted(service_checks.regex), None),
-    "ready_timeout": (_positive_seconds, 30.0),
-    "stop_grace": (_seconds, 10.0),
+    "ready_timeout": (checks.positive_seconds, 30.0),
+    "stop_grace": (checks.seconds, 10.0),
 }
 
 

@@ -9,9 +9,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._callbacks import CallbackThread
-from ._config import FederationConfig, SiteConfig, check_count, check_seconds, federation_config
+from ._config import FederationConfig, SiteConfig, federation_config
 from ._exceptions import ConfigError, FederationClosedError, PipelineError, SerializationError
 from ._fault_plan import FaultPlan
+from ._field_checks import check_count, check_seconds
 from ._handle import Job
 from ._log import get_logger
 from ._metrics import Metrics

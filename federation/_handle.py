@@ -17,8 +17,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ._callbacks import CallbackThread, run_safely
-from ._config import check_seconds
 from ._exceptions import JobCancelledError
+from ._field_checks import check_seconds
 from ._messages import Missing
 from ._metrics import MetricRecord
 

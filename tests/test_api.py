@@ -35,6 +35,7 @@ ORDER = [
     "backends",
     "_log",
     "_service_checks",
+    "_field_checks",
     "_config",
     "_services",
     "_bindings",
