@@ -252,7 +252,6 @@ class LinkShaper:
         self.frames += 1
         due = now
         keep = list(tokens)
-        extra: list[Any] = []
         reorder = False
         for index, fault in self.rules:
             if not isinstance(fault, (Drop, Duplicate)) and not self._active(fault, elapsed):
@@ -279,16 +278,23 @@ class LinkShaper:
                     )
                 keep = kept
             elif isinstance(fault, Duplicate):
+                # Each copy right behind its original: where a frame ends depends on
+                # timing, so a copy at the frame's end would land at a different place
+                # in the stream from run to run, and the same seed must replay the same.
+                doubled: list[Any] = []
                 for k, token in enumerate(keep):
+                    doubled.append(token)
                     if (
                         len(token) > 5
                         and token[-1] == m.ITEM
                         and _in_frame(token[4])
                         and self._per_token(index, fault, elapsed, self.tokens + k)
                     ):
-                        extra.append(token)
-                if extra:
-                    owner.record(index, fault, target=self.target, source=self.source, duplicated=len(extra))
+                        doubled.append(token)
+                if len(doubled) > len(keep):
+                    copies = len(doubled) - len(keep)
+                    owner.record(index, fault, target=self.target, source=self.source, duplicated=copies)
+                keep = doubled
             elif isinstance(fault, Reorder):
                 if all(t[-1] == m.ITEM for t in keep) and keep and self._decide(index, fault, self.frames):
                     reorder = True
@@ -316,7 +322,6 @@ class LinkShaper:
         self.tokens += len(tokens)
         if not keep:
             return []
-        keep += extra
         if reorder:
             held = max(due, self.last_due) + _REORDER_HOLD
             self.held_until = max(self.held_until, held)

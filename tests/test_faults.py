@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import fault_pipelines as fp
 import pytest
 
 import federation as fed
+from federation import _messages as fed_messages
 from federation import faults
 from federation._faults import schedule
 from federation._timeline import events_from_log, to_png
@@ -371,3 +373,28 @@ def test_a_saved_plan_that_does_not_parse_names_its_file(tmp_path: Path) -> None
     path.write_text("seed = 1\n[[faults]]\nkind = 'pause'\nsite = 'a'\nseconds = '2'\n")
     with pytest.raises(fed.ConfigError, match=r"plan\.toml: pause: seconds='2' must be a finite number"):
         fed.FaultPlan.load(path)
+
+
+def test_a_duplicated_item_follows_its_original_however_the_stream_is_framed() -> None:
+    """A stream is cut into frames by timing (a fast one batches, a slow one does not), so
+    where a duplicate lands must not depend on the framing: the same seed must give the
+    same sequence. Duplicates went to the end of their frame, so the order a step saw
+    its items in changed from run to run (seen in test_the_same_seed_replays_the_same_faults)."""
+    from federation._faults import SiteFaults
+
+    rules = [(0, faults.Duplicate("a", "b", probability=0.5, per="token"))]
+    tokens = [("step", "x", "a", seq, pickle.dumps(seq), fed_messages.ITEM) for seq in range(40)]
+
+    def delivered(frames: list[list[Any]]) -> list[int]:
+        shaper = SiteFaults(11, 1, 1, "a", rules).links[("a", "b")]
+        seqs: list[int] = []
+        for frame in frames:
+            for _, kept in shaper.shape(frame, 100, time.monotonic()):
+                seqs += [token[3] for token in kept]
+        return seqs
+
+    whole = delivered([tokens])
+    assert len(whole) > 40  # this seed duplicates some items
+    assert delivered([tokens[:7], tokens[7:20], tokens[20:]]) == whole
+    assert delivered([[token] for token in tokens]) == whole
+    assert [seq for k, seq in enumerate(whole) if k == 0 or seq != whole[k - 1]] == list(range(40))
