@@ -157,11 +157,6 @@ class SiteFault(Fault):
 
     site: str
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.site:
-            raise ConfigError(f"{self.kind}: name the site it happens at (site=...)")
-
 
 @dataclass(frozen=True)
 class _ServiceTarget(SiteFault):
@@ -249,7 +244,7 @@ class LinkFault(Fault):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.source or not self.target or self.source == self.target:
+        if self.source == self.target:  # each end is checked as a name by _FIELD_RULES
             raise ConfigError(f"{self.kind}: name two different ends of the link (source=..., target=...)")
 
     def links(self) -> list[tuple[str, str]]:

@@ -51,7 +51,6 @@ class SlotPool(SlotPolicy[JobExecution]):
         _raise_fd_limit(_fds_needed(config.pool_size, len(config.sites), config.backend == "thread"))
         super().__init__(config, callbacks)
         self.backend = get_backend(config)
-        self.unstarted: list[int] = []  # slot indices waiting for the first wave to boot
         self._lifeline_r, self._lifeline_w = os.pipe()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)

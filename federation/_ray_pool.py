@@ -179,7 +179,6 @@ class RayPool(SlotPolicy[RaySlot]):
             self.lease = None
             raise
         self.actor_class = self.ray.remote(SiteActor)
-        self.unstarted: list[int] = []  # never used: Ray schedules every slot at once
         self._log_level = worker_log_level()
         self._values = RayValues()
         # Started by RayRouter.start before any slot, stopped by _abandon after them.

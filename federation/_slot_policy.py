@@ -27,7 +27,14 @@ from typing import Any, Protocol, TypeVar
 from . import _messages as m
 from ._callbacks import CallbackThread
 from ._config import FederationConfig
-from ._exceptions import FederationError, JobError, QuorumError, SiteStartError, StepFailedError
+from ._exceptions import (
+    FederationClosedError,
+    FederationError,
+    JobError,
+    QuorumError,
+    SiteStartError,
+    StepFailedError,
+)
 from ._execution import TRANSITIONS, SlotState, SlotTransitionError
 from ._fault_control import FaultControl
 from ._handle import Job, JobStatus
@@ -80,6 +87,8 @@ class SlotPolicy(JobSide[SlotT], FaultControl):
         super().__init__(config, callbacks)
         self.slots: list[SlotT | None] = [None] * config.pool_size
         self.free: deque[SlotT] = deque()  # exactly the IDLE slots (see _move)
+        # Slot indices waiting for the first wave to boot (the process pool starts in waves).
+        self.unstarted: list[int] = []
         self.start_error: SiteStartError | None = None
         self.started = False
         self.replaced = 0
@@ -133,7 +142,7 @@ class SlotPolicy(JobSide[SlotT], FaultControl):
     def _not_whole(self) -> list[str]:
         """Which slots are not up yet (booting, or waiting to be replaced); empty when none."""
         waiting = [f"slot {i} (replacement not started yet)" for i in sorted(self._replace_at)]
-        waiting += [f"slot {i} (not started yet)" for i in getattr(self, "unstarted", ())]
+        waiting += [f"slot {i} (not started yet)" for i in self.unstarted]
         for slot in self.slots:
             if slot is not None and slot.state is SlotState.STARTING:
                 booting = sorted(set(slot.sites) - slot.ready)
@@ -147,8 +156,6 @@ class SlotPolicy(JobSide[SlotT], FaultControl):
         starting, FederationClosedError once closing, FederationError once the
         federation gave up restarting.
         """
-        from ._exceptions import FederationClosedError, FederationError
-
         with self.lock:
             whole = self.changed.wait_for(
                 lambda: self.closing or self.gave_up is not None or not self._not_whole(), timeout

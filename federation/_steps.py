@@ -325,15 +325,16 @@ class StepRunner(SiteStoreOwner, FaultRuntime, SiteLogging):
         else:
             self._step_done(run, step_run)
 
-    def _yield_turn(self, run: JobRun, step_run: StepRun) -> bool:
+    def _yield_turn(self, run: JobRun, step_run: StepRun, now: float | None = None) -> bool:
         """Whether a step must hand the loop back after a value: a deeper step may have work,
         the run ended, or it is time to look at the inbox. Otherwise it goes on in its turn,
-        which saves a pass over the steps per item of a fast stream."""
+        which saves a pass over the steps per item of a fast stream. ``now`` (monotonic) is
+        a time just read, saving a read of the clock per item."""
         return (
             step_run.local
             or run.failed
             or run.job_id in self._aborted
-            or time.monotonic() >= self._next_check
+            or (time.monotonic() if now is None else now) >= self._next_check
         )
 
     def _call(self, run: JobRun, step_run: StepRun, source: str | None, item: Any) -> None:
@@ -409,13 +410,7 @@ class StepRunner(SiteStoreOwner, FaultRuntime, SiteLogging):
                 self._faults_slow(step_run.plan.name, item_started)
             step_run.call_count += 1
             self._emit(run, step_run, value, m.ITEM)
-            # _yield_turn, with the time _emit just took rather than the clock read again.
-            if (
-                step_run.local
-                or run.failed
-                or run.job_id in self._aborted
-                or self._last_emit >= self._next_check
-            ):
+            if self._yield_turn(run, step_run, self._last_emit):  # the time _emit just read
                 return
 
     def _call_raised(self, run: JobRun, step_run: StepRun, exc: BaseException) -> None:
