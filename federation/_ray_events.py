@@ -43,7 +43,7 @@ class RayEvents(RayPool):
             for line in lines:
                 self._output_line(slot, worker, line, stdout, tag_text)
         elif tag == m.READY:
-            _, worker.pid, worker.node_id, worker.node_address = message
+            _, worker.pid, worker.node_id, worker.node_address, worker.link = message
             self._site_ready(slot, site)
         elif tag == EXITING:
             worker.exitcode = message[1]

@@ -21,6 +21,7 @@ process dead, or its node lost.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import deque
@@ -34,9 +35,10 @@ from ._execution import SlotState
 from ._handle import Job, JobStatus
 from ._log import worker_log_level
 from ._ray_cluster import Lease, Placement, connect, import_ray, site_placement
+from ._ray_links import SECRET_BYTES
 from ._ray_services import RayServices, pin_to_node
 from ._ray_site import LINK, SiteActor
-from ._ray_values import RayValues, pack
+from ._ray_values import PEERS, RayValues, pack
 from ._serialization import dumps_function
 from ._services import bind_setup
 from ._slot_policy import SlotPolicy, backoff
@@ -66,6 +68,7 @@ class RayWorker:
         self.exitcode: int | None = None  # what it passed to os._exit, if it said so
         self.seq = 0  # the number of the client's next message to it
         self.poll: Any = None  # the outstanding events() call
+        self.link: tuple[str, int] | None = None  # where its direct link listens (_ray_links)
         # Events come numbered, by the poll or a START's answer: handled in their order.
         self.next_event = 0
         self.held: dict[int, Any] = {}
@@ -124,6 +127,8 @@ class RaySlot:
         self.repair = False  # a site's actor died inside a tolerant fan-in: replace after the job
         self.site_kill: dict[str, float] = {}  # late sites told to stop: their deadline
         self.last_lines: dict[str, deque[str]] = {site: deque(maxlen=20) for site in sites}
+        self.secret = os.urandom(SECRET_BYTES)  # opens the direct links between its actors
+        self.peered: set[str] = set()  # sites told where their siblings listen (with a first START)
 
     def send(self, site: str, *messages: tuple[Any, ...]) -> Any:
         """Send messages to the site's actor in one call, numbered for its order; the call's ref.
@@ -222,7 +227,7 @@ class RayPool(SlotPolicy[RaySlot]):
                 max_task_retries=0,
                 max_concurrency=_ACTOR_THREADS,
                 **options,
-            ).remote(dumps_function(spec, what=f"the setup of site {site!r}"), sys_path)
+            ).remote(dumps_function(spec, what=f"the setup of site {site!r}"), sys_path, slot.secret)
             slot.workers[site] = RayWorker(site, name, actor)
         handles = {site: worker.actor for site, worker in slot.workers.items()}
         for site in sites:
@@ -268,6 +273,14 @@ class RayPool(SlotPolicy[RaySlot]):
             digest, plan = compiled.plans[site]
             cached = slot.plans[site]
             messages: list[tuple[Any, ...]] = []
+            if site not in slot.peered:  # every site is ready: where the others listen is known
+                slot.peered.add(site)
+                peers = {
+                    other: worker.link
+                    for other, worker in slot.workers.items()
+                    if other != site and worker.link is not None
+                }
+                messages.append((PEERS, peers))
             if digest not in cached:
                 if len(cached) >= m.PLAN_CACHE:  # the actor evicts its oldest plan too
                     del cached[next(iter(cached))]

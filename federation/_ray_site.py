@@ -47,11 +47,13 @@ from typing import Any
 
 from . import _messages as m
 from ._fault_runtime import InjectedStartError
+from ._ray_links import LinkListener, LinkSender
 from ._ray_values import (
     CRASH,
     EXITING,
     LINK,
     OUTPUT,
+    PEERS,
     STOPPED,
     LineWriter,
     RayValues,
@@ -106,7 +108,9 @@ class SiteRunner(StepRunner):
 
     private_loggers = ("ray",)  # Ray's own records stay in Ray's logs
 
-    def __init__(self, spec: m.WorkerSpec, inbox: _Inbox, node: str, emit: Callable[[Any], None]) -> None:
+    def __init__(
+        self, spec: m.WorkerSpec, inbox: _Inbox, node: str, emit: Callable[[Any], None], links: LinkSender
+    ) -> None:
         self.site = spec.site
         self.name = spec.name
         self.spec = spec
@@ -120,6 +124,7 @@ class SiteRunner(StepRunner):
         self._arrivals = inbox
         self._inbox: deque[tuple[Any, ...]] = deque()
         self._siblings: dict[str, Any] = {}
+        self._direct = links
         self._link_seq: dict[str, int] = {}
         self._plans: dict[bytes, m.SitePlan] = {}
         self._run: JobRun | None = None
@@ -192,7 +197,10 @@ class SiteRunner(StepRunner):
         self._link_seq[site] = seq + 1
         frame: Any = (self.site, seq, [message])
         if not (message[0] == m.TOKENS and any(holds_refs(token[4]) for token in message[2])):
-            frame = pack(frame)  # references go through Ray's serializer, which tracks them
+            # References go through Ray's serializer, which tracks them; the rest goes direct.
+            if self._direct.send(site, seq, message):
+                return
+            frame = pack(frame)
         # Fire and forget: a sibling that died is the client's to notice (its poll fails).
         sibling.deliver.remote(frame)
 
@@ -242,6 +250,9 @@ class SiteRunner(StepRunner):
                 continue
             elif tag == LINK:
                 self._siblings = dict(message[1])
+                continue
+            elif tag == PEERS:
+                self._direct.set_peers(message[1])
                 continue
             self._inbox.append(message)
 
@@ -294,6 +305,7 @@ class SiteRunner(StepRunner):
                 self._on_inject(message[1], message[2], message[3])
             elif tag == m.STOP:
                 self._flush_all()
+                self._direct.close()
                 self.close_store()
                 return False
 
@@ -305,9 +317,11 @@ class SiteActor:
         spec_bytes: the pickled :class:`~federation._messages.WorkerSpec` (cloudpickle: it
             holds the site's setup function).
         sys_path: the client's ``sys.path``, put in front here where its entries exist.
+        secret: the slot's secret, which opens the direct links between its actors
+            (:mod:`._ray_links`).
     """
 
-    def __init__(self, spec_bytes: bytes, sys_path: tuple[str, ...]) -> None:
+    def __init__(self, spec_bytes: bytes, sys_path: tuple[str, ...], secret: bytes) -> None:
         lock = threading.RLock()
         self._cond = threading.Condition(lock)  # a START waiting for its job's DONE; back-pressure
         # The long poll waits apart, on the same lock: an event a waiting START will
@@ -322,10 +336,21 @@ class SiteActor:
         self._runner: SiteRunner | None = None
         self._spec_bytes = spec_bytes
         self._sys_path = sys_path
+        self._secret = secret
         try:
             self._node = str(ray_module().get_runtime_context().get_node_id())
         except Exception:  # noqa: BLE001 - outside a Ray worker (unit use)
             self._node = "?"
+        self._address = "127.0.0.1"
+        try:
+            self._address = str(ray_module().util.get_node_ip_address())
+        except Exception:  # noqa: BLE001
+            pass
+        self._listener: LinkListener | None = None
+        try:
+            self._listener = LinkListener(self._address, secret, self._inbox.put, self._warn)
+        except OSError as exc:  # siblings reach this site through Ray calls instead
+            self._warn(f"no direct link could listen on {self._address}: {exc!r}")
         self._thread = threading.Thread(target=self._main, name="federation-site", daemon=True)
         self._thread.start()
 
@@ -474,12 +499,15 @@ class SiteActor:
 
         setattr(os, "_exit", exit_reporting)  # noqa: B010 - mypy: os._exit is typed NoReturn
 
+    def _warn(self, text: str) -> None:
+        runner = self._runner
+        if runner is not None:
+            runner.log("warning", text)
+        else:
+            self._emit((OUTPUT, False, [text], None, None))
+
     def _main(self) -> None:
-        address = "?"
-        try:
-            address = str(ray_module().util.get_node_ip_address())
-        except Exception:  # noqa: BLE001
-            pass
+        address = self._address
         for entry in reversed(self._sys_path):
             if entry not in sys.path and os.path.isdir(entry):
                 sys.path.insert(0, entry)
@@ -488,7 +516,7 @@ class SiteActor:
         except BaseException:  # noqa: BLE001 - e.g. a setup function this node cannot import
             self._emit((m.START_FAILED, traceback.format_exc()))
             return
-        runner = SiteRunner(spec, self._inbox, self._node, self._emit)
+        runner = SiteRunner(spec, self._inbox, self._node, self._emit, LinkSender(spec.site, self._secret))
         self._runner = runner
         self._report_exits()
 
@@ -511,7 +539,8 @@ class SiteActor:
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             self._emit((m.START_FAILED, tb))
             return
-        self._emit((m.READY, os.getpid(), self._node, address))
+        link = self._listener.address if self._listener is not None else None
+        self._emit((m.READY, os.getpid(), self._node, address, link))
         runner.forward_stdlib_logging()
         # Steps run in this thread, as the site's setup did: what the setup made
         # (a database connection, thread-local state) is used where it was made.

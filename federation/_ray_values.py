@@ -26,6 +26,7 @@ __all__ = [
     "EXITING",
     "LINK",
     "OUTPUT",
+    "PEERS",
     "STOPPED",
     "LineWriter",
     "RayValues",
@@ -42,6 +43,7 @@ OUTPUT = 101  # (OUTPUT, stdout?, [line, ...], job, step)  actor -> client: what
 STOPPED = 102  # (STOPPED,)                                 actor -> client: after STOP, all sent
 EXITING = 103  # (EXITING, exit code)                       actor -> client: os._exit was called
 CRASH = 104  # (CRASH, reason)                               actor -> client: a fault plan crashes me
+PEERS = 105  # (PEERS, {site: (host, port)})               client -> actor: where siblings listen (_ray_links)
 
 
 class RayValues:

@@ -31,6 +31,7 @@ ORDER = [
     "_steps",
     "_worker",
     "_ray_values",
+    "_ray_links",
     "_ray_site",
     "backends",
     "_log",
@@ -94,6 +95,7 @@ WORKER_SIDE = {
     "_steps",
     "_worker",
     "_ray_values",
+    "_ray_links",
     "_ray_site",
 }
 
