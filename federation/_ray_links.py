@@ -87,16 +87,34 @@ class LinkListener:
         self._warn = warn
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._server, selectors.EVENT_READ, None)
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, "close")
         self._thread = threading.Thread(target=self._serve, name="federation-links", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        while True:
-            for key, _ in self._selector.select():
-                if key.data is None:
-                    self._accept()
-                else:
-                    self._read(key.fileobj, key.data)  # type: ignore[arg-type]
+        try:
+            while True:
+                for key, _ in self._selector.select():
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "close":
+                        return
+                    else:
+                        self._read(key.fileobj, key.data)  # type: ignore[arg-type]
+        finally:
+            for key in list(self._selector.get_map().values()):
+                key.fileobj.close()  # type: ignore[union-attr]
+            self._selector.close()
+            self._wake_writer.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop serving and close every connection; returns once the thread has ended."""
+        try:
+            self._wake_writer.send(b"x")
+        except OSError:  # closed already
+            return
+        self._thread.join(timeout)
 
     def _accept(self) -> None:
         try:
