@@ -48,6 +48,9 @@ __all__ = ["RayPool", "RaySlot", "RayWorker"]
 # A site actor's Ray threads: the long poll, a START waiting to answer, messages arriving,
 # a fault plan's pause reaping its stopper.
 _ACTOR_THREADS = 6
+# A site actor's run lane: one thread, which runs its setup and then its steps (SiteActor.run).
+_RUN_LANE_GROUP = {"run": 1}
+_RUN_LANE = (m.START, m.STOP)
 
 
 class RayWorker:
@@ -68,6 +71,7 @@ class RayWorker:
         self.exitcode: int | None = None  # what it passed to os._exit, if it said so
         self.seq = 0  # the number of the client's next message to it
         self.poll: Any = None  # the outstanding events() call
+        self.run: Any = None  # actor.run on the run lane (see SiteActor.run)
         self.link: tuple[str, int] | None = None  # where its direct link listens (_ray_links)
         # Events come numbered, by the poll or a START's answer: handled in their order.
         self.next_event = 0
@@ -133,7 +137,8 @@ class RaySlot:
     def send(self, site: str, *messages: tuple[Any, ...]) -> Any:
         """Send messages to the site's actor in one call, numbered for its order; the call's ref.
 
-        Only a call carrying START answers with events (see ``SiteActor.deliver``).
+        START and STOP go to the actor's run lane, whose answer carries the events
+        (``SiteActor.run``); the rest are only handed over (``SiteActor.deliver``).
         """
         worker = self.workers[site]
         if worker.gone:
@@ -144,6 +149,8 @@ class RaySlot:
             frame: Any = (m.CLIENT, seq, list(messages))
             if all(message[0] != LINK for message in messages):  # actor handles: Ray tracks them
                 frame = pack(frame)
+            if any(message[0] in _RUN_LANE for message in messages):
+                return worker.run.remote(frame)
             return worker.actor.deliver.remote(frame)
         except Exception:  # noqa: BLE001 - Ray is shutting down: the poll reports the end
             return None
@@ -183,7 +190,7 @@ class RayPool(SlotPolicy[RaySlot]):
             self.lease.release()
             self.lease = None
             raise
-        self.actor_class = self.ray.remote(SiteActor)
+        self.actor_class = self.ray.remote(concurrency_groups=_RUN_LANE_GROUP)(SiteActor)
         self._log_level = worker_log_level()
         self._values = RayValues()
         # Started by RayRouter.start before any slot, stopped by _abandon after them.
@@ -228,11 +235,14 @@ class RayPool(SlotPolicy[RaySlot]):
                 max_concurrency=_ACTOR_THREADS,
                 **options,
             ).remote(dumps_function(spec, what=f"the setup of site {site!r}"), sys_path, slot.secret)
-            slot.workers[site] = RayWorker(site, name, actor)
+            worker = RayWorker(site, name, actor)
+            worker.run = actor.run.options(concurrency_group="run")
+            slot.workers[site] = worker
         handles = {site: worker.actor for site, worker in slot.workers.items()}
         for site in sites:
             slot.send(site, (LINK, {other: h for other, h in handles.items() if other != site}))
             self._poll(slot, slot.workers[site])
+            slot.workers[site].actor.boot.options(concurrency_group="run").remote()
         self.log.debug("slot starting", slot=index, generation=slot.generation)
         return slot
 

@@ -2,14 +2,18 @@
 
 Data flow inside a site actor (one per site per slot)::
 
-    client ──deliver()──┐                       ┌─> sibling.deliver()  (tokens, node to node)
-    siblings ─deliver()─┼─> arrivals (in order) ─> runner thread ─┤
-                        ┘   per sender's seq         (StepRunner) └─> outgoing ──> events()  (client)
+    client ─deliver()──┐                      ┌─> direct link to a sibling (tokens)
+    siblings ─link─────┼─> arrivals ─> runner ┼─> sibling.deliver()  (frames holding refs)
+    siblings ─deliver()┘   (in each            └─> outgoing ──> events(), or a START's answer
+                           sender's order)
 
 The actor is threaded: its Ray methods only hand messages over and return.
 ``deliver`` puts a message into the arrivals, in the order its sender numbered
 it (Ray does not promise order on a threaded actor: each sender numbers its
-messages and a gap is held back until it is filled). ``events`` is a long poll
+messages and a gap is held back until it is filled). Siblings' frames come
+over direct links (:mod:`._ray_links`), read by the link thread into the same
+arrivals, except those holding object references, which come by ``deliver``:
+one numbering per sender covers both. ``events`` is a long poll
 the client always keeps one of: it returns as soon as the runner has
 something to say (results, DONE, logs, output lines), in the order it was
 said, so DONE never overtakes a result (invariant 2). The runner thread runs
@@ -72,8 +76,7 @@ __all__ = ["EXITING", "LINK", "OUTPUT", "STOPPED", "SiteActor", "SiteRunner"]
 
 _SENDS_PER_JOB = 10_000  # timeline records of frames sent, per job and site
 _OUTGOING_HIGH = 4096  # events waiting for the client beyond which the runner waits for it
-_REPLY_WAIT = 0.5  # seconds a START waits for its job to be done here, to answer with its events
-_LINGER = 0.002  # seconds the long poll leaves events to a waiting START
+_LINGER = 0.002  # seconds the long poll leaves events to the run lane's answer
 _CRASH_WAIT = 30.0  # seconds a crashing site waits for the client to kill its actor before it dies alone
 _PAUSE_SLACK = 10.0  # seconds past a pause's end after which its stopper process is given up on
 
@@ -323,15 +326,15 @@ class SiteActor:
 
     def __init__(self, spec_bytes: bytes, sys_path: tuple[str, ...], secret: bytes) -> None:
         lock = threading.RLock()
-        self._cond = threading.Condition(lock)  # a START waiting for its job's DONE; back-pressure
-        # The long poll waits apart, on the same lock: an event a waiting START will
+        self._cond = threading.Condition(lock)  # back-pressure: the run lane waits for the poll
+        # The long poll waits apart, on the same lock: an event the run lane will
         # answer with need not wake it (a thread switch per job, on every site).
         self._poll_cond = threading.Condition(lock)
         self._outgoing: list[tuple[int, Any]] = []  # (event number, event), in order
         self._emitted = 0
         self._oldest = 0.0  # when the oldest event waiting was emitted
-        self._handed = False  # the events waiting were handed to the poll by a waiting START
-        self._waiting: dict[int, bool] = {}  # job id -> its DONE was emitted, for a START's reply
+        self._handed = False  # the events waiting have lingered: the poll takes them
+        self._waiting: dict[int, bool] = {}  # job id -> its DONE was emitted, for run()'s answer
         self._inbox = _Inbox()
         self._runner: SiteRunner | None = None
         self._spec_bytes = spec_bytes
@@ -351,8 +354,8 @@ class SiteActor:
             self._listener = LinkListener(self._address, secret, self._inbox.put, self._warn)
         except OSError as exc:  # siblings reach this site through Ray calls instead
             self._warn(f"no direct link could listen on {self._address}: {exc!r}")
-        self._thread = threading.Thread(target=self._main, name="federation-site", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # the run lane's thread, once booted
+        self._stopped = False
 
     # -- Ray methods ----------------------------------------------------------------------
 
@@ -360,67 +363,90 @@ class SiteActor:
         """Messages from the client (``sender`` "") or a sibling site, call ``seq`` of its sender.
 
         ``frame`` is ``(sender, seq, messages)``, pickled by :func:`._ray_values.pack`
-        unless it holds object references or actor handles; so is the answer, the
-        events numbered as :meth:`events` numbers them.
+        unless it holds object references or actor handles. It only hands the
+        messages over: the run lane handles them (:meth:`run`).
+        """
+        sender, seq, messages = unpack(frame)
+        self._inbox.put(sender, seq, messages)
+        return None
 
-        A client's call that starts a job here waits (up to ``_REPLY_WAIT``) for
-        the job to be done at this site and answers with the events so far: a
-        short job costs one Ray call, as a hand-written actor call does. Every
-        other call answers at once, with nothing; events then go by :meth:`events`.
+    def boot(self) -> None:
+        """Start the site on the run lane (a concurrency group of one thread): its setup runs
+        on the thread its steps will run on, so what it made (a database connection,
+        thread-local state) is used where it was made. What it says goes by :meth:`events`."""
+        self._thread = threading.current_thread()
+        self._runner = self._boot()
+
+    def run(self, frame: Any) -> Any:
+        """Messages from the client that start a job here, or stop the site (on the run lane).
+
+        Handles them, and every message that arrives meanwhile, until this site
+        is done with the job (or has stopped), then answers with the events not
+        yet taken, numbered as :meth:`events` numbers them: a short job costs
+        one Ray call and no thread switch here, as a hand-written actor call does.
         """
         sender, seq, messages = unpack(frame)
         job = None
-        if sender == m.CLIENT:
-            for message in messages:
-                if message[0] == m.START:
-                    job = message[1]
-        if job is None:
-            self._inbox.put(sender, seq, messages)
-            return []
-        with self._cond:
-            self._waiting[job] = False
+        for message in messages:
+            if message[0] == m.START:
+                job = message[1]
+        if job is not None:
+            with self._cond:
+                self._waiting[job] = False
         self._inbox.put(sender, seq, messages)
+        runner = self._runner
+        if runner is not None and not self._stopped:
+            self._drive(runner, job)
         with self._cond:
-            self._wait_for_done(job)
-            self._waiting.pop(job, None)  # gone already if os._exit cleared them
+            if job is not None:
+                self._waiting.pop(job, None)  # gone already if os._exit cleared them
             out, self._outgoing = self._outgoing, []
             self._handed = False
             self._cond.notify_all()  # back-pressure: the steps may go on
         return pack(out) if out else out
 
-    def _wait_for_done(self, job: int) -> None:
-        """Wait (holding ``_cond``) until ``job`` is done here or ``_REPLY_WAIT`` has passed.
+    def _drive(self, runner: SiteRunner, job: int | None) -> None:
+        """Serve messages until ``job`` is done here, no deadline is pending and nothing is left
+        to handle (or STOP was handled)."""
+        while True:
+            try:
+                if not runner.serve_ready():
+                    self._stop()
+                    return
+                with self._cond:
+                    done = job is None or self._waiting.get(job, True)
+                if done and not runner._inbox and runner._next_timer() is None:
+                    return
+                self._wait_for_work(runner)
+            except BaseException:  # noqa: BLE001 - the client must hear of it, not wait for ever
+                runner.log("critical", "site actor crashed", traceback=traceback.format_exc())
 
-        Events that wait here longer than ``_LINGER`` go to the poll, woken
-        then: a streaming result is late by that at most, and a short job wakes
-        no thread but this one (the poll sleeps through it).
-        """
-        deadline = time.monotonic() + _REPLY_WAIT
-        while not self._waiting.get(job, True):
-            now = time.monotonic()
-            if now >= deadline:
-                return
-            if self._outgoing and not self._handed:
-                linger_end = self._oldest + _LINGER
-                if linger_end <= now:
-                    self._handed = True  # the poll takes them; the next first event wakes this again
-                    self._poll_cond.notify()
-                    continue
-                self._cond.wait(min(linger_end, deadline) - now)
-            else:
-                self._cond.wait(deadline - now)
+    def _stop(self) -> None:
+        self._stopped = True
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._emit((STOPPED,))
 
     def events(self) -> Any:
         """Wait for events and return every one so far, numbered (the client's long poll).
 
-        While a job's START waits to answer with its events, this leaves them to
-        it unless they have waited ``_LINGER`` (a streaming result is late by that
-        at most, and a short job is one Ray call); the waiting START times that
-        and wakes this (``_wait_for_done``), so a short job does not wake it.
+        While a job's :meth:`run` will answer with its events, this leaves them
+        to it unless they have waited ``_LINGER``: a streaming result is late by
+        that at most, and a short job, whose first event is its DONE, does not
+        wake this thread at all.
         """
         with self._poll_cond:
-            while not (self._outgoing and (self._handed or not self._waiting)):
-                self._poll_cond.wait()
+            while True:
+                if self._outgoing:
+                    if self._handed or not self._waiting:
+                        break
+                    left = self._oldest + _LINGER - time.monotonic()
+                    if left <= 0:
+                        self._handed = True
+                        break
+                    self._poll_cond.wait(left)
+                else:
+                    self._poll_cond.wait()
             out, self._outgoing = self._outgoing, []
             self._handed = False
             self._cond.notify_all()  # back-pressure: the steps may go on
@@ -463,12 +489,9 @@ class SiteActor:
             self._outgoing.append((self._emitted, event))
             self._emitted += 1
             if event[0] == m.DONE and event[1] in self._waiting:
-                self._waiting[event[1]] = True
-                self._cond.notify_all()
-            elif not self._waiting or self._handed:
-                self._poll_cond.notify()
-            elif len(self._outgoing) == 1:
-                self._cond.notify_all()  # the waiting START times how long it waits (_wait_for_done)
+                self._waiting[event[1]] = True  # the run lane answers with it now
+            elif len(self._outgoing) == 1 or not self._waiting or self._handed:
+                self._poll_cond.notify()  # the poll takes it, or times how long it lingers
             if len(self._outgoing) > _OUTGOING_HIGH and threading.current_thread() is self._thread:
                 # A client that reads slower than steps produce holds the steps back
                 # (as a full pipe does), instead of this actor's memory growing.
@@ -506,8 +529,8 @@ class SiteActor:
         else:
             self._emit((OUTPUT, False, [text], None, None))
 
-    def _main(self) -> None:
-        address = self._address
+    def _boot(self) -> SiteRunner | None:
+        """The site's start: its spec, its output and its setup; the runner, or None if it failed."""
         for entry in reversed(self._sys_path):
             if entry not in sys.path and os.path.isdir(entry):
                 sys.path.insert(0, entry)
@@ -515,9 +538,8 @@ class SiteActor:
             spec: m.WorkerSpec = pickle.loads(self._spec_bytes)
         except BaseException:  # noqa: BLE001 - e.g. a setup function this node cannot import
             self._emit((m.START_FAILED, traceback.format_exc()))
-            return
+            return None
         runner = SiteRunner(spec, self._inbox, self._node, self._emit, LinkSender(spec.site, self._secret))
-        self._runner = runner
         self._report_exits()
 
         # What steps print goes to the client, as a worker process's pipes do.
@@ -538,22 +560,11 @@ class SiteActor:
         except BaseException as exc:  # noqa: BLE001 - report any setup failure, SystemExit too
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             self._emit((m.START_FAILED, tb))
-            return
+            return None
         link = self._listener.address if self._listener is not None else None
-        self._emit((m.READY, os.getpid(), self._node, address, link))
+        self._emit((m.READY, os.getpid(), self._node, self._address, link))
         runner.forward_stdlib_logging()
-        # Steps run in this thread, as the site's setup did: what the setup made
-        # (a database connection, thread-local state) is used where it was made.
-        while True:
-            try:
-                self._wait_for_work(runner)
-                if not runner.serve_ready():
-                    break
-            except BaseException:  # noqa: BLE001 - the client must hear of it, not wait for ever
-                runner.log("critical", "site actor crashed", traceback=traceback.format_exc())
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self._emit((STOPPED,))
+        return runner
 
     @staticmethod
     def _wait_for_work(runner: SiteRunner) -> None:

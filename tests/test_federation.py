@@ -208,6 +208,35 @@ def test_lambdas_closures_and_main_style_functions_run(make_federation) -> None:
     assert federation.submit(pipeline, x=1).result(timeout=T) == 16
 
 
+def _thread_bound_setup() -> object:
+    import sqlite3
+
+    connection = sqlite3.connect(":memory:")  # refuses any thread but the one that made it
+    connection.execute("create table seen (job integer)")
+    return connection
+
+
+def test_steps_run_on_the_thread_their_site_setup_ran_on(make_federation) -> None:
+    """What a setup made for its thread (an sqlite connection, thread-local state) works in
+    every step of every job, whichever thread or call brought the job's messages."""
+    sites = [fed.Site(name, setup=_thread_bound_setup) for name in ("a", "b")]
+    federation = make_federation(sites, pool_size=1)
+    pipeline = fed.Pipeline("thread-bound")
+
+    @pipeline.step(site="a")
+    def record(ctx, x):
+        ctx.state.execute("insert into seen values (?)", (x,))
+        return x
+
+    @pipeline.step(site="b")
+    def count(ctx, record):
+        ctx.state.execute("insert into seen values (?)", (record,))
+        return ctx.state.execute("select count(*) from seen").fetchone()[0]
+
+    pipeline.output(count)
+    assert [federation.submit(pipeline, x=i).result(timeout=T) for i in range(20)] == list(range(1, 21))
+
+
 def test_step_context_fields(make_federation, backend, tmp_path) -> None:
     sites = [
         fed.Site(
