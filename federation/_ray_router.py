@@ -17,7 +17,7 @@ The router never calls ``ray.get`` on anything that may not be ready: a poll's
 answer is taken only once Ray has called back with it (``ObjectRef.future``),
 and results carry their buffers inline, so the router never waits on an actor,
 a node or the network. A START's answer (a short job's whole outcome) is
-waited for by its slot's reply thread instead, in ``ray.wait``: Ray's future
+waited for by its slot's reply thread instead, in ``ray.get``/``ray.wait``: Ray's future
 callbacks cost about 0.1 ms more per call than a thread waiting in Ray, on the
 path of every job. The reply thread handles the answer as the router would,
 under the same lock. Events of one actor are numbered by it and handled in
@@ -51,7 +51,7 @@ from ._slot_policy import backoff
 __all__ = ["RayRouter"]
 
 _CONFIRM_DEATHS = 10.0  # seconds close() waits for Ray to confirm every actor it killed is gone
-_REPLY_TIMEOUT = 2.0  # seconds a reply thread waits in Ray before it looks whether to end
+_REPLY_TIMEOUT = 10.0  # seconds a reply thread waits in Ray before it looks whether to end
 
 
 class RayRouter(RayEvents):
@@ -66,7 +66,7 @@ class RayRouter(RayEvents):
         self.thread = threading.Thread(target=self._run, name="federation-ray-router", daemon=True)
         # START calls whose answers are awaited, per slot index; each index has a reply thread.
         self._replies: list[list[tuple[RaySlot, RayWorker, Any]]] = [[] for _ in range(config.pool_size)]
-        self._reply_ready = threading.Condition(self.lock)
+        self._reply_ready = [threading.Condition(self.lock) for _ in range(config.pool_size)]
         self._reply_threads = [
             threading.Thread(
                 target=self._watch_replies, args=(i,), name=f"federation-ray-replies-{i}", daemon=True
@@ -135,32 +135,44 @@ class RayRouter(RayEvents):
 
     def _watch_reply(self, slot: RaySlot, worker: RayWorker, ref: Any) -> None:
         self._replies[slot.index].append((slot, worker, ref))
-        self._reply_ready.notify_all()
+        self._reply_ready[slot.index].notify()
 
     def _watch_replies(self, index: int) -> None:
         """The reply thread of slot ``index``: wait in Ray for its START calls' answers, handle them."""
         pending = self._replies[index]
+        ready_to_wait = self._reply_ready[index]
         ray = self.ray
+        timed_out = ray.exceptions.GetTimeoutError
         try:
             while True:
                 with self.lock:
-                    self._reply_ready.wait_for(lambda: bool(pending) or self.stopped)
+                    ready_to_wait.wait_for(lambda: bool(pending) or self.stopped)
                     if self.stopped:
                         return
                     refs = [ref for _, _, ref in pending]
-                # A START's call answers within _REPLY_WAIT, or fails once its actor is gone;
-                # the timeout only lets a closed federation's thread end.
-                ready, _ = ray.wait(refs, num_returns=1, timeout=_REPLY_TIMEOUT)
-                if not ready:
-                    continue
+                # A START's call answers once its job is done at that site, or fails once its
+                # actor is gone (killed at close); the timeout is only a safety net for close.
                 outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
-                try:
-                    outcome.set_result(ray.get(ready[0], timeout=0))
-                except Exception as exc:  # noqa: BLE001 - translated by _on_poll, never raised
-                    outcome.set_exception(exc)
+                if len(refs) == 1:  # one call fewer into Ray: a 1-site job, the last site of one
+                    done = refs[0]
+                    try:
+                        outcome.set_result(ray.get(done, timeout=_REPLY_TIMEOUT))
+                    except timed_out:
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - translated by _on_poll, never raised
+                        outcome.set_exception(exc)
+                else:
+                    ready, _ = ray.wait(refs, num_returns=1, timeout=_REPLY_TIMEOUT)
+                    if not ready:
+                        continue
+                    done = ready[0]
+                    try:
+                        outcome.set_result(ray.get(done, timeout=0))
+                    except Exception as exc:  # noqa: BLE001 - translated by _on_poll, never raised
+                        outcome.set_exception(exc)
                 with self.lock:
                     for position, (slot, worker, ref) in enumerate(pending):
-                        if ref == ready[0]:
+                        if ref == done:
                             del pending[position]
                             if not self.stopped:
                                 self._on_poll(slot, worker, outcome, False)
@@ -353,7 +365,8 @@ class RayRouter(RayEvents):
                     slot.kill()
                 self.changed.wait_for(lambda: not self._all_slots() or self.stopped, _CONFIRM_DEATHS)
                 self.stopped = True
-                self._reply_ready.notify_all()
+                for ready_to_wait in self._reply_ready:
+                    ready_to_wait.notify()
                 self.wake()
             self.thread.join(10.0)
             for thread in self._reply_threads:
@@ -379,7 +392,8 @@ class RayRouter(RayEvents):
             self.free.clear()
             lease, self.lease = self.lease, None
             self.changed.notify_all()
-            self._reply_ready.notify_all()
+            for ready_to_wait in self._reply_ready:
+                ready_to_wait.notify()
         for thread in self._reply_threads:
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(_REPLY_TIMEOUT + 1.0)

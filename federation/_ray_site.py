@@ -397,9 +397,10 @@ class SiteActor:
         runner = self._runner
         if runner is not None and not self._stopped:
             self._drive(runner, job)
+        if job is None:
+            return None  # STOP: nobody waits on this answer; STOPPED goes by the poll
         with self._cond:
-            if job is not None:
-                self._waiting.pop(job, None)  # gone already if os._exit cleared them
+            self._waiting.pop(job, None)  # gone already if os._exit cleared them
             out, self._outgoing = self._outgoing, []
             self._handed = False
             self._cond.notify_all()  # back-pressure: the steps may go on

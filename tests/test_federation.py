@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import threading
+import time
 
 import pytest
 from conftest import wait_until, worker_processes
@@ -444,6 +445,19 @@ def test_context_manager_closes(backend) -> None:
     with fed.Federation(["a", "b"], pool_size=1, backend=backend) as federation:
         assert federation.submit(chain_pipeline(), x=2).result(timeout=T) == 5
     assert federation.closed
+
+
+def test_close_stops_idle_workers_without_waiting_out_the_grace(backend) -> None:
+    """Idle workers stop when asked: close() returns long before shutdown_timeout, which is only
+    for workers that do not stop (they are killed after it)."""
+    federation = fed.Federation(["a", "b"], pool_size=2, backend=backend, shutdown_timeout=120.0)
+    try:
+        assert federation.submit(chain_pipeline(), x=2).result(timeout=T) == 5
+        federation.wait_ready(timeout=T)
+    finally:
+        started = time.monotonic()
+        federation.close()
+    assert time.monotonic() - started < 60.0
 
 
 def test_invalid_config_raises_config_error() -> None:
