@@ -12,11 +12,13 @@ local slot (``_execution.TRANSITIONS``)::
                  └──died/failed─────────┴─────────┴──died / grace over──────┴──> BROKEN ──confirmed──> STOPPED
     retire (recycle, close) ──> STOPPING ──STOPPED, killed──> STOPPED   (killed after shutdown_timeout)
 
-Messages to an actor are fire-and-forget Ray calls, numbered per sender (the
-actor restores their order). What an actor says comes back through one long
-poll per actor (``SiteActor.events``), which :mod:`._ray_router` keeps
-outstanding; its failure is how a death is noticed: an actor killed, its
-process dead, or its node lost.
+Messages to an actor are Ray calls numbered per sender (the actor restores
+their order): a START goes to the actor's run lane, whose answer brings what
+the site said by the job's end; the rest are fire-and-forget. What an actor
+says otherwise comes back through one long poll per actor
+(``SiteActor.events``), which :mod:`._ray_router` keeps outstanding; its
+failure is how a death is noticed: an actor killed, its process dead, or its
+node lost. Tokens between a slot's actors go over direct links (:mod:`._ray_links`).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ from ._slot_policy import SlotPolicy, backoff
 
 __all__ = ["RayPool", "RaySlot", "RayWorker"]
 
-# A site actor's Ray threads: the long poll, a START waiting to answer, messages arriving,
-# a fault plan's pause reaping its stopper.
+# A site actor's Ray threads beside its run lane: the long poll, messages arriving, a fault
+# plan's pause reaping its stopper.
 _ACTOR_THREADS = 6
 # A site actor's run lane: one thread, which runs its setup and then its steps (SiteActor.run).
 _RUN_LANE_GROUP = {"run": 1}

@@ -13,12 +13,17 @@ it (Ray does not promise order on a threaded actor: each sender numbers its
 messages and a gap is held back until it is filled). Siblings' frames come
 over direct links (:mod:`._ray_links`), read by the link thread into the same
 arrivals, except those holding object references, which come by ``deliver``:
-one numbering per sender covers both. ``events`` is a long poll
-the client always keeps one of: it returns as soon as the runner has
-something to say (results, DONE, logs, output lines), in the order it was
-said, so DONE never overtakes a result (invariant 2). The runner thread runs
-the site's setup and then serves jobs with :class:`~federation._steps.StepRunner`,
-the same step logic as a worker process.
+one numbering per sender covers both.
+
+The runner is the actor's *run lane*: a Ray concurrency group of one thread.
+``boot`` runs the site's setup there; ``run`` (a START, or STOP) serves the
+job there with :class:`~federation._steps.StepRunner`, the same step logic as
+a worker process, until the job is done at this site, and answers with the
+events: a short job is one Ray call and no thread switch. ``events`` is a long
+poll the client always keeps one of: it takes what a running job says before
+its end (streamed results, logs, output lines) once it has waited ``_LINGER``,
+and everything said outside a job; events are numbered in the order they were
+said, so DONE never overtakes a result (invariant 2).
 
 Values move site to site as Ray objects: a value with large buffers (a numpy
 array) has each buffer put in this node's object store once and its reference
