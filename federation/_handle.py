@@ -127,6 +127,8 @@ class Job:
         self._waiting: dict[str, str] = {}
         # Set by the router at submit: why the job still waits, for a timeout's message.
         self._why_queued: Callable[[Job], str | None] | None = None
+        # A transport may let a thread waiting on the job wait where the job's answer comes.
+        self._help_wait: Callable[[Job, float | None], None] | None = None
         # Set by the router at submit: told when Ctrl+C interrupts a wait on this job.
         self._on_interrupt: Callable[[], None] | None = None
         self._events: list[tuple[float, str, dict[str, Any]]] = [(time.time(), "queued", {})]
@@ -168,6 +170,12 @@ class Job:
         """Wait until the job ends; True if it has, False if ``timeout`` ran out."""
         timeout = check_seconds("timeout", timeout)
         try:
+            help_wait = self._help_wait
+            if help_wait is not None and timeout != 0 and not self._status.ended:
+                started = time.monotonic()
+                help_wait(self, timeout)
+                if timeout is not None:
+                    timeout = max(0.0, timeout - (time.monotonic() - started))
             with self._cond:
                 return self._cond.wait_for(lambda: self._status.ended, timeout)
         except KeyboardInterrupt:

@@ -256,6 +256,10 @@ class RayPool(SlotPolicy[RaySlot]):
         """The events a START's call answers with go to the router thread too."""
         raise NotImplementedError
 
+    def _help_wait(self, job: Job, timeout: float | None) -> None:
+        """Let a thread waiting on ``job`` wait for its answer where it comes (see the router)."""
+        raise NotImplementedError
+
     # -- the slot state machine -------------------------------------------------------------
 
     def _take_free(self) -> RaySlot | None:
@@ -274,6 +278,7 @@ class RayPool(SlotPolicy[RaySlot]):
         compiled = job._compiled
         inputs = job._inputs
         slot.job = job
+        job._help_wait = self._help_wait
         absent = job._absent
         participants = [site for site in compiled.participants if site not in absent]
         slot.pending_sites = set(participants)

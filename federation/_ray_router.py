@@ -170,17 +170,47 @@ class RayRouter(RayEvents):
                         outcome.set_result(ray.get(done, timeout=0))
                     except Exception as exc:  # noqa: BLE001 - translated by _on_poll, never raised
                         outcome.set_exception(exc)
-                with self.lock:
-                    for position, (slot, worker, ref) in enumerate(pending):
-                        if ref == done:
-                            del pending[position]
-                            if not self.stopped:
-                                self._on_poll(slot, worker, outcome, False)
-                            break
+                self._take_reply(index, done, outcome)
         except BaseException as exc:  # noqa: BLE001  # pragma: no cover - Ray shut down under us
             with self.lock:
                 if not self.stopped:
                     self._router_crashed(exc)
+
+    def _take_reply(self, index: int, done: Any, outcome: concurrent.futures.Future[Any]) -> None:
+        """Handle a START's answer, once: the reply thread and a waiting user may both have it."""
+        with self.lock:
+            pending = self._replies[index]
+            for position, (slot, worker, ref) in enumerate(pending):
+                if ref == done:
+                    del pending[position]
+                    if not self.stopped:
+                        self._on_poll(slot, worker, outcome, False)
+                    return
+
+    def _help_wait(self, job: Job, timeout: float | None) -> None:
+        """A thread waiting on ``job`` waits in Ray for the job's last answer itself, beside the
+        reply thread: whichever comes first handles it, and the waiter returns without another
+        thread switch (the hand-written actor call has none). Nothing is taken before it is
+        handled, so an interrupted waiter loses nothing."""
+        if self.lock._is_owned():  # type: ignore[attr-defined]  # waiting in Ray under the lock would stall it
+            return
+        with self.lock:
+            entry = self.running.get(job.id)
+            if entry is None or self.stopped:
+                return
+            slot = entry[1]
+            mine = [item for item in self._replies[slot.index] if item[0] is slot]
+            if len(mine) != 1:
+                return  # several sites still to answer: the reply thread takes them as they come
+            ref = mine[0][2]
+        outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            outcome.set_result(self.ray.get(ref, timeout=_REPLY_TIMEOUT if timeout is None else timeout))
+        except self.ray.exceptions.GetTimeoutError:
+            return
+        except Exception as exc:  # noqa: BLE001 - translated by _on_poll, never raised
+            outcome.set_exception(exc)
+        self._take_reply(slot.index, ref, outcome)
 
     # -- the thread --------------------------------------------------------------------------
 

@@ -460,6 +460,32 @@ def test_close_stops_idle_workers_without_waiting_out_the_grace(backend) -> None
     assert time.monotonic() - started < 60.0
 
 
+def _wait_and_record(job: fed.Job, index: int, seen: list[tuple[int, int]], lock: threading.Lock) -> None:
+    value = job.result(timeout=T)
+    with lock:
+        seen.append((index, value))
+
+
+def test_many_threads_waiting_on_the_same_and_other_jobs_each_see_every_result(make_federation) -> None:
+    """Waiters on one job and on different jobs, at once: each job's outcome is handled once and
+    every waiter sees it (on Ray a waiter may handle the answer itself, beside the reply thread)."""
+    federation = make_federation(["a", "b"], pool_size=2)
+    for round_ in range(10):
+        jobs = [federation.submit(chain_pipeline(), x=round_ * 10 + i) for i in range(4)]
+        seen: list[tuple[int, int]] = []
+        lock = threading.Lock()
+        threads = [
+            threading.Thread(target=_wait_and_record, args=(jobs[i % 4], i % 4, seen, lock)) for i in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(T)
+        assert not any(thread.is_alive() for thread in threads)
+        assert sorted(seen) == sorted((i % 4, 2 * (round_ * 10 + i % 4) + 1) for i in range(8))
+    assert federation.stats().jobs["finished"] == 40
+
+
 def test_invalid_config_raises_config_error() -> None:
     with pytest.raises(fed.ConfigError, match="pool_size"):
         fed.Federation(["a"], pool_size=0)
