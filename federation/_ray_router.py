@@ -142,7 +142,6 @@ class RayRouter(RayEvents):
         pending = self._replies[index]
         ready_to_wait = self._reply_ready[index]
         ray = self.ray
-        timed_out = ray.exceptions.GetTimeoutError
         try:
             while True:
                 with self.lock:
@@ -152,25 +151,16 @@ class RayRouter(RayEvents):
                     refs = [ref for _, _, ref in pending]
                 # A START's call answers once its job is done at that site, or fails once its
                 # actor is gone (killed at close); the timeout is only a safety net for close.
-                outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
                 if len(refs) == 1:  # one call fewer into Ray: a 1-site job, the last site of one
                     done = refs[0]
-                    try:
-                        outcome.set_result(ray.get(done, timeout=_REPLY_TIMEOUT))
-                    except timed_out:
-                        continue
-                    except Exception as exc:  # noqa: BLE001 - translated by _on_poll, never raised
-                        outcome.set_exception(exc)
                 else:
                     ready, _ = ray.wait(refs, num_returns=1, timeout=_REPLY_TIMEOUT)
                     if not ready:
                         continue
                     done = ready[0]
-                    try:
-                        outcome.set_result(ray.get(done, timeout=0))
-                    except Exception as exc:  # noqa: BLE001 - translated by _on_poll, never raised
-                        outcome.set_exception(exc)
-                self._take_reply(index, done, outcome)
+                outcome = self._answer(done, _REPLY_TIMEOUT)
+                if outcome is not None:
+                    self._take_reply(index, done, outcome)
         except BaseException as exc:  # noqa: BLE001  # pragma: no cover - Ray shut down under us
             with self.lock:
                 if not self.stopped:
@@ -203,14 +193,20 @@ class RayRouter(RayEvents):
             if len(mine) != 1:
                 return  # several sites still to answer: the reply thread takes them as they come
             ref = mine[0][2]
+        outcome = self._answer(ref, _REPLY_TIMEOUT if timeout is None else timeout)
+        if outcome is not None:
+            self._take_reply(slot.index, ref, outcome)
+
+    def _answer(self, ref: Any, timeout: float) -> concurrent.futures.Future[Any] | None:
+        """A START call's answer, or how it failed, waited for in Ray; None if not in ``timeout``."""
         outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
         try:
-            outcome.set_result(self.ray.get(ref, timeout=_REPLY_TIMEOUT if timeout is None else timeout))
+            outcome.set_result(self.ray.get(ref, timeout=timeout))
         except self.ray.exceptions.GetTimeoutError:
-            return
+            return None
         except Exception as exc:  # noqa: BLE001 - translated by _on_poll, never raised
             outcome.set_exception(exc)
-        self._take_reply(slot.index, ref, outcome)
+        return outcome
 
     # -- the thread --------------------------------------------------------------------------
 

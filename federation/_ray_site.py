@@ -529,11 +529,9 @@ class SiteActor:
         setattr(os, "_exit", exit_reporting)  # noqa: B010 - mypy: os._exit is typed NoReturn
 
     def _warn(self, text: str) -> None:
-        runner = self._runner
-        if runner is not None:
-            runner.log("warning", text)
-        else:
-            self._emit((OUTPUT, False, [text], None, None))
+        # Straight to the events (any thread may warn: the link thread does), not through the
+        # runner, whose sending is the run lane's alone.
+        self._emit((m.LOG, [("warning", text, {"pid": os.getpid(), "node": self._node})]))
 
     def _boot(self) -> SiteRunner | None:
         """The site's start: its spec, its output and its setup; the runner, or None if it failed."""

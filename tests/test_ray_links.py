@@ -124,7 +124,6 @@ def _refuse() -> None:
 
 
 def test_a_closed_receiver_loses_the_frame_and_later_frames_go_through_ray() -> None:
-    received = _Received()
     secret = os.urandom(SECRET_BYTES)
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -144,7 +143,6 @@ def test_a_closed_receiver_loses_the_frame_and_later_frames_go_through_ray() -> 
         while sender.send("b", 1, (7, 1, b"x" * 65536)) and time.monotonic() < deadline:
             pass
         assert not sender.send("b", 2, (7, 1, "later"))
-        assert received.frames.empty()
     finally:
         sender.close()
 
