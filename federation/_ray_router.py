@@ -12,6 +12,8 @@
     start timeout, a replacement due), never to notice work.
 
     reply thread of slot i: ray.wait on the START calls of slot i ──> their events, under the lock
+    a thread in job.result(): ray.get on its job's START calls ──────> the same, instead of the
+                                                                        reply thread
 
 The router never calls ``ray.get`` on anything that may not be ready: a poll's
 answer is taken only once Ray has called back with it (``ObjectRef.future``),
@@ -20,7 +22,9 @@ a node or the network. A START's answer (a short job's whole outcome) is
 waited for by its slot's reply thread instead, in ``ray.get``/``ray.wait``: Ray's future
 callbacks cost about 0.1 ms more per call than a thread waiting in Ray, on the
 path of every job. The reply thread handles the answer as the router would,
-under the same lock. Events of one actor are numbered by it and handled in
+under the same lock. A user's thread waiting on a job may wait in Ray for the
+job's answers itself (:meth:`RayRouter._help_wait`); each answer has one
+thread waiting on it in Ray. Events of one actor are numbered by it and handled in
 that order, whichever thread and whichever call brought them.
 """
 
@@ -65,7 +69,10 @@ class RayRouter(RayEvents):
         self._arrivals: queue.SimpleQueue[tuple[RaySlot, RayWorker, Any, bool] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="federation-ray-router", daemon=True)
         # START calls whose answers are awaited, per slot index; each index has a reply thread.
-        self._replies: list[list[tuple[RaySlot, RayWorker, Any]]] = [[] for _ in range(config.pool_size)]
+        self._replies: list[list[_Reply]] = [[] for _ in range(config.pool_size)]
+        # Jobs a user's thread is on its way to wait on in Ray (see _help_wait); changed without
+        # the lock (set.add and set.discard are atomic), read under it.
+        self._wanted: set[int] = set()
         self._reply_ready = [threading.Condition(self.lock) for _ in range(config.pool_size)]
         self._reply_threads = [
             threading.Thread(
@@ -134,21 +141,35 @@ class RayRouter(RayEvents):
         future.add_done_callback(lambda done: arrivals.put((slot, worker, done, True)))
 
     def _watch_reply(self, slot: RaySlot, worker: RayWorker, ref: Any) -> None:
-        self._replies[slot.index].append((slot, worker, ref))
+        job = slot.job
+        self._replies[slot.index].append(_Reply(slot, worker, ref, job.id if job is not None else -1))
         self._reply_ready[slot.index].notify()
+
+    def _for_reply_thread(self, reply: _Reply) -> bool:
+        """Whether the reply thread should wait on ``reply``: nobody does, and no user's thread
+        is on its way to."""
+        return reply.waiter is None and reply.job not in self._wanted
 
     def _watch_replies(self, index: int) -> None:
         """The reply thread of slot ``index``: wait in Ray for its START calls' answers, handle them."""
         pending = self._replies[index]
         ready_to_wait = self._reply_ready[index]
+        wanted = self._for_reply_thread
         ray = self.ray
         try:
             while True:
                 with self.lock:
-                    ready_to_wait.wait_for(lambda: bool(pending) or self.stopped)
+                    for reply in pending:
+                        if reply.waiter is _REPLY_THREAD:  # its last wait has returned
+                            reply.waiter = None
+                    ready_to_wait.wait_for(lambda: self.stopped or any(wanted(reply) for reply in pending))
                     if self.stopped:
                         return
-                    refs = [ref for _, _, ref in pending]
+                    refs = []
+                    for reply in pending:
+                        if wanted(reply):
+                            reply.waiter = _REPLY_THREAD
+                            refs.append(reply.ref)
                 # A START's call answers once its job is done at that site, or fails once its
                 # actor is gone (killed at close); the timeout is only a safety net for close.
                 if len(refs) == 1:  # one call fewer into Ray: a 1-site job, the last site of one
@@ -167,35 +188,67 @@ class RayRouter(RayEvents):
                     self._router_crashed(exc)
 
     def _take_reply(self, index: int, done: Any, outcome: concurrent.futures.Future[Any]) -> None:
-        """Handle a START's answer, once: the reply thread and a waiting user may both have it."""
+        """Handle a START's answer, once."""
         with self.lock:
             pending = self._replies[index]
-            for position, (slot, worker, ref) in enumerate(pending):
-                if ref == done:
+            for position, reply in enumerate(pending):
+                if reply.ref == done:
                     del pending[position]
                     if not self.stopped:
-                        self._on_poll(slot, worker, outcome, False)
+                        self._on_poll(reply.slot, reply.worker, outcome, False)
                     return
 
     def _help_wait(self, job: Job, timeout: float | None) -> None:
-        """A thread waiting on ``job`` waits in Ray for the job's last answer itself, beside the
-        reply thread: whichever comes first handles it, and the waiter returns without another
-        thread switch (the hand-written actor call has none). Nothing is taken before it is
-        handled, so an interrupted waiter loses nothing."""
+        """A thread waiting on ``job`` waits in Ray for the job's answers itself, instead of the
+        reply thread: the thread that handles the job's last answer then returns without a
+        thread switch (the hand-written actor call has none).
+
+        Each answer has one thread waiting on it in Ray, never two: a second one
+        would wake for nothing, on the path of the job. The waiter marks the job
+        wanted before it takes the lock, so a reply thread woken by the job's
+        START (it holds the lock as soon as submit lets go of it, but cannot run
+        before this thread lets go of the GIL) leaves the answer to it. Nothing is
+        taken before it is handled, so an interrupted waiter loses nothing.
+        """
         if self.lock._is_owned():  # type: ignore[attr-defined]  # waiting in Ray under the lock would stall it
             return
-        with self.lock:
-            entry = self.running.get(job.id)
-            if entry is None or self.stopped:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not job.done():
+            left = _REPLY_TIMEOUT if deadline is None else deadline - time.monotonic()
+            if left <= 0 or not self._help_once(job, left):
                 return
-            slot = entry[1]
-            mine = [item for item in self._replies[slot.index] if item[0] is slot]
-            if len(mine) != 1:
-                return  # several sites still to answer: the reply thread takes them as they come
-            ref = mine[0][2]
-        outcome = self._answer(ref, _REPLY_TIMEOUT if timeout is None else timeout)
-        if outcome is not None:
-            self._take_reply(slot.index, ref, outcome)
+
+    def _help_once(self, job: Job, timeout: float) -> bool:
+        """Wait in Ray for one of ``job``'s answers and handle it; False if there was none to wait on."""
+        claimed: _Reply | None = None
+        index = -1
+        self._wanted.add(job.id)
+        try:
+            with self.lock:
+                entry = self.running.get(job.id)
+                if entry is None or self.stopped:
+                    return False
+                index = entry[1].index
+                replies = self._replies[index]
+                free = [reply for reply in replies if reply.job == job.id and reply.waiter is None]
+                if not free:
+                    return False  # the reply thread (or another waiter) has them
+                # The answer that most likely ends the job: an output's site, the last dispatched.
+                outputs = {site for spec in job._compiled.outputs.values() for site in spec.sites}
+                claimed = next((reply for reply in reversed(free) if reply.worker.site in outputs), free[-1])
+                claimed.waiter = _USER_THREAD
+            outcome = self._answer(claimed.ref, timeout)
+            if outcome is None:
+                return False
+            self._take_reply(index, claimed.ref, outcome)
+            return True
+        finally:
+            with self.lock:
+                self._wanted.discard(job.id)
+                if claimed is not None and claimed.waiter is _USER_THREAD:
+                    claimed.waiter = None  # still pending (timed out, interrupted): the reply thread's
+                if index >= 0 and any(reply.waiter is None for reply in self._replies[index]):
+                    self._reply_ready[index].notify()  # what this thread left, or kept the reply thread from
 
     def _answer(self, ref: Any, timeout: float) -> concurrent.futures.Future[Any] | None:
         """A START call's answer, or how it failed, waited for in Ray; None if not in ``timeout``."""
@@ -429,6 +482,23 @@ class RayRouter(RayEvents):
             self.log_files.close()
         if lease is not None:
             lease.release()
+
+
+_REPLY_THREAD = "reply thread"
+_USER_THREAD = "user thread"
+
+
+class _Reply:
+    """A START call whose answer is awaited, and which thread waits on it in Ray (if any)."""
+
+    __slots__ = ("job", "ref", "slot", "waiter", "worker")
+
+    def __init__(self, slot: RaySlot, worker: RayWorker, ref: Any, job: int) -> None:
+        self.slot = slot
+        self.worker = worker
+        self.ref = ref
+        self.job = job
+        self.waiter: str | None = None
 
 
 def _killed_from_outside(reason: str) -> bool:

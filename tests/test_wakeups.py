@@ -9,6 +9,7 @@ registered must not make it spin.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -32,6 +33,26 @@ def test_a_value_for_the_client_goes_out_before_the_site_runs_its_next_step(
     with open(gate, "wb") as writer:  # opens once `second` has opened its end
         writer.write(b"go")
     assert job.result(timeout=T) == {"first": 2, "second": "go"}
+
+
+def test_a_job_whose_waiters_gave_up_is_still_seen_to_end(make_federation, tmp_path) -> None:
+    """On Ray a thread waiting on a job waits for its answer in Ray, and the reply thread leaves
+    that answer to it; a waiter that times out must hand the answer back, or a job nobody
+    waits on any more would never be seen to end (its callbacks would never run)."""
+    federation = make_federation(["a", "b"], pool_size=1)
+    for round_ in range(5):
+        gate = tmp_path / f"gate-{round_}"
+        os.mkfifo(gate)
+        job = federation.submit(gated_pipeline(), x=round_, gate=str(gate))
+        for _ in range(3):  # the answer claimed and given back, more than once
+            with pytest.raises(TimeoutError):
+                job.result(timeout=0.05)
+        ended = threading.Event()
+        job.add_done_callback(lambda _job, ended=ended: ended.set())
+        with open(gate, "wb") as writer:
+            writer.write(b"go")
+        assert ended.wait(T), "the job ended at its sites, but the client never saw it"
+        assert job.result(timeout=0) == {"first": round_ + 1, "second": "go"}
 
 
 def test_a_segment_is_given_back_before_its_receiver_reports_done(make_federation, backend) -> None:
