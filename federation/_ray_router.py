@@ -56,6 +56,7 @@ __all__ = ["RayRouter"]
 
 _CONFIRM_DEATHS = 10.0  # seconds close() waits for Ray to confirm every actor it killed is gone
 _REPLY_TIMEOUT = 10.0  # seconds a reply thread waits in Ray before it looks whether to end
+_HELP_WINDOW = 0.02  # seconds a thread waiting on a job waits in Ray for its answer (see _help_wait)
 
 
 class RayRouter(RayEvents):
@@ -166,20 +167,24 @@ class RayRouter(RayEvents):
                     if self.stopped:
                         return
                     refs = []
+                    timeout = _REPLY_TIMEOUT  # a safety net for close only
                     for reply in pending:
                         if wanted(reply):
                             reply.waiter = _REPLY_THREAD
                             refs.append(reply.ref)
+                        elif reply.waiter is _USER_THREAD:
+                            # It may be handed back within the window: wait for it then too.
+                            timeout = _HELP_WINDOW
                 # A START's call answers once its job is done at that site, or fails once its
-                # actor is gone (killed at close); the timeout is only a safety net for close.
+                # actor is gone (killed at close).
                 if len(refs) == 1:  # one call fewer into Ray: a 1-site job, the last site of one
                     done = refs[0]
                 else:
-                    ready, _ = ray.wait(refs, num_returns=1, timeout=_REPLY_TIMEOUT)
+                    ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
                     if not ready:
                         continue
                     done = ready[0]
-                outcome = self._answer(done, _REPLY_TIMEOUT)
+                outcome = self._answer(done, timeout)
                 if outcome is not None:
                     self._take_reply(index, done, outcome)
         except BaseException as exc:  # noqa: BLE001  # pragma: no cover - Ray shut down under us
@@ -207,14 +212,21 @@ class RayRouter(RayEvents):
         would wake for nothing, on the path of the job. The waiter marks the job
         wanted before it takes the lock, so a reply thread woken by the job's
         START (it holds the lock as soon as submit lets go of it, but cannot run
-        before this thread lets go of the GIL) leaves the answer to it. Nothing is
-        taken before it is handled, so an interrupted waiter loses nothing.
+        before this thread lets go of the GIL) leaves the answer to it; the mark
+        goes as soon as the waiter has claimed the answer, so the job's other
+        answers are the reply thread's. Nothing is taken before it is handled,
+        so an interrupted waiter loses nothing.
+
+        A thread in ``ray.get`` does not see its job end by ``cancel()`` or a
+        timeout, so it waits there ``_HELP_WINDOW`` at most (a short job's
+        whole life), then hands the answer back and waits on the job itself.
         """
         if self.lock._is_owned():  # type: ignore[attr-defined]  # waiting in Ray under the lock would stall it
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
+        window = _HELP_WINDOW if timeout is None else min(timeout, _HELP_WINDOW)
+        deadline = time.monotonic() + window
         while not job.done():
-            left = _REPLY_TIMEOUT if deadline is None else deadline - time.monotonic()
+            left = deadline - time.monotonic()
             if left <= 0 or not self._help_once(job, left):
                 return
 
@@ -222,33 +234,41 @@ class RayRouter(RayEvents):
         """Wait in Ray for one of ``job``'s answers and handle it; False if there was none to wait on."""
         claimed: _Reply | None = None
         index = -1
+        unmarked = False
         self._wanted.add(job.id)
         try:
             with self.lock:
+                self._wanted.discard(job.id)
+                unmarked = True
                 entry = self.running.get(job.id)
                 if entry is None or self.stopped:
                     return False
                 index = entry[1].index
                 replies = self._replies[index]
                 free = [reply for reply in replies if reply.job == job.id and reply.waiter is None]
-                if not free:
-                    return False  # the reply thread (or another waiter) has them
-                # The answer that most likely ends the job: an output's site, the last dispatched.
-                outputs = {site for spec in job._compiled.outputs.values() for site in spec.sites}
-                claimed = next((reply for reply in reversed(free) if reply.worker.site in outputs), free[-1])
-                claimed.waiter = _USER_THREAD
+                if free:
+                    claimed = _likeliest_last(job, free)
+                    claimed.waiter = _USER_THREAD
+                if len(free) > 1:
+                    self._reply_ready[index].notify()  # the others are the reply thread's
+            if claimed is None:
+                return False  # the reply thread (or another waiter) has them
             outcome = self._answer(claimed.ref, timeout)
             if outcome is None:
                 return False
             self._take_reply(index, claimed.ref, outcome)
             return True
         finally:
-            with self.lock:
+            if not unmarked:  # interrupted before the lock: the mark may have kept a reply thread off
                 self._wanted.discard(job.id)
-                if claimed is not None and claimed.waiter is _USER_THREAD:
-                    claimed.waiter = None  # still pending (timed out, interrupted): the reply thread's
-                if index >= 0 and any(reply.waiter is None for reply in self._replies[index]):
-                    self._reply_ready[index].notify()  # what this thread left, or kept the reply thread from
+                with self.lock:
+                    for ready_to_wait in self._reply_ready:
+                        ready_to_wait.notify()
+            if claimed is not None and claimed.waiter is _USER_THREAD:
+                with self.lock:
+                    if claimed.waiter is _USER_THREAD:  # still pending (timed out, interrupted)
+                        claimed.waiter = None
+                        self._reply_ready[index].notify()
 
     def _answer(self, ref: Any, timeout: float) -> concurrent.futures.Future[Any] | None:
         """A START call's answer, or how it failed, waited for in Ray; None if not in ``timeout``."""
@@ -499,6 +519,12 @@ class _Reply:
         self.ref = ref
         self.job = job
         self.waiter: str | None = None
+
+
+def _likeliest_last(job: Job, replies: list[_Reply]) -> _Reply:
+    """The answer that most likely ends ``job``: an output's site's, the last sent."""
+    outputs = {site for spec in job._compiled.outputs.values() for site in spec.sites}
+    return next((reply for reply in reversed(replies) if reply.worker.site in outputs), replies[-1])
 
 
 def _killed_from_outside(reason: str) -> bool:

@@ -369,6 +369,37 @@ def test_cooperative_cancel(make_federation) -> None:
     assert federation.submit(chain_pipeline(), x=1).result(timeout=T) == 3
 
 
+def test_a_waiter_sees_its_job_cancelled_from_another_thread_at_once(make_federation, backend) -> None:
+    """The step ignores cancellation, so its site answers only once killed, after the 5 s
+    grace: a waiter must see the job end when cancel() ends it, at whatever moment of its
+    wait that comes (on Ray a waiter first waits for the site's answer in Ray itself)."""
+    if backend == "thread":
+        pytest.skip("a thread cannot be killed: a step that ignores cancellation outlives the test")
+    federation = make_federation(["a", "b"], pool_size=5, cancel_grace=5.0, shutdown_timeout=1.0)
+    for delay in (0.0, 0.002, 0.01, 0.03, 0.1):
+        job = federation.submit(slow_pipeline(cooperative=False), seconds=60)
+        waiting = threading.Event()
+        outcome: list[BaseException] = []
+
+        def wait(job=job, waiting=waiting, outcome=outcome) -> None:
+            waiting.set()
+            try:
+                job.result(timeout=T)
+            except BaseException as exc:  # noqa: BLE001 - the test looks at it
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        assert waiting.wait(T)
+        threading.Event().wait(delay)  # not a wait for anything: when, in the wait, cancel comes
+        cancelled = time.monotonic()
+        assert job.cancel("enough")
+        waiter.join(T)
+        assert not waiter.is_alive()
+        assert time.monotonic() - cancelled < 3.0, f"the waiter saw a cancel {delay} s into its wait late"
+        assert len(outcome) == 1 and isinstance(outcome[0], fed.JobCancelledError), outcome
+
+
 def test_cancel_a_queued_job(make_federation) -> None:
     federation = make_federation(["a", "b"], pool_size=1)
     blocker = federation.submit(slow_pipeline(cooperative=True), seconds=60)
