@@ -12,8 +12,8 @@
     start timeout, a replacement due), never to notice work.
 
     reply thread of slot i: ray.wait on the START calls of slot i ──> their events, under the lock
-    a thread in job.result(): ray.get on its job's START calls ──────> the same, instead of the
-                                                                        reply thread
+    a thread in job.result(): ray.wait on every START call nobody ──> the same, instead of the
+      waits on, any slot's, for 20 ms at most                           reply threads
 
 The router never calls ``ray.get`` on anything that may not be ready: a poll's
 answer is taken only once Ray has called back with it (``ObjectRef.future``),
@@ -22,10 +22,12 @@ a node or the network. A START's answer (a short job's whole outcome) is
 waited for by its slot's reply thread instead, in ``ray.get``/``ray.wait``: Ray's future
 callbacks cost about 0.1 ms more per call than a thread waiting in Ray, on the
 path of every job. The reply thread handles the answer as the router would,
-under the same lock. A user's thread waiting on a job may wait in Ray for the
-job's answers itself (:meth:`RayRouter._help_wait`); each answer has one
-thread waiting on it in Ray. Events of one actor are numbered by it and handled in
-that order, whichever thread and whichever call brought them.
+under the same lock. A user's thread waiting on a job waits in Ray itself for
+every answer nobody waits on (:meth:`RayRouter._help_wait`), so a thread
+collecting results one after another handles every job's end and starts the
+next, as a hand-written Ray loop does, without a thread switch per job.
+Events of one actor are numbered by it and handled in that order, whichever
+thread and whichever call brought them.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ __all__ = ["RayRouter"]
 
 _CONFIRM_DEATHS = 10.0  # seconds close() waits for Ray to confirm every actor it killed is gone
 _REPLY_TIMEOUT = 10.0  # seconds a reply thread waits in Ray before it looks whether to end
-_HELP_WINDOW = 0.02  # seconds a thread waiting on a job waits in Ray for its answer (see _help_wait)
+_HELP_WINDOW = 0.02  # seconds a thread waiting on a job waits in Ray for answers (see _help_wait)
+_DRIVE_CHUNK = 0.005  # seconds of one such wait, after which it looks for new answers to wait on
 
 
 class RayRouter(RayEvents):
@@ -71,9 +74,10 @@ class RayRouter(RayEvents):
         self.thread = threading.Thread(target=self._run, name="federation-ray-router", daemon=True)
         # START calls whose answers are awaited, per slot index; each index has a reply thread.
         self._replies: list[list[_Reply]] = [[] for _ in range(config.pool_size)]
-        # Jobs a user's thread is on its way to wait on in Ray (see _help_wait); changed without
-        # the lock (set.add and set.discard are atomic), read under it.
+        # Users' threads on their way to wait in Ray (see _help_wait), by thread id; changed
+        # without the lock (set.add and set.discard are atomic), read under it.
         self._wanted: set[int] = set()
+        self._drivers = 0  # users' threads waiting in Ray for answers now (see _help_wait)
         self._reply_ready = [threading.Condition(self.lock) for _ in range(config.pool_size)]
         self._reply_threads = [
             threading.Thread(
@@ -144,12 +148,21 @@ class RayRouter(RayEvents):
     def _watch_reply(self, slot: RaySlot, worker: RayWorker, ref: Any) -> None:
         job = slot.job
         self._replies[slot.index].append(_Reply(slot, worker, ref, job.id if job is not None else -1))
-        self._reply_ready[slot.index].notify()
+        if not self._drivers:  # else a user's thread waiting in Ray takes it at its next look
+            self._reply_ready[slot.index].notify()
 
     def _for_reply_thread(self, reply: _Reply) -> bool:
         """Whether the reply thread should wait on ``reply``: nobody does, and no user's thread
-        is on its way to."""
-        return reply.waiter is None and reply.job not in self._wanted
+        waits in Ray or is on its way to (it takes every answer nobody waits on)."""
+        return reply.waiter is None and not self._drivers and not self._wanted
+
+    def _hand_back(self) -> None:
+        """Answers no user's thread waits on any more go to the reply threads (router thread)."""
+        if self._drivers or self._wanted:
+            return
+        for index, pending in enumerate(self._replies):
+            if any(reply.waiter is None for reply in pending):
+                self._reply_ready[index].notify()
 
     def _watch_replies(self, index: int) -> None:
         """The reply thread of slot ``index``: wait in Ray for its START calls' answers, handle them."""
@@ -172,8 +185,8 @@ class RayRouter(RayEvents):
                         if wanted(reply):
                             reply.waiter = _REPLY_THREAD
                             refs.append(reply.ref)
-                        elif reply.waiter is _USER_THREAD:
-                            # It may be handed back within the window: wait for it then too.
+                        elif reply.waiter is not None and reply.waiter is not _REPLY_THREAD:
+                            # A user's thread may hand it back within its window: look again then.
                             timeout = _HELP_WINDOW
                 # A START's call answers once its job is done at that site, or fails once its
                 # actor is gone (killed at close).
@@ -204,71 +217,85 @@ class RayRouter(RayEvents):
                     return
 
     def _help_wait(self, job: Job, timeout: float | None) -> None:
-        """A thread waiting on ``job`` waits in Ray for the job's answers itself, instead of the
-        reply thread: the thread that handles the job's last answer then returns without a
-        thread switch (the hand-written actor call has none).
+        """A thread waiting on ``job`` waits in Ray for answers itself, instead of the reply
+        threads: every answer nobody waits on yet, of any slot, which it handles as they
+        come, until its job has ended. A thread that waits on one job after another
+        (``[job.result() for job in jobs]``) then handles every job's end and starts the
+        next on its own, as a hand-written Ray loop does, with no thread switch per job.
 
-        Each answer has one thread waiting on it in Ray, never two: a second one
-        would wake for nothing, on the path of the job. The waiter marks the job
-        wanted before it takes the lock, so a reply thread woken by the job's
-        START (it holds the lock as soon as submit lets go of it, but cannot run
-        before this thread lets go of the GIL) leaves the answer to it; the mark
-        goes as soon as the waiter has claimed the answer, so the job's other
-        answers are the reply thread's. Nothing is taken before it is handled,
+        Each answer has one thread waiting on it in Ray: a second one would wake for
+        nothing. (Only the waiter's own job's answer, when a reply thread took it
+        before the waiter came, is waited on by both.) The waiter marks itself before it takes the lock,
+        so a reply thread woken by a job's START (it holds the lock as soon as
+        submit lets go of it, but cannot run before this thread lets go of the
+        GIL) leaves the answer to it. While any user's thread waits in Ray, the
+        reply threads take nothing new; once the last one leaves, the router
+        hands what is left back to them. Nothing is taken before it is handled,
         so an interrupted waiter loses nothing.
 
-        A thread in ``ray.get`` does not see its job end by ``cancel()`` or a
-        timeout, so it waits there ``_HELP_WINDOW`` at most (a short job's
-        whole life), then hands the answer back and waits on the job itself.
+        A thread in ``ray.wait`` does not see its job end by ``cancel()`` or a
+        timeout, nor a START sent meanwhile by another thread, so it waits there
+        ``_DRIVE_CHUNK`` at a time and ``_HELP_WINDOW`` in all (a short job's whole
+        life), then waits on the job itself.
         """
         if self.lock._is_owned():  # type: ignore[attr-defined]  # waiting in Ray under the lock would stall it
             return
         window = _HELP_WINDOW if timeout is None else min(timeout, _HELP_WINDOW)
         deadline = time.monotonic() + window
-        while not job.done():
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._help_once(job, left):
-                return
-
-    def _help_once(self, job: Job, timeout: float) -> bool:
-        """Wait in Ray for one of ``job``'s answers and handle it; False if there was none to wait on."""
-        claimed: _Reply | None = None
-        index = -1
-        unmarked = False
-        self._wanted.add(job.id)
+        me = threading.get_ident()
+        mine: list[tuple[int, _Reply]] = []
+        driving = False
+        self._wanted.add(me)
         try:
-            with self.lock:
-                self._wanted.discard(job.id)
-                unmarked = True
-                entry = self.running.get(job.id)
-                if entry is None or self.stopped:
-                    return False
-                index = entry[1].index
-                replies = self._replies[index]
-                free = [reply for reply in replies if reply.job == job.id and reply.waiter is None]
-                if free:
-                    claimed = _likeliest_last(job, free)
-                    claimed.waiter = _USER_THREAD
-                if len(free) > 1:
-                    self._reply_ready[index].notify()  # the others are the reply thread's
-            if claimed is None:
-                return False  # the reply thread (or another waiter) has them
-            outcome = self._answer(claimed.ref, timeout)
-            if outcome is None:
-                return False
-            self._take_reply(index, claimed.ref, outcome)
-            return True
+            while True:
+                with self.lock:
+                    self._wanted.discard(me)
+                    for _, reply in mine:
+                        if reply.waiter == me:
+                            reply.waiter = None
+                    mine = []
+                    left = deadline - time.monotonic()
+                    if job.done() or self.stopped or left <= 0 or job.id not in self.running:
+                        return
+                    if not driving:
+                        driving = True
+                        self._drivers += 1
+                    watched = []
+                    for index, pending in enumerate(self._replies):
+                        for reply in pending:
+                            if reply.waiter is None:
+                                reply.waiter = me
+                                mine.append((index, reply))
+                            elif reply.job == job.id and reply.waiter is _REPLY_THREAD:
+                                # Taken before this thread came: waited on by both, this once,
+                                # so that the job's end is seen here at once.
+                                watched.append((index, reply))
+                    if not mine and not watched:
+                        return  # every answer is another waiter's
+                refs = {reply.ref: index for index, reply in (*mine, *watched)}
+                chunk = min(left, _DRIVE_CHUNK)
+                if len(refs) == 1:
+                    done = next(iter(refs))
+                else:
+                    ready, _ = self.ray.wait(list(refs), num_returns=1, timeout=chunk)
+                    if not ready:
+                        continue
+                    done = ready[0]
+                outcome = self._answer(done, chunk)
+                if outcome is not None:
+                    self._take_reply(refs[done], done, outcome)
         finally:
-            if not unmarked:  # interrupted before the lock: the mark may have kept a reply thread off
-                self._wanted.discard(job.id)
-                with self.lock:
-                    for ready_to_wait in self._reply_ready:
-                        ready_to_wait.notify()
-            if claimed is not None and claimed.waiter is _USER_THREAD:
-                with self.lock:
-                    if claimed.waiter is _USER_THREAD:  # still pending (timed out, interrupted)
-                        claimed.waiter = None
-                        self._reply_ready[index].notify()
+            self._wanted.discard(me)
+            with self.lock:
+                for _, reply in mine:
+                    if reply.waiter == me:  # still pending (timed out, interrupted)
+                        reply.waiter = None
+                if driving:
+                    self._drivers -= 1
+                if not self._drivers and any(
+                    reply.waiter is None for pending in self._replies for reply in pending
+                ):
+                    self.wake()  # the router hands them back, unless a waiter came back first
 
     def _answer(self, ref: Any, timeout: float) -> concurrent.futures.Future[Any] | None:
         """A START call's answer, or how it failed, waited for in Ray; None if not in ``timeout``."""
@@ -305,6 +332,7 @@ class RayRouter(RayEvents):
                         except queue.Empty:
                             break
                     self._on_deadlines()
+                    self._hand_back()
         except BaseException as exc:  # noqa: BLE001  # pragma: no cover - a bug here must not hang users
             self._router_crashed(exc)
 
@@ -504,8 +532,7 @@ class RayRouter(RayEvents):
             lease.release()
 
 
-_REPLY_THREAD = "reply thread"
-_USER_THREAD = "user thread"
+_REPLY_THREAD = "reply thread"  # a _Reply's waiter: a reply thread, or a user thread's id
 
 
 class _Reply:
@@ -518,13 +545,7 @@ class _Reply:
         self.worker = worker
         self.ref = ref
         self.job = job
-        self.waiter: str | None = None
-
-
-def _likeliest_last(job: Job, replies: list[_Reply]) -> _Reply:
-    """The answer that most likely ends ``job``: an output's site's, the last sent."""
-    outputs = {site for spec in job._compiled.outputs.values() for site in spec.sites}
-    return next((reply for reply in reversed(replies) if reply.worker.site in outputs), replies[-1])
+        self.waiter: str | int | None = None
 
 
 def _killed_from_outside(reason: str) -> bool:

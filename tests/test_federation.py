@@ -385,7 +385,7 @@ def test_a_waiter_sees_its_job_cancelled_from_another_thread_at_once(make_federa
             waiting.set()
             try:
                 job.result(timeout=T)
-            except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            except BaseException as exc:  # the test looks at it
                 outcome.append(exc)
 
         waiter = threading.Thread(target=wait)

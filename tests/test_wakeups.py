@@ -55,6 +55,39 @@ def test_a_job_whose_waiters_gave_up_is_still_seen_to_end(make_federation, tmp_p
         assert job.result(timeout=0) == {"first": round_ + 1, "second": "go"}
 
 
+def test_jobs_nobody_waits_on_end_while_another_thread_waits_on_a_long_one(make_federation, tmp_path) -> None:
+    """On Ray a thread waiting on a job waits in Ray for every answer nobody waits on, the
+    other jobs' too, and hands them back when it stops: jobs that only callbacks watch must
+    end while it waits, and after it has given up."""
+    federation = make_federation(["a", "b"], pool_size=2)
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    long = federation.submit(gated_pipeline(), x=0, gate=str(gate))
+    waiter_done = threading.Event()
+
+    def wait_long() -> None:
+        try:
+            long.result(timeout=T)
+        finally:
+            waiter_done.set()
+
+    waiter = threading.Thread(target=wait_long)
+    waiter.start()
+    try:
+        for round_ in range(20):
+            ended = threading.Event()
+            job = federation.submit(chain_pipeline(), x=round_)
+            job.add_done_callback(lambda _job, ended=ended: ended.set())
+            assert ended.wait(T), f"job {round_} ended at its sites, but the client never saw it"
+            assert job.result(timeout=0) == 2 * round_ + 1
+        assert not waiter_done.is_set()
+    finally:
+        with open(gate, "wb") as writer:
+            writer.write(b"go")
+        waiter.join(T)
+    assert long.result(timeout=0) == {"first": 1, "second": "go"}
+
+
 def test_a_segment_is_given_back_before_its_receiver_reports_done(make_federation, backend) -> None:
     """b releases the segment of a's array before its DONE, so a has it back before the
     slot's next job starts (which follows DONE) and reuses it, rather than making a new
