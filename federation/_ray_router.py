@@ -225,10 +225,10 @@ class RayRouter(RayEvents):
 
         Each answer has one thread waiting on it in Ray: a second one would wake for
         nothing. (Only the waiter's own job's answer, when a reply thread took it
-        before the waiter came, is waited on by both.) The waiter marks itself before it takes the lock,
-        so a reply thread woken by a job's START (it holds the lock as soon as
-        submit lets go of it, but cannot run before this thread lets go of the
-        GIL) leaves the answer to it. While any user's thread waits in Ray, the
+        before the waiter came, is waited on by both.) The waiter marks itself
+        before it takes the lock, so a reply thread woken by a job's START (it
+        holds the lock as soon as submit lets go of it, but cannot run before
+        this thread lets go of the GIL) leaves the answer to it. While any user's thread waits in Ray, the
         reply threads take nothing new; once the last one leaves, the router
         hands what is left back to them. Nothing is taken before it is handled,
         so an interrupted waiter loses nothing.
