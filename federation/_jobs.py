@@ -376,12 +376,19 @@ class JobSide(Generic[SlotT]):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.changed.wait_for(
-            lambda: (not self.queue and not self.running) or self.stopped,
+            # A job ended already (cancelled, its slot draining) is not waited for: close()
+            # stops its slot within shutdown_timeout, as any other, not within cancel_grace.
+            lambda: (
+                (not self.queue and all(entry[0].done() for entry in self.running.values())) or self.stopped
+            ),
             _CLOSE_NOTICE if deadline is None else max(0.0, min(_CLOSE_NOTICE, deadline - time.monotonic())),
         ):
             if deadline is not None and time.monotonic() >= deadline:
                 return
-            left = sorted([job.id for job in self.queue] + list(self.running))
+            left = sorted(
+                [job.id for job in self.queue]
+                + [job_id for job_id, entry in self.running.items() if not entry[0].done()]
+            )
             self.log.warning(
                 "close() is waiting for jobs to finish; cancel them, or close(cancel_pending=True)",
                 jobs=left[:20],

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,39 @@ def test_cancel_a_hung_step_kills_its_process_tree_after_the_grace(make_federati
     assert wait_until(lambda: not psutil.pid_exists(grandchild) or _is_zombie(grandchild))
     assert wait_until(lambda: not worker.is_running() or _is_zombie(worker.pid))
     _next_job_succeeds(federation)
+
+
+def test_close_kills_a_cancelled_job_s_worker_within_shutdown_timeout_not_cancel_grace(
+    make_federation, backend, tmp_path
+) -> None:
+    """The step ignores cancellation; its job is cancelled with a long grace, then the
+    federation closed: close() stops every worker within shutdown_timeout, a draining one too."""
+    if backend == "thread":
+        pytest.skip("a thread cannot be killed: a step that ignores cancellation outlives the test")
+    federation = make_federation(["a", "b"], pool_size=1, cancel_grace=20.0, shutdown_timeout=1.0)
+    pipeline = fed.Pipeline("deaf")
+
+    @pipeline.step(site="a")
+    def deaf(marker):
+        import os
+        import time
+
+        with open(marker + ".tmp", "w") as file:
+            file.write("running")
+        os.replace(marker + ".tmp", marker)
+        time.sleep(300)  # never looks at ctx.cancelled
+
+    pipeline.output(deaf)
+    marker = tmp_path / "running"
+    job = federation.submit(pipeline, marker=str(marker))
+    assert wait_until(marker.exists, timeout=T)
+    job.cancel()
+    with pytest.raises(fed.JobCancelledError):
+        job.result(timeout=T)
+    started = time.monotonic()
+    federation.close()
+    # 1 s of shutdown_timeout and the kill; cancel_grace would be 20 s.
+    assert time.monotonic() - started < 8.0
 
 
 @process_only
