@@ -127,7 +127,7 @@ class Job:
         self._waiting: dict[str, str] = {}
         # Set by the router at submit: why the job still waits, for a timeout's message.
         self._why_queued: Callable[[Job], str | None] | None = None
-        # A transport may let a thread waiting on the job wait where the job's answer comes.
+        # A transport may let a thread waiting on the job wait for the workers' answers itself.
         self._help_wait: Callable[[Job, float | None], None] | None = None
         # Set by the router at submit: told when Ctrl+C interrupts a wait on this job.
         self._on_interrupt: Callable[[], None] | None = None

@@ -253,11 +253,11 @@ class RayPool(SlotPolicy[RaySlot]):
         raise NotImplementedError
 
     def _watch_reply(self, slot: RaySlot, worker: RayWorker, ref: Any) -> None:
-        """The events a START's call answers with go to the router thread too."""
+        """Have ``ref``, a START's call, waited on: its answer is the site's events up to the job's end."""
         raise NotImplementedError
 
     def _help_wait(self, job: Job, timeout: float | None) -> None:
-        """Let a thread waiting on ``job`` wait for its answer where it comes (see the router)."""
+        """Let a thread waiting on ``job`` wait in Ray for answers itself (see the router)."""
         raise NotImplementedError
 
     # -- the slot state machine -------------------------------------------------------------

@@ -168,7 +168,7 @@ class RayRouter(RayEvents):
         """The reply thread of slot ``index``: wait in Ray for its START calls' answers, handle them."""
         pending = self._replies[index]
         ready_to_wait = self._reply_ready[index]
-        wanted = self._for_reply_thread
+        claimable = self._for_reply_thread
         ray = self.ray
         try:
             while True:
@@ -176,13 +176,13 @@ class RayRouter(RayEvents):
                     for reply in pending:
                         if reply.waiter is _REPLY_THREAD:  # its last wait has returned
                             reply.waiter = None
-                    ready_to_wait.wait_for(lambda: self.stopped or any(wanted(reply) for reply in pending))
+                    ready_to_wait.wait_for(lambda: self.stopped or any(claimable(reply) for reply in pending))
                     if self.stopped:
                         return
                     refs = []
                     timeout = _REPLY_TIMEOUT  # a safety net for close only
                     for reply in pending:
-                        if wanted(reply):
+                        if claimable(reply):
                             reply.waiter = _REPLY_THREAD
                             refs.append(reply.ref)
                         elif reply.waiter is not None and reply.waiter is not _REPLY_THREAD:
