@@ -60,6 +60,9 @@ _CONFIRM_DEATHS = 10.0  # seconds close() waits for Ray to confirm every actor i
 _REPLY_TIMEOUT = 10.0  # seconds a reply thread waits in Ray before it looks whether to end
 _HELP_WINDOW = 0.02  # seconds a thread waiting on a job waits in Ray for answers (see _help_wait)
 _DRIVE_CHUNK = 0.005  # seconds of one such wait, after which it looks for new answers to wait on
+# Seconds answers nobody waits on are kept for users' threads after the last one left Ray:
+# a thread collecting results one after another is back within microseconds.
+_LINGER = 0.005
 
 
 class RayRouter(RayEvents):
@@ -78,6 +81,8 @@ class RayRouter(RayEvents):
         # without the lock (set.add and set.discard are atomic), read under it.
         self._wanted: set[int] = set()
         self._drivers = 0  # users' threads waiting in Ray for answers now (see _help_wait)
+        self._drove_until = 0.0  # when the last of them left (monotonic)
+        self._router_due = float("inf")  # when the router thread looks again at the latest (monotonic)
         self._reply_ready = [threading.Condition(self.lock) for _ in range(config.pool_size)]
         self._reply_threads = [
             threading.Thread(
@@ -148,17 +153,34 @@ class RayRouter(RayEvents):
     def _watch_reply(self, slot: RaySlot, worker: RayWorker, ref: Any) -> None:
         job = slot.job
         self._replies[slot.index].append(_Reply(slot, worker, ref, job.id if job is not None else -1))
-        if not self._drivers:  # else a user's thread waiting in Ray takes it at its next look
-            self._reply_ready[slot.index].notify()
+        if self._drivers:
+            return  # a user's thread waiting in Ray takes it at its next look
+        if time.monotonic() < self._drove_until + _LINGER:
+            self._arm_hand_back()  # one is likely back for it at once
+            return
+        self._reply_ready[slot.index].notify()
 
     def _for_reply_thread(self, reply: _Reply) -> bool:
         """Whether the reply thread should wait on ``reply``: nobody does, and no user's thread
-        waits in Ray or is on its way to (it takes every answer nobody waits on)."""
-        return reply.waiter is None and not self._drivers and not self._wanted
+        waits in Ray, is on its way to, or left it less than ``_LINGER`` ago (it takes every
+        answer nobody waits on)."""
+        return (
+            reply.waiter is None
+            and not self._drivers
+            and not self._wanted
+            and time.monotonic() >= self._drove_until + _LINGER
+        )
+
+    def _arm_hand_back(self) -> None:
+        """Make sure the router looks at most ``_LINGER`` after now whether to hand answers back."""
+        due = self._drove_until + _LINGER
+        if self._router_due > due + _LINGER:
+            self._router_due = due  # one wake is enough: the router sets it again as it waits
+            self.wake()
 
     def _hand_back(self) -> None:
         """Answers no user's thread waits on any more go to the reply threads (router thread)."""
-        if self._drivers or self._wanted:
+        if self._drivers or self._wanted or time.monotonic() < self._drove_until + _LINGER:
             return
         for index, pending in enumerate(self._replies):
             if any(reply.waiter is None for reply in pending):
@@ -292,10 +314,11 @@ class RayRouter(RayEvents):
                         reply.waiter = None
                 if driving:
                     self._drivers -= 1
-                if not self._drivers and any(
-                    reply.waiter is None for pending in self._replies for reply in pending
-                ):
-                    self.wake()  # the router hands them back, unless a waiter came back first
+                    if not self._drivers:
+                        self._drove_until = time.monotonic()
+                        if any(reply.waiter is None for pending in self._replies for reply in pending):
+                            # The router hands them back after _LINGER, unless a waiter came back.
+                            self._arm_hand_back()
 
     def _answer(self, ref: Any, timeout: float) -> concurrent.futures.Future[Any] | None:
         """A START call's answer, or how it failed, waited for in Ray; None if not in ``timeout``."""
@@ -319,6 +342,7 @@ class RayRouter(RayEvents):
                     if self._replace_at:
                         self._start_replacements()
                     timeout = self._next_timeout()
+                    self._router_due = float("inf") if timeout is None else time.monotonic() + timeout
                 try:
                     item = self._arrivals.get(timeout=timeout)
                 except queue.Empty:
@@ -337,7 +361,13 @@ class RayRouter(RayEvents):
             self._router_crashed(exc)
 
     def _next_timeout(self) -> float | None:
-        deadline = self._next_deadline()
+        now = time.monotonic()
+        hand_back = None  # when answers a user's thread may leave behind go to the reply threads
+        if self._drivers:
+            hand_back = now + _LINGER
+        elif self._drove_until + _LINGER > now:
+            hand_back = self._drove_until + _LINGER
+        deadline = self._next_deadline(hand_back)
         if deadline is None:
             return None
         return max(0.0, deadline - time.monotonic()) + 0.001
