@@ -47,6 +47,19 @@ def test_two_site_chain_and_repeated_submits_reuse_slots(make_federation) -> Non
     assert len({job.id for job in jobs}) == 40
 
 
+def test_jobs_one_after_another_run_on_the_slot_freed_last(make_federation) -> None:
+    """The slot freed last takes the next job: its workers ran a moment ago (warm), the rest stay idle."""
+    federation = make_federation(["a", "b"], pool_size=3)
+    pipeline = chain_pipeline()
+    jobs = []
+    for i in range(12):
+        job = federation.submit(pipeline, x=i)
+        assert job.result(timeout=T) == 2 * i + 1
+        jobs.append(job)
+    slots = [job.attempts[0].slot for job in jobs]
+    assert slots == [slots[0]] * len(slots), slots
+
+
 def test_generator_streams_items_per_item_downstream(make_federation) -> None:
     federation = make_federation(["a", "b"])
     job = federation.submit(stream_pipeline(collect=False), n=50)
