@@ -316,6 +316,38 @@ def gated_pipeline() -> fed.Pipeline:
     return pipeline
 
 
+def gate_pipeline() -> fed.Pipeline:
+    """One step at a that says nothing until a FIFO's bytes come, then returns them."""
+    pipeline = fed.Pipeline("gate")
+
+    @pipeline.step(site="a")
+    def wait_for_gate(gate):
+        import select
+
+        fd = os.open(gate, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            ready, _, _ = select.select([fd], [], [], 60)
+            return os.read(fd, 16).decode() if ready else "no bytes within 60 s"
+        finally:
+            os.close(fd)
+
+    pipeline.output(wait_for_gate)
+    return pipeline
+
+
+def sleep_pipeline() -> fed.Pipeline:
+    """One step at b that sleeps ``seconds``, then returns ``x``."""
+    pipeline = fed.Pipeline("sleep")
+
+    @pipeline.step(site="b")
+    def nap(x, seconds):
+        time.sleep(seconds)
+        return x
+
+    pipeline.output(nap)
+    return pipeline
+
+
 def held_setup(hold: str) -> None:
     """A site setup that waits while the file ``hold`` exists (a minute at most)."""
     deadline = time.monotonic() + 60

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from pipelines import array_pipeline, chain_pipeline, gated_pipeline
+from pipelines import array_pipeline, chain_pipeline, gate_pipeline, gated_pipeline, sleep_pipeline
 
 T = 60
 
@@ -86,6 +86,40 @@ def test_jobs_nobody_waits_on_end_while_another_thread_waits_on_a_long_one(make_
             writer.write(b"go")
         waiter.join(T)
     assert long.result(timeout=0) == {"first": 1, "second": "go"}
+
+
+def test_a_job_submitted_while_a_thread_waits_on_another_ends_after_that_thread_gave_up(
+    make_federation, tmp_path
+) -> None:
+    """On Ray a thread waiting on a job also waits for the answers of jobs submitted
+    meanwhile; when its own wait runs out before such a job ends, the router must give that
+    answer to a reply thread, though nothing else wakes it (the jobs say nothing until
+    they end). Repeated: the submit must come while the thread waits in Ray."""
+    federation = make_federation(["a", "b"], pool_size=2)
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    held = federation.submit(gate_pipeline(), gate=str(gate))
+    try:
+        for round_ in range(10):
+            waiting = threading.Event()
+
+            def wait_briefly(waiting: threading.Event = waiting) -> None:
+                waiting.set()
+                held.wait(timeout=0.05)  # runs out: the job waits for the gate
+
+            waiter = threading.Thread(target=wait_briefly)
+            waiter.start()
+            assert waiting.wait(T)
+            ended = threading.Event()
+            job = federation.submit(sleep_pipeline(), x=round_, seconds=0.1)
+            job.add_done_callback(lambda _job, ended=ended: ended.set())
+            waiter.join(T)
+            assert ended.wait(10), f"job {round_} ended at its site, but the client never saw it"
+            assert job.result(timeout=0) == round_
+    finally:
+        with open(gate, "wb") as writer:
+            writer.write(b"go")
+    assert held.result(timeout=T) == "go"
 
 
 def test_a_segment_is_given_back_before_its_receiver_reports_done(make_federation, backend) -> None:
