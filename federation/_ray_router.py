@@ -9,11 +9,13 @@
       a poll failing                          (the actor died or its node was lost)
       wake()                                  (new work, close)
     with a timeout only for the nearest deadline (cancel grace, job timeout,
-    start timeout, a replacement due), never to notice work.
+    start timeout, a replacement due, answers users' threads left behind: every
+    5 ms while they wait in Ray), never to notice work.
 
     reply thread of slot i: ray.wait on the START calls of slot i ──> their events, under the lock
     a thread in job.result(): ray.wait on every START call nobody ──> the same, instead of the
-      waits on, any slot's, for 20 ms at most                           reply threads
+      waits on, any slot's, for 20 ms at most                           reply threads (and for 5 ms
+                                                                         after it left)
 
 The router never calls ``ray.get`` on anything that may not be ready: a poll's
 answer is taken only once Ray has called back with it (``ObjectRef.future``),
@@ -250,10 +252,14 @@ class RayRouter(RayEvents):
         before the waiter came, is waited on by both.) The waiter marks itself
         before it takes the lock, so a reply thread woken by a job's START (it
         holds the lock as soon as submit lets go of it, but cannot run before
-        this thread lets go of the GIL) leaves the answer to it. While any user's thread waits in Ray, the
-        reply threads take nothing new; once the last one leaves, the router
-        hands what is left back to them. Nothing is taken before it is handled,
-        so an interrupted waiter loses nothing.
+        this thread lets go of the GIL) leaves the answer to it. While any
+        user's thread waits in Ray, and for ``_LINGER`` after the last one left
+        (a thread collecting results one after another is back within
+        microseconds), the reply threads take nothing new; then the router
+        hands what is left back to them. The router looks every ``_LINGER``
+        while users' threads wait in Ray, instead of being woken each time one
+        leaves. Nothing is taken before it is handled, so an interrupted waiter
+        loses nothing.
 
         A thread in ``ray.wait`` does not see its job end by ``cancel()`` or a
         timeout, nor a START sent meanwhile by another thread, so it waits there
