@@ -53,6 +53,9 @@ _job_ids_lock = threading.Lock()
 class JobSide(Generic[SlotT]):
     """Jobs, their queue, attempts, inputs and deadlines; a transport supplies the slots."""
 
+    #: Whether a thread waiting on a job waits for the workers' answers itself (:meth:`_help_wait`).
+    helps_wait = False
+
     def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
         self.config = config
         self.callbacks = callbacks if callbacks is not None else CallbackThread()
@@ -114,6 +117,10 @@ class JobSide(Generic[SlotT]):
         """The pool's slots, and how many of them are starting (for messages)."""
         raise NotImplementedError
 
+    def _help_wait(self, job: Job, timeout: float | None) -> None:
+        """Let a thread waiting on ``job`` wait for the workers' answers itself (if ``helps_wait``)."""
+        raise NotImplementedError
+
     # -- submitting --------------------------------------------------------------------------
 
     def next_job_id(self) -> int:
@@ -135,8 +142,7 @@ class JobSide(Generic[SlotT]):
     def submit(self, job: Job, inputs: dict[str, bytes], block: bool, timeout: float | None) -> None:
         """Queue ``job``, or start it at once on a free slot."""
         job._inputs = inputs
-        job._why_queued = self.why_queued
-        job._on_interrupt = self.interrupt
+        job._side = self
         self.interrupted = False  # the user carried on after a Ctrl+C
         with self.lock:
             if len(self.queue) >= self.config.max_queued and not self.changed.wait_for(
@@ -284,7 +290,7 @@ class JobSide(Generic[SlotT]):
     def _on_cut(self, job: Job, slot: SlotT, sites: list[str]) -> None:
         """A tolerant gather stopped waiting for ``sites`` (late): cancel them, one worker each."""
         for site in sites:
-            job._excused.add(site)
+            job._excused |= {site}
             if site not in job._missing:
                 job._missing[site] = Missing(site, m.LATE, "had not delivered by the gather's deadline")
                 job._record("site_missing", site=site, reason=m.LATE)
@@ -294,7 +300,7 @@ class JobSide(Generic[SlotT]):
         new = [
             MetricRecord(job.id, job.pipeline, site, step, name, value, t) for step, name, value, t in records
         ]
-        job._metrics.extend(new)
+        job._metrics += tuple(new)
         self.metrics.extend(new)
 
     # -- ending ------------------------------------------------------------------------------

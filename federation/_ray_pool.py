@@ -175,6 +175,7 @@ class RayPool(SlotPolicy[RaySlot]):
     """The slots of one federation on Ray, under the job side's lock."""
 
     worker_noun = "site actor"
+    helps_wait = True  # see RayRouter._help_wait
 
     def __init__(self, config: FederationConfig, callbacks: CallbackThread | None = None) -> None:
         if config.max_worker_memory is not None:
@@ -256,10 +257,6 @@ class RayPool(SlotPolicy[RaySlot]):
         """Have ``ref``, a START's call, waited on: its answer is the site's events up to the job's end."""
         raise NotImplementedError
 
-    def _help_wait(self, job: Job, timeout: float | None) -> None:
-        """Let a thread waiting on ``job`` wait in Ray for answers itself (see the router)."""
-        raise NotImplementedError
-
     # -- the slot state machine -------------------------------------------------------------
 
     def _take_free(self) -> RaySlot | None:
@@ -280,7 +277,6 @@ class RayPool(SlotPolicy[RaySlot]):
         compiled = job._compiled
         inputs = job._inputs
         slot.job = job
-        job._help_wait = self._help_wait
         absent = job._absent
         participants = [site for site in compiled.participants if site not in absent]
         slot.pending_sites = set(participants)
