@@ -322,9 +322,13 @@ class RayRouter(RayEvents):
                     self._drivers -= 1
                     if not self._drivers:
                         self._drove_until = time.monotonic()
-                        if any(reply.waiter is None for pending in self._replies for reply in pending):
-                            # The router hands them back after _LINGER, unless a waiter came back.
-                            self._arm_hand_back()
+                # Also when this thread never drove: while it was on its way (in _wanted) the
+                # router handed nothing back, and the reply threads took nothing.
+                if not self._drivers and any(
+                    reply.waiter is None for pending in self._replies for reply in pending
+                ):
+                    # The router hands them back after _LINGER, unless a waiter came back.
+                    self._arm_hand_back()
 
     def _answer(self, ref: Any, timeout: float) -> concurrent.futures.Future[Any] | None:
         """A START call's answer, or how it failed, waited for in Ray; None if not in ``timeout``."""
