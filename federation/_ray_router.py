@@ -229,7 +229,7 @@ class RayRouter(RayEvents):
                 if not self.stopped:
                     self._router_crashed(exc)
 
-    def _take_reply(self, index: int, done: Any, outcome: concurrent.futures.Future[Any]) -> None:
+    def _take_reply(self, index: int, done: Any, outcome: _Answer) -> None:
         """Handle a START's answer, once."""
         with self.lock:
             pending = self._replies[index]
@@ -330,16 +330,14 @@ class RayRouter(RayEvents):
                     # The router hands them back after _LINGER, unless a waiter came back.
                     self._arm_hand_back()
 
-    def _answer(self, ref: Any, timeout: float) -> concurrent.futures.Future[Any] | None:
+    def _answer(self, ref: Any, timeout: float) -> _Answer | None:
         """A START call's answer, or how it failed, waited for in Ray; None if not in ``timeout``."""
-        outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
         try:
-            outcome.set_result(self.ray.get(ref, timeout=timeout))
+            return _Answer(self.ray.get(ref, timeout=timeout), None)
         except self.ray.exceptions.GetTimeoutError:
             return None
         except Exception as exc:  # noqa: BLE001 - translated by _on_poll, never raised
-            outcome.set_exception(exc)
-        return outcome
+            return _Answer(None, exc)
 
     # -- the thread --------------------------------------------------------------------------
 
@@ -586,6 +584,23 @@ class _Reply:
         self.ref = ref
         self.job = job
         self.waiter: str | int | None = None
+
+
+class _Answer:
+    """A START call's answer or error, read by ``_on_poll`` as it reads a poll's future
+    (a :class:`concurrent.futures.Future` would cost a condition and a lock per job)."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: Any, error: BaseException | None) -> None:
+        self.value = value
+        self.error = error
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The answer, or raise its error."""
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def _killed_from_outside(reason: str) -> bool:
