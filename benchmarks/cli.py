@@ -5,6 +5,11 @@ process pool and the copy ceiling, one after the other, so they see the same
 machine within seconds of each other. Ray runs last, every scenario in one Ray
 session: it is started once (it takes seconds), and its daemons keep using CPU
 while it is up, which must not slow the others down.
+
+Latency and throughput, whose figures are held to ratios between engines, run
+three times, the engines alternated, and each figure is the median of the
+three: on a shared machine a burst of load would otherwise fall on one
+engine's only run and move the ratio by a tenth or more.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from .measure import BASELINES, ENGINES, SCENARIOS, Measured, Settings
+from .measure import BASELINES, ENGINES, SCENARIOS, Measured, Settings, median
 from .report import Report
 
 __all__ = ["main", "parse_args", "run"]
@@ -41,6 +46,11 @@ RUN_ORDER = (
     "scaling",
     "fedavg",
 )
+
+
+#: Scenarios run this many times with the engines alternated (``--quick``: once); each
+#: figure is the median of the runs.
+ALTERNATED = {"latency": 3, "throughput": 3}
 
 
 class Engine(Protocol):
@@ -106,21 +116,44 @@ def _meta(settings: Settings, scenarios: list[str], engines: list[str]) -> dict[
     return meta
 
 
-def _measure(report: Report, engine: Any, scenario: str) -> None:
+def _measure_all(report: Report, engines: list[Any], scenario: str, quick: bool) -> None:
+    """Run ``scenario`` on each engine in turn; alternated and repeated if it is in ALTERNATED."""
+    rounds = 1 if quick else ALTERNATED.get(scenario, 1)
+    runs: dict[str, list[Measured]] = {engine.name: [] for engine in engines}
+    failed: set[str] = set()
+    for round_ in range(rounds):
+        for engine in engines:
+            if engine.name in failed:
+                continue
+            label = f" {round_ + 1}/{rounds}" if rounds > 1 else ""
+            measured = _measure_once(report, engine, scenario, label)
+            if measured is None:
+                failed.add(engine.name)
+            else:
+                runs[engine.name].append(measured)
+    for engine in engines:
+        done = runs[engine.name]
+        if done and engine.name not in failed:
+            keys = [key for key in done[0] if all(key in measured for measured in done)]
+            report.add(scenario, engine.name, {key: median(m[key] for m in done) for key in keys})
+
+
+def _measure_once(report: Report, engine: Any, scenario: str, round_: str) -> Measured | None:
+    """One run of ``scenario`` on ``engine``; None if it has none or it failed (reported)."""
     method = getattr(engine, scenario.replace("-", "_"), None)
     if method is None:
-        return
+        return None
     gc.collect()
-    _say(f"  {scenario:<11} {ENGINES[engine.name]:<13} ...")
+    _say(f"  {scenario:<11} {ENGINES[engine.name]:<13} ...{round_}")
     started = time.perf_counter()
     try:
-        measured = method()
+        measured: Measured = method()
     except Exception as exc:  # one engine failing must not lose the others' numbers
         report.add_error(scenario, engine.name, f"{type(exc).__name__}: {exc}")
         _say(f"  {scenario:<11} {ENGINES[engine.name]:<13} FAILED: {type(exc).__name__}: {exc}")
-        return
-    report.add(scenario, engine.name, measured)
-    _say(f"  {scenario:<11} {ENGINES[engine.name]:<13} {time.perf_counter() - started:6.1f} s")
+        return None
+    _say(f"  {scenario:<11} {ENGINES[engine.name]:<13} {time.perf_counter() - started:6.1f} s{round_}")
+    return measured
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -154,13 +187,12 @@ def run(args: argparse.Namespace) -> Report:
     for engine in engines:
         engine.start()
     for scenario in order:
-        for engine in engines:
-            _measure(report, engine, scenario)
+        _measure_all(report, engines, scenario, settings.quick)
     for engine in engines:
         for scenario, measured in engine.stop().items():
             report.add(scenario, engine.name, measured)
     if ray_engine is not None and fed_ray is not None:
-        _run_ray(report, ray_engine, fed_ray, order)
+        _run_ray(report, ray_engine, fed_ray, order, settings.quick)
     for engine in [*engines, *([ray_engine, fed_ray] if ray_engine else [])]:
         for scenario, notes in engine.notes.items():
             if scenario in scenarios:
@@ -169,14 +201,14 @@ def run(args: argparse.Namespace) -> Report:
     return report
 
 
-def _run_ray(report: Report, engine: Any, fed_ray: Any, order: list[str]) -> None:
+def _run_ray(report: Report, engine: Any, fed_ray: Any, order: list[str], quick: bool) -> None:
     # Ray's driver prints its daemons' warnings (worker deaths we cause, actor start-up
     # bursts) on stdout; send them to stderr with the progress lines, away from the table.
     with contextlib.redirect_stdout(sys.stderr):
-        _run_ray_phase(report, engine, fed_ray, order)
+        _run_ray_phase(report, engine, fed_ray, order, quick)
 
 
-def _run_ray_phase(report: Report, engine: Any, fed_ray: Any, order: list[str]) -> None:
+def _run_ray_phase(report: Report, engine: Any, fed_ray: Any, order: list[str], quick: bool) -> None:
     _say("  starting Ray ...")
     try:
         engine.start()
@@ -189,8 +221,7 @@ def _run_ray_phase(report: Report, engine: Any, fed_ray: Any, order: list[str]) 
         for scenario in order:
             # federation on Ray first: the hand-written actors' close scenario kills the
             # pool-start actors that their footprint scenario measures, in this order.
-            _measure(report, fed_ray, scenario)
-            _measure(report, engine, scenario)
+            _measure_all(report, [fed_ray, engine], scenario, quick)
     finally:
         for scenario, measured in engine.stop().items():
             if scenario in order:
