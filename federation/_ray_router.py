@@ -174,7 +174,8 @@ class RayRouter(RayEvents):
         )
 
     def _arm_hand_back(self) -> None:
-        """Make sure the router looks at most ``_LINGER`` after now whether to hand answers back."""
+        """Make sure the router looks, within ``_LINGER`` of the linger's end, whether to hand
+        answers back (waking it only if it would look later than that)."""
         due = self._drove_until + _LINGER
         if self._router_due > due + _LINGER:
             self._router_due = due  # one wake is enough: the router sets it again as it waits
