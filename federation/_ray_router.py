@@ -157,7 +157,7 @@ class RayRouter(RayEvents):
         self._replies[slot.index].append(_Reply(slot, worker, ref, job.id if job is not None else -1))
         if self._drivers:
             return  # a user's thread waiting in Ray takes it at its next look
-        if time.monotonic() < self._drove_until + _LINGER:
+        if self._lingering():
             self._arm_hand_back()  # one is likely back for it at once
             return
         self._reply_ready[slot.index].notify()
@@ -166,12 +166,16 @@ class RayRouter(RayEvents):
         """Whether the reply thread should wait on ``reply``: nobody does, and no user's thread
         waits in Ray, is on its way to, or left it less than ``_LINGER`` ago (it takes every
         answer nobody waits on)."""
-        return (
-            reply.waiter is None
-            and not self._drivers
-            and not self._wanted
-            and time.monotonic() >= self._drove_until + _LINGER
-        )
+        return reply.waiter is None and not self._kept_for_users()
+
+    def _kept_for_users(self) -> bool:
+        """Whether answers nobody waits on are left to users' threads: one waits in Ray, is on
+        its way to, or left less than ``_LINGER`` ago."""
+        return bool(self._drivers or self._wanted) or self._lingering()
+
+    def _lingering(self) -> bool:
+        """Whether the last user's thread that waited in Ray left less than ``_LINGER`` ago."""
+        return time.monotonic() < self._drove_until + _LINGER
 
     def _arm_hand_back(self) -> None:
         """Make sure the router looks, within ``_LINGER`` of the linger's end, whether to hand
@@ -183,7 +187,7 @@ class RayRouter(RayEvents):
 
     def _hand_back(self) -> None:
         """Answers no user's thread waits on any more go to the reply threads (router thread)."""
-        if self._drivers or self._wanted or time.monotonic() < self._drove_until + _LINGER:
+        if self._kept_for_users():
             return
         for index, pending in enumerate(self._replies):
             if any(reply.waiter is None for reply in pending):

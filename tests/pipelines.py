@@ -292,6 +292,18 @@ def lockstep_pipeline(n: int, fail_at: int | None = None, marker: str | None = N
     return pipeline
 
 
+def read_gate(gate: str) -> str:
+    """The bytes a test writes into the FIFO ``gate`` (opened without blocking), as text."""
+    import select
+
+    fd = os.open(gate, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        ready, _, _ = select.select([fd], [], [], 60)
+        return os.read(fd, 16).decode() if ready else "no bytes within 60 s"
+    finally:
+        os.close(fd)
+
+
 def gated_pipeline() -> fed.Pipeline:
     """``first`` at a, for the client; then ``second`` at a, which waits for a FIFO's bytes."""
     pipeline = fed.Pipeline("gated")
@@ -302,14 +314,7 @@ def gated_pipeline() -> fed.Pipeline:
 
     @pipeline.step(site="a")
     def second(first, gate):
-        import select
-
-        fd = os.open(gate, os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            ready, _, _ = select.select([fd], [], [], 60)
-            return os.read(fd, 16).decode() if ready else "no bytes within 60 s"
-        finally:
-            os.close(fd)
+        return read_gate(gate)
 
     pipeline.output(first)
     pipeline.output(second)
@@ -322,14 +327,7 @@ def gate_pipeline() -> fed.Pipeline:
 
     @pipeline.step(site="a")
     def wait_for_gate(gate):
-        import select
-
-        fd = os.open(gate, os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            ready, _, _ = select.select([fd], [], [], 60)
-            return os.read(fd, 16).decode() if ready else "no bytes within 60 s"
-        finally:
-            os.close(fd)
+        return read_gate(gate)
 
     pipeline.output(wait_for_gate)
     return pipeline
